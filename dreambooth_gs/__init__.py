@@ -1,0 +1,33 @@
+"""dreambooth-gs: GSOFT / Double GSOFT orthogonal fine-tuning (Group-and-Shuffle matrices) for diffusers models."""
+
+from . import functional
+from .config import GSOFTConfig
+from .injection import (
+    adapter_layers,
+    disable_adapters,
+    find_targets,
+    inject_adapter,
+    merge_adapter,
+    remove_adapter,
+    trainable_parameters,
+)
+from .layers import GSOFTLinear
+from .serialization import load_adapter, read_adapter_config, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GSOFTConfig",
+    "GSOFTLinear",
+    "adapter_layers",
+    "disable_adapters",
+    "find_targets",
+    "functional",
+    "inject_adapter",
+    "load_adapter",
+    "merge_adapter",
+    "read_adapter_config",
+    "remove_adapter",
+    "save_adapter",
+    "trainable_parameters",
+]

@@ -1,0 +1,133 @@
+"""GSOFTConfig: what an adapter is (method, block structure, targets), validated, and its JSON form."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+METHODS = ("gsoft", "double_gsoft", "boft")
+PARAMETRIZATIONS = ("cayley", "exp")
+FORWARD_MODES = ("auto", "activation", "weight")
+DEFAULT_NBLOCKS = 32
+DEFAULT_BOFT_FACTORS = 4  # the paper's BOFT (32 blocks, 4 factors) row of Table 2
+
+
+def divisors(n: int) -> list[int]:
+    """Every positive divisor of ``n``, ascending: the valid block counts (or block sizes) for a dimension."""
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+@dataclass
+class GSOFTConfig:
+    """Configuration of a GSOFT / Double GSOFT / BOFT adapter; ``to_dict`` / ``from_dict`` round-trip it."""
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    method: str = field(
+        default="gsoft",
+        metadata={
+            "help": "'gsoft': y = s * (W Q x) + bias with a GS orthogonal Q on the input; 'double_gsoft': "
+            "y = s * (Q_out W Q_in x) + bias; 'boft': BOFT's butterfly orthogonal matrix on the input, built on "
+            "the same GS core (any device, every butterfly factor)."
+        },
+    )
+    nblocks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of blocks r of each block-diagonal factor (every adapted dimension d must be divisible "
+            f"by r; block size b = d / r). Give this or block_size, not both; default {DEFAULT_NBLOCKS}."
+        },
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Block size b of each factor instead of nblocks (then r = d / b per dimension)."},
+    )
+    n_butterfly_factor: int | None = field(
+        default=None,
+        metadata={
+            "help": "BOFT only: number of butterfly factors m (PEFT's boft_n_butterfly_factor); "
+            f"default {DEFAULT_BOFT_FACTORS}. m = 1 is OFT's single block-diagonal factor."
+        },
+    )
+    target_modules: tuple[str, ...] = field(
+        default=("to_q", "to_k", "to_v", "to_out.0"),
+        metadata={
+            "help": "nn.Linear modules to adapt: a module is adapted when its dotted name equals a target or ends "
+            "with '.' + target. The default is every attention projection of a diffusers UNet."
+        },
+    )
+    scale: bool = field(
+        default=True,
+        metadata={"help": "Train a per-output scale vector s (initialised to ones) next to the rotation."},
+    )
+    parametrization: str = field(
+        default="cayley",
+        metadata={"help": "How blocks become orthogonal: 'cayley' (I + K)(I - K)^-1 or 'exp' (matrix exponential)."},
+    )
+    forward_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the training forward applies Q: 'activation', 'weight' or 'auto' (the cheaper one for "
+            "each layer's shapes). Changes speed only, never results."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        self.target_modules = tuple(self.target_modules)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.nblocks is not None and self.block_size is not None:
+            raise ValueError(
+                f"give nblocks or block_size, not both (got nblocks={self.nblocks}, block_size={self.block_size})"
+            )
+        if self.nblocks is None and self.block_size is None:
+            self.nblocks = DEFAULT_NBLOCKS
+        for name in ("nblocks", "block_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.method == "boft":
+            if self.n_butterfly_factor is None:
+                self.n_butterfly_factor = DEFAULT_BOFT_FACTORS
+            m = self.n_butterfly_factor
+            if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+                raise ValueError(f"n_butterfly_factor must be a positive integer, got {m!r}")
+            if m > 1 and self.nblocks is not None and (self.nblocks % 2 ** (m - 1) or m - 1 > math.log2(self.nblocks)):
+                raise ValueError(
+                    f"BOFT with n_butterfly_factor={m} needs nblocks divisible by 2**{m - 1}={2 ** (m - 1)}; "
+                    f"got nblocks={self.nblocks} (use nblocks={2 ** (m - 1)}, {2 ** m}, ... or fewer factors)"
+                )
+            if m > 1 and self.block_size is not None and self.block_size % 2:
+                raise ValueError(f"BOFT with several butterfly factors needs an even block_size, got {self.block_size}")
+        elif self.n_butterfly_factor is not None:
+            raise ValueError(f"n_butterfly_factor only applies to method='boft', not {self.method!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"unknown parametrization {self.parametrization!r}; choose one of {', '.join(PARAMETRIZATIONS)}"
+            )
+        if self.forward_mode not in FORWARD_MODES:
+            raise ValueError(f"unknown forward_mode {self.forward_mode!r}; choose one of {', '.join(FORWARD_MODES)}")
+
+    def blocks_for(self, dim: int) -> int | None:
+        """Block count r for a dimension of size ``dim``, or None when the configuration does not divide it."""
+        if self.nblocks is not None:
+            return self.nblocks if dim % self.nblocks == 0 else None
+        return dim // self.block_size if dim % self.block_size == 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GSOFTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GSOFTConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,244 @@
+"""Pure tensor math of Group-and-Shuffle (GS) matrices: permutations, orthogonal blocks, GS multiply, dense form.
+
+Everything here is plain torch with no state; the adapter layers, the merge path, the benchmarks and the tests all
+call these functions, so the transform is defined exactly once.
+
+Conventions (Gorbunov et al., NeurIPS 2024):
+* Vectors are columns; a tensor ``x`` of shape ``(..., n)`` holds a batch of them in its last dimension, and
+  ``f(x)`` returns ``A x`` for each.
+* ``P(k, n)`` is the shuffle permutation with ``sigma(i) = (i mod k) * (n / k) + floor(i / k)`` and
+  ``P[sigma(i), i] = 1``, so ``(P x)[sigma(i)] = x[i]``: block ``j`` of ``P x`` (blocks of size ``n / k``) gathers
+  ``x[j::k]``. As a reshape, ``P x = x.view(n / k, k).T.flatten()`` and ``P^T x = x.view(k, n / k).T.flatten()``.
+* A block-diagonal matrix is stored as its blocks, shape ``(k, b_out, b_in)``.
+* GSOFT's orthogonal matrix on ``d = r * b`` is ``Q = P^T L P R`` with ``P = P(r, d)`` and ``L``, ``R``
+  block-diagonal with ``r`` orthogonal ``b x b`` blocks. ``P^T L P`` is "``L`` acting on the strided groups
+  ``x[j::r]``", which is how it is applied below: no permutation is ever materialised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------------
+# Permutations (index tensors or reshapes, never dense n x n matrices)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def shuffle_permutation(k: int, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """``sigma`` of ``P(k, n)``: ``sigma[i] = (i mod k) * (n / k) + floor(i / k)``, so ``P[sigma[i], i] = 1``."""
+    if k <= 0 or n % k != 0:
+        raise ValueError(f"P(k, n) needs k > 0 dividing n; got k={k}, n={n}")
+    i = torch.arange(n, device=device)
+    return (i % k) * (n // k) + torch.div(i, k, rounding_mode="floor")
+
+
+def permutation_gather_index(sigma: torch.Tensor) -> torch.Tensor:
+    """Index ``g`` with ``P x == x[..., g]`` for the permutation matrix ``P[sigma[i], i] = 1`` (``g = sigma^-1``)."""
+    return torch.argsort(sigma)
+
+
+def apply_shuffle(x: torch.Tensor, k: int, transpose: bool = False) -> torch.Tensor:
+    """``P(k, n) x`` (or ``P(k, n)^T x``) on the last dimension, as a reshape and a transpose."""
+    n = x.shape[-1]
+    if n % k != 0:
+        raise ValueError(f"P(k, n) needs k dividing n; got k={k}, n={n}")
+    if transpose:
+        return x.unflatten(-1, (k, n // k)).transpose(-1, -2).flatten(-2)  # (..., k, n/k) -> (..., n/k, k)
+    return x.unflatten(-1, (n // k, k)).transpose(-1, -2).flatten(-2)  # (..., n/k, k) -> (..., k, n/k)
+
+
+def butterfly_permutation(n: int, nblocks: int, block_size: int, factor: int) -> torch.Tensor:
+    """Gather index ``g`` (``P_i x == x[..., g]``) of BOFT's block-butterfly permutation for factor ``i``.
+
+    The same permutation PEFT's BOFT builds (``block_butterfly_perm(n, nblocks / 2**i, block_size / 2)``): inside
+    each chunk of ``n / (nblocks / 2**i)`` entries, the half-blocks of size ``block_size / 2`` are reordered so that
+    even-numbered half-blocks come first, then odd-numbered ones. Factor 0 is the identity.
+    """
+    if factor == 0:
+        return torch.arange(n)
+    half = block_size // 2
+    chunk = n // (nblocks // 2**factor)  # entries per butterfly chunk
+    halves_per_chunk = chunk // half
+    order = torch.cat([torch.arange(0, halves_per_chunk, 2), torch.arange(1, halves_per_chunk, 2)])
+    within = (order[:, None] * half + torch.arange(half)[None, :]).flatten()  # (chunk,)
+    return (torch.arange(0, n, chunk)[:, None] + within[None, :]).flatten()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orthogonal blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def skew(params: torch.Tensor) -> torch.Tensor:
+    """``K = (A - A^T) / 2`` for each block of ``params`` (..., b, b)."""
+    return (params - params.mT) / 2
+
+
+def cayley(params: torch.Tensor) -> torch.Tensor:
+    """``Cayley(K) = (I + K)(I - K)^-1`` with ``K = skew(A)``, for a batch ``(..., b, b)`` in one solve.
+
+    Computed in float32 whatever the input dtype (``linalg.solve`` has no half-precision kernels and loses
+    orthogonality there); the result is float32 (or float64 for float64 input), callers cast it where they use it.
+    """
+    work_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
+    k = skew(params.to(work_dtype))
+    eye = torch.eye(k.shape[-1], dtype=work_dtype, device=k.device)
+    # X (I - K) = I + K  <=>  X = (I + K)(I - K)^-1 ; the two factors commute.
+    return torch.linalg.solve(eye - k, eye + k, left=False)
+
+
+def orthogonal_blocks(params: torch.Tensor, parametrization: str = "cayley") -> torch.Tensor:
+    """Orthogonal blocks from unconstrained parameters: ``"cayley"`` or ``"exp"`` (matrix exponential of ``K``)."""
+    if parametrization == "cayley":
+        return cayley(params)
+    if parametrization == "exp":
+        work_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
+        return torch.linalg.matrix_exp(skew(params.to(work_dtype)))
+    raise ValueError(f"unknown parametrization {parametrization!r}; use 'cayley' or 'exp'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block-diagonal and GS multiplies
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``B x`` for block-diagonal ``B`` with blocks ``(k, b_out, b_in)`` (rectangular allowed): ``(..., k*b_in)``."""
+    k, b_out, b_in = blocks.shape
+    lead = x.shape[:-1]
+    xb = x.reshape(-1, k, b_in).transpose(0, 1)  # (k, N, b_in), a view
+    yb = torch.bmm(xb, blocks.mT)  # (k, N, b_out): row form of B_j x_j
+    return yb.transpose(0, 1).reshape(*lead, k * b_out)
+
+
+def _block_major_shuffle(z: torch.Tensor, r: int, b: int) -> torch.Tensor:
+    """From contiguous blocks to strided groups, both block-major: ``u[j, :, m] = zflat[:, m*r + j]``.
+
+    ``z`` is ``(r, N, b)`` with ``zflat[:, q*b + p] = z[q, :, p]``. One copy where ``r`` divides ``b`` or ``b``
+    divides ``r`` (the cases that occur in practice), two otherwise.
+    """
+    n_tokens = z.shape[1]
+    if b % r == 0:
+        k = b // r  # q*b + t*r + j  ->  (j, n, q, t)
+        return z.view(r, n_tokens, k, r).permute(3, 1, 0, 2).reshape(r, n_tokens, b)
+    if r % b == 0:
+        k = r // b  # (m*k + u)*b + p  ->  j = u*b + p
+        return z.view(b, k, n_tokens, b).permute(1, 3, 2, 0).reshape(r, n_tokens, b)
+    flat = z.transpose(0, 1).reshape(n_tokens, r * b)  # (N, d)
+    return flat.view(n_tokens, b, r).permute(2, 0, 1).contiguous()  # (r, N, b)
+
+
+def _block_major_unshuffle(u: torch.Tensor, r: int, b: int) -> torch.Tensor:
+    """Inverse of :func:`_block_major_shuffle`: strided groups back to contiguous blocks, block-major."""
+    n_tokens = u.shape[1]
+    if b % r == 0:
+        k = b // r
+        return u.view(r, n_tokens, r, k).permute(2, 1, 3, 0).reshape(r, n_tokens, b)
+    if r % b == 0:
+        k = r // b
+        return u.view(k, b, n_tokens, b).permute(3, 0, 2, 1).reshape(r, n_tokens, b)
+    flat = u.permute(1, 2, 0).reshape(n_tokens, r * b)  # (N, d)
+    return flat.view(n_tokens, r, b).transpose(0, 1).contiguous()  # (r, N, b)
+
+
+def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """GSOFT's ``Q x = P^T L P R x`` (or ``Q^T x``) on the last dimension, without forming ``Q``.
+
+    ``left`` / ``right`` are the ``(r, b, b)`` blocks of ``L`` / ``R``. Two batched matmuls over ``r`` and one
+    reshape-shuffle between them; the activations stay block-major ``(r, N, b)`` in between, so no Python loop over
+    blocks and no dense ``d x d`` matrix.
+    """
+    r, b, _ = right.shape
+    d = r * b
+    assert x.shape[-1] == d and left.shape == right.shape, (x.shape, left.shape, right.shape)
+    lead = x.shape[:-1]
+    if not transpose:
+        z = torch.bmm(x.reshape(-1, r, b).transpose(0, 1), right.mT)  # (r, N, b): R on contiguous blocks
+        w = torch.bmm(_block_major_shuffle(z, r, b), left.mT)  # (r, N, b): L on strided groups
+        return w.permute(1, 2, 0).reshape(*lead, d)  # P^T: w[j, n, m] -> y[n, m*r + j]
+    # Q^T = R^T P^T L^T P: L^T on the strided groups of x, then R^T on contiguous blocks.
+    xs = x.reshape(-1, b, r).permute(2, 0, 1)  # (r, N, b): x[n, m*r + j] -> [j, n, m]
+    w = torch.bmm(xs, left)  # (r, N, b): row form of L_j^T x_j
+    z = torch.bmm(_block_major_unshuffle(w, r, b), right)  # (r, N, b)
+    return z.transpose(0, 1).reshape(*lead, d)
+
+
+def gs_matrix(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Dense ``Q = P^T L P R`` (for merging and tests): row ``i`` of ``Q^T applied to I`` is row ``i`` of ``Q``."""
+    r, b, _ = right.shape
+    eye = torch.eye(r * b, dtype=right.dtype, device=right.device)
+    return gs_apply(eye, left, right, transpose=True)
+
+
+def gs_multiply(
+    x: torch.Tensor, blocks: Sequence[torch.Tensor], gathers: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
+    """The general GS class ``A = P_{m+1} B_m P_m ... B_1 P_1`` applied to ``x`` (..., n_in), never densely.
+
+    ``blocks[i]`` are the blocks ``(k_i, b_out, b_in)`` of ``B_{i+1}`` (rectangular allowed); ``gathers`` has
+    ``m + 1`` entries, each a gather index ``g`` with ``P x == x[..., g]`` or ``None`` for the identity. The
+    two-factor ``GS(P_L, P, P_R)`` class is ``m = 2``: ``A = P_L (L P R) P_R``.
+    """
+    if len(gathers) != len(blocks) + 1:
+        raise ValueError(f"{len(blocks)} block factors need {len(blocks) + 1} permutations, got {len(gathers)}")
+    for gather, factor in zip(gathers[:-1], blocks):
+        if gather is not None:
+            x = x[..., gather]
+        x = block_diag_apply(x, factor)
+    if gathers[-1] is not None:
+        x = x[..., gathers[-1]]
+    return x
+
+
+def gs_multiply_matrix(blocks: Sequence[torch.Tensor], gathers: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Dense matrix of :func:`gs_multiply`, shape ``(n_out, n_in)``."""
+    k, _, b_in = blocks[0].shape
+    eye = torch.eye(k * b_in, dtype=blocks[0].dtype, device=blocks[0].device)
+    return gs_multiply(eye, blocks, gathers).T  # row i of the product is A e_i, i.e. column i of A
+
+
+def compose_gathers(first: torch.Tensor | None, then: torch.Tensor | None) -> torch.Tensor | None:
+    """One gather equal to applying ``first`` and then ``then`` (``x[first][then] == x[composed]``)."""
+    if first is None:
+        return then
+    if then is None:
+        return first
+    return first[then]
+
+
+def boft_gathers(perms: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Gathers that make BOFT's ``Q = prod_{i=0..m-1} P_i B_i P_i^T`` an instance of :func:`gs_multiply`.
+
+    ``perms[i]`` is the gather of ``P_i``. Applied to ``x``, the last factor acts first; consecutive ``P_i`` and
+    ``P_{i-1}^T`` fuse into one gather. Returns the ``m + 1`` gathers for blocks ordered ``B_{m-1}, ..., B_0``.
+    """
+    inverses = [torch.argsort(p) for p in perms]  # gather of P_i^T
+    m = len(perms)
+    gathers: list[torch.Tensor | None] = [inverses[m - 1]]
+    for i in range(m - 1, 0, -1):
+        gathers.append(compose_gathers(perms[i], inverses[i - 1]))
+    gathers.append(perms[0])
+    return [None if g is not None and torch.equal(g, torch.arange(g.numel(), device=g.device)) else g for g in gathers]
+
+
+def boft_apply(x: torch.Tensor, blocks: torch.Tensor, gathers: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """BOFT's ``Q x`` with ``blocks`` ``(m, r, b, b)`` (factor ``i`` = ``blocks[i]``) and :func:`boft_gathers`."""
+    return gs_multiply(x, list(blocks.flip(0).unbind(0)), gathers)
+
+
+def boft_apply_transposed(x: torch.Tensor, blocks: torch.Tensor, gathers: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``Q^T x`` for BOFT: the factors in reverse order with transposed blocks and inverse gathers."""
+    inverse = [None if g is None else torch.argsort(g) for g in reversed(gathers)]
+    return gs_multiply(x, list(blocks.mT.unbind(0)), inverse)
+
+
+def gs_density_factor_count(block_size: int, nblocks: int) -> int:
+    """Factors needed for a dense GS product with ``P(r, d)`` between ``b x b`` blocks: ``1 + ceil(log_b r)``."""
+    if nblocks == 1:
+        return 1
+    if block_size == 1:
+        raise ValueError("blocks of size 1 never mix entries: no number of factors gives a dense matrix")
+    return 1 + math.ceil(math.log(nblocks) / math.log(block_size) - 1e-12)

@@ -1,0 +1,227 @@
+"""GSOFTLinear: a frozen nn.Linear (``base_layer``) with a GSOFT, Double GSOFT or BOFT orthogonal adapter.
+
+    gsoft:         y = s * (W Q x) + bias            merged W' = diag(s) W Q
+    double_gsoft:  y = s * (Q_out W Q_in x) + bias   merged W' = diag(s) Q_out W Q_in
+    boft:          y = s * (W Q x) + bias            Q = prod_i P_i B_i P_i^T (BOFT's butterfly)
+
+Trainable parameters carry the ``gsoft_`` prefix (``gsoft_L``, ``gsoft_R`` of shape ``(r, b, b)``; Double GSOFT's
+``gsoft_in_*`` / ``gsoft_out_*``; BOFT's ``gsoft_butterfly`` ``(m, r, b, b)``; ``gsoft_s`` ``(out,)``) and are
+float32 whatever the base dtype. Every path (activation-side forward, weight-side forward, merge, unmerge) goes
+through :mod:`dreambooth_gs.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as gsf
+from .config import GSOFTConfig, divisors
+
+ADAPTER_PREFIX = "gsoft_"
+
+# How many matmul FLOPs cost as much as streaming one activation element through memory once, by device type.
+# Measured on the CPUs here (~190 GFLOP/s fp32 matmul, ~1.7 G element-passes/s); GPUs favour matmuls more.
+FLOPS_PER_ELEMENT_PASS = {"cpu": 100.0, "cuda": 600.0}
+# Memory passes over the activations that one rotation costs: forward + backward (inputs, blocks, gradients).
+ROTATION_PASSES = {True: 13, False: 4}  # keyed by "adapter gradients needed"
+
+
+def dimension_error(config: GSOFTConfig, module_name: str, in_features: int, out_features: int) -> str | None:
+    """Why ``config`` cannot adapt a Linear of these sizes (a message naming the module), or None if it can."""
+    dims = {"in_features": in_features}
+    if config.method == "double_gsoft":
+        dims["out_features"] = out_features
+    for dim_name, dim in dims.items():
+        if config.blocks_for(dim) is None:
+            what = f"nblocks={config.nblocks}" if config.nblocks is not None else f"block_size={config.block_size}"
+            return (
+                f"{what} does not divide {dim_name}={dim} of {module_name}; valid "
+                f"{'block counts' if config.nblocks is not None else 'block sizes'}: "
+                f"{', '.join(map(str, divisors(dim)))}"
+            )
+    if config.method == "boft" and config.n_butterfly_factor > 1:
+        r = config.blocks_for(in_features)
+        b = in_features // r
+        m = config.n_butterfly_factor
+        if r % 2 ** (m - 1) or b % 2:
+            return (
+                f"BOFT with {m} butterfly factors needs an even block size and a block count divisible by "
+                f"{2 ** (m - 1)}; {module_name} (in_features={in_features}) gets {r} blocks of size {b}"
+            )
+    return None
+
+
+def choose_forward_side(
+    n_tokens: int, in_features: int, out_features: int, double: bool, needs_grad: bool, device_type: str
+) -> str:
+    """'activation' or 'weight': the cheaper place to apply the rotation for these shapes.
+
+    Activation side: a few memory-bound passes over the ``n_tokens`` rows (both dimensions for Double GSOFT).
+    Weight side: the same passes over the weight's rows, plus, when adapter gradients are needed, the full weight
+    gradient ``grad_y^T x`` (one extra matmul the frozen base layer never pays).
+    """
+    passes = ROTATION_PASSES[needs_grad]
+    rotated = in_features + (out_features if double else 0)
+    activation_cost = passes * n_tokens * rotated
+    weight_cost = passes * out_features * in_features * (2 if double else 1)
+    if needs_grad:
+        weight_cost += 2 * n_tokens * in_features * out_features / FLOPS_PER_ELEMENT_PASS.get(device_type, 600.0)
+    return "weight" if weight_cost < activation_cost else "activation"
+
+
+class GSOFTLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` with a GS orthogonal adapter; identity at initialisation."""
+
+    def __init__(self, base_layer: nn.Linear, config: GSOFTConfig, name: str = "linear") -> None:
+        super().__init__()
+        error = dimension_error(config, name, base_layer.in_features, base_layer.out_features)
+        if error:
+            raise ValueError(error)
+        self.base_layer = base_layer
+        self.config_dict = config.to_dict()  # what save_adapter writes; all layers of one injection share it
+        self.method = config.method
+        self.parametrization = config.parametrization
+        self.forward_mode = config.forward_mode
+        self.merged = False
+        self.adapter_enabled = True
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        device = base_layer.weight.device
+
+        def zeros(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape, dtype=torch.float32, device=device))
+
+        self.nblocks_in = config.blocks_for(d_in)
+        self.nblocks_out = config.blocks_for(d_out) if config.method == "double_gsoft" else None
+        r, b = self.nblocks_in, d_in // self.nblocks_in
+        if config.method == "gsoft":
+            self.gsoft_L, self.gsoft_R = zeros(r, b, b), zeros(r, b, b)
+        elif config.method == "double_gsoft":
+            r_out, b_out = self.nblocks_out, d_out // self.nblocks_out
+            self.gsoft_in_L, self.gsoft_in_R = zeros(r, b, b), zeros(r, b, b)
+            self.gsoft_out_L, self.gsoft_out_R = zeros(r_out, b_out, b_out), zeros(r_out, b_out, b_out)
+        else:
+            m = config.n_butterfly_factor
+            self.gsoft_butterfly = zeros(m, r, b, b)
+            perms = [gsf.butterfly_permutation(d_in, r, b, i) for i in range(m)]
+            self._gather_slots = []  # derived, never saved: non-persistent buffers (or None for identity)
+            for i, gather in enumerate(gsf.boft_gathers(perms)):
+                self._gather_slots.append(gather is not None)
+                if gather is not None:
+                    self.register_buffer(f"boft_gather_{i}", gather.to(device), persistent=False)
+        self.gsoft_s = nn.Parameter(torch.ones(d_out, dtype=torch.float32, device=device)) if config.scale else None
+
+    # -- the transform ----------------------------------------------------------------------------------------
+
+    def _boft_gathers(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f"boft_gather_{i}") if kept else None for i, kept in enumerate(self._gather_slots)]
+
+    def orthogonal_factors(self) -> dict[str, torch.Tensor]:
+        """The orthogonal blocks of every factor (float32), in as few batched solves as the shapes allow."""
+        names = [n for n, _ in self.named_parameters(recurse=False) if n != "gsoft_s"]
+        params = [getattr(self, n) for n in names]
+        flat = [p.reshape(-1, *p.shape[-2:]) for p in params]  # (blocks, b, b) each
+        out: dict[str, torch.Tensor] = {}
+        by_size: dict[int, list[int]] = {}
+        for i, p in enumerate(flat):
+            by_size.setdefault(p.shape[-1], []).append(i)
+        for indices in by_size.values():
+            blocks = gsf.orthogonal_blocks(torch.cat([flat[i] for i in indices]), self.parametrization)
+            for i, chunk in zip(indices, blocks.split([flat[i].shape[0] for i in indices])):
+                out[names[i]] = chunk.view(params[i].shape)
+        return out
+
+    def _rotate(self, x: torch.Tensor, factors: dict[str, torch.Tensor], side: str, transpose: bool) -> torch.Tensor:
+        """``Q_side x`` (or its transpose) on the last dimension of ``x``, in ``x``'s dtype."""
+        cast = {k: v.to(x.dtype) for k, v in factors.items()}
+        if self.method == "boft":
+            apply = gsf.boft_apply_transposed if transpose else gsf.boft_apply
+            return apply(x, cast["gsoft_butterfly"], self._boft_gathers())
+        prefix = "gsoft_" if self.method == "gsoft" else f"gsoft_{side}_"
+        return gsf.gs_apply(x, cast[prefix + "L"], cast[prefix + "R"], transpose=transpose)
+
+    def _transform_weight(self, weight: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``diag(s) Q_out W Q_in`` (or its inverse) computed in float32."""
+        factors = self.orthogonal_factors()
+        w = weight.float()
+        if inverse and self.gsoft_s is not None:
+            w = w / self.gsoft_s.float()[:, None]
+        w = self._rotate(w, factors, "in", transpose=not inverse)  # rows: W Q_in (or W Q_in^T)
+        if self.method == "double_gsoft":
+            w = self._rotate(w.T, factors, "out", transpose=inverse).T  # columns: Q_out W (or Q_out^T W)
+        if not inverse and self.gsoft_s is not None:
+            w = w * self.gsoft_s.float()[:, None]
+        return w
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight with the adapter folded in, in the base weight's dtype."""
+        return self._transform_weight(self.base_layer.weight).to(self.base_layer.weight.dtype)
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def forward_side(self, x: torch.Tensor) -> str:
+        """Where this call applies the rotation ('activation' or 'weight'); see :func:`choose_forward_side`."""
+        if self.forward_mode != "auto":
+            return self.forward_mode
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters())
+        n_tokens = x.numel() // max(x.shape[-1], 1)
+        return choose_forward_side(
+            n_tokens,
+            self.base_layer.in_features,
+            self.base_layer.out_features,
+            self.method == "double_gsoft",
+            needs_grad,
+            x.device.type,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.adapter_enabled:
+            return self.base_layer(x)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if self.forward_side(x) == "weight":
+            return F.linear(x, self._transform_weight(weight).to(x.dtype), bias)
+        factors = self.orthogonal_factors()
+        y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
+        if self.method == "double_gsoft":
+            y = self._rotate(y, factors, "out", transpose=False)
+        if self.gsoft_s is not None:
+            y = y * self.gsoft_s.to(y.dtype)
+        if bias is not None:
+            y = y + bias
+        return y
+
+    # -- merge / unmerge / enable -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``base_layer.weight`` (forward then costs what the base layer costs)."""
+        if self.merged:
+            return
+        self.base_layer.weight.copy_(self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` exactly up to rounding: ``W = Q_out^T diag(1/s) W' Q_in^T`` (Q is orthogonal)."""
+        if not self.merged:
+            return
+        if self.gsoft_s is not None and bool((self.gsoft_s == 0).any()):
+            raise ValueError("cannot unmerge: the scale vector gsoft_s has zero entries, so the merge is not invertible")
+        base = self._transform_weight(self.base_layer.weight, inverse=True)
+        self.base_layer.weight.copy_(base.to(self.base_layer.weight.dtype))
+        self.merged = False
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters(recurse=False) if n.startswith(ADAPTER_PREFIX)]
+
+    def extra_repr(self) -> str:
+        d_in, d_out = self.base_layer.in_features, self.base_layer.out_features
+        parts = [f"method={self.method}", f"in_features={d_in}", f"out_features={d_out}"]
+        parts.append(f"nblocks={self.nblocks_in}, block_size={d_in // self.nblocks_in}")
+        if self.method == "double_gsoft":
+            parts.append(f"nblocks_out={self.nblocks_out}, block_size_out={d_out // self.nblocks_out}")
+        if self.method == "boft":
+            parts.append(f"n_butterfly_factor={self.gsoft_butterfly.shape[0]}")
+        parts.append(f"scale={self.gsoft_s is not None}, merged={self.merged}")
+        return ", ".join(parts)
