@@ -98,7 +98,7 @@ class GSOFTConfig:
             if m > 1 and self.nblocks is not None and (self.nblocks % 2 ** (m - 1) or m - 1 > math.log2(self.nblocks)):
                 raise ValueError(
                     f"BOFT with n_butterfly_factor={m} needs nblocks divisible by 2**{m - 1}={2 ** (m - 1)}; "
-                    f"got nblocks={self.nblocks} (use nblocks={2 ** (m - 1)}, {2 ** m}, ... or fewer factors)"
+                    f"got nblocks={self.nblocks} (use nblocks={2 ** (m - 1)}, {2**m}, ... or fewer factors)"
                 )
             if m > 1 and self.block_size is not None and self.block_size % 2:
                 raise ValueError(f"BOFT with several butterfly factors needs an even block_size, got {self.block_size}")

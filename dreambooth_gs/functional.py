@@ -229,7 +229,9 @@ def boft_apply(x: torch.Tensor, blocks: torch.Tensor, gathers: Sequence[torch.Te
     return gs_multiply(x, list(blocks.flip(0).unbind(0)), gathers)
 
 
-def boft_apply_transposed(x: torch.Tensor, blocks: torch.Tensor, gathers: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def boft_apply_transposed(
+    x: torch.Tensor, blocks: torch.Tensor, gathers: Sequence[torch.Tensor | None]
+) -> torch.Tensor:
     """``Q^T x`` for BOFT: the factors in reverse order with transposed blocks and inverse gathers."""
     inverse = [None if g is None else torch.argsort(g) for g in reversed(gathers)]
     return gs_multiply(x, list(blocks.mT.unbind(0)), inverse)

@@ -207,7 +207,9 @@ class GSOFTLinear(nn.Module):
         if not self.merged:
             return
         if self.gsoft_s is not None and bool((self.gsoft_s == 0).any()):
-            raise ValueError("cannot unmerge: the scale vector gsoft_s has zero entries, so the merge is not invertible")
+            raise ValueError(
+                "cannot unmerge: the scale vector gsoft_s has zero entries, so the merge is not invertible"
+            )
         base = self._transform_weight(self.base_layer.weight, inverse=True)
         self.base_layer.weight.copy_(base.to(self.base_layer.weight.dtype))
         self.merged = False

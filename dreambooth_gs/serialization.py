@@ -66,7 +66,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
             name: {
                 "in_features": layer.base_layer.in_features,
                 "out_features": layer.base_layer.out_features,
-                "parameters": {n: list(p.shape) for n, p in layer.named_parameters(recurse=False) if n.startswith("gsoft_")},
+                "parameters": {
+                    n: list(p.shape) for n, p in layer.named_parameters(recurse=False) if n.startswith("gsoft_")
+                },
             }
             for name, layer in layers
         },
