@@ -1,0 +1,126 @@
+"""One SD-sized projection, forward + backward: GSOFT / Double GSOFT / BOFT against PEFT's LoRA r=4 and OFT.
+
+Every method wraps a copy of the same frozen nn.Linear; the input requires grad (as inside a UNet). Methods are
+timed interleaved in one process after warm-up; the table reports medians and ratios to PEFT LoRA r=4 and PEFT
+OFT (same block count). Writes its table into docs/benchmarks.md and README.md (between layer_speed markers).
+
+    python benchmarks/bench_layer_speed.py [--rounds 7] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, OFTConfig, get_peft_model
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import replace_section  # noqa: E402
+from dreambooth_gs import GSOFTConfig, inject_adapter  # noqa: E402
+
+CASES = [  # (tokens, in_features = out_features): SD's 64x64 latents at 320 channels, 16x16 at 1280
+    (8192, 320),
+    (512, 1280),
+]
+NBLOCKS = 32
+
+
+def peft_wrapped(linear: nn.Linear, peft_config) -> nn.Module:
+    model = get_peft_model(nn.Sequential(copy.deepcopy(linear)), peft_config)
+    return model
+
+
+def ours(linear: nn.Linear, forward_mode: str = "auto", **config) -> nn.Module:
+    model = nn.Sequential(copy.deepcopy(linear))
+    inject_adapter(model, GSOFTConfig(target_modules=("0",), forward_mode=forward_mode, **config))
+    return model
+
+
+def methods_for(linear: nn.Linear) -> dict[str, nn.Module]:
+    frozen = copy.deepcopy(linear).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "frozen base (floor)": frozen,
+            "PEFT LoRA r=4": peft_wrapped(linear, LoraConfig(r=4, target_modules=["0"])),
+            f"PEFT OFT r={NBLOCKS}": peft_wrapped(linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"])),
+            f"GSOFT r={NBLOCKS} (auto)": ours(linear, nblocks=NBLOCKS),
+            f"GSOFT r={NBLOCKS} activation-side": ours(linear, "activation", nblocks=NBLOCKS),
+            f"GSOFT r={NBLOCKS} weight-side": ours(linear, "weight", nblocks=NBLOCKS),
+            f"Double GSOFT r={NBLOCKS} (auto)": ours(linear, method="double_gsoft", nblocks=NBLOCKS),
+            f"BOFT ({NBLOCKS},4) on the GS core": ours(linear, method="boft", nblocks=NBLOCKS, n_butterfly_factor=4),
+        }
+
+
+def step_time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of forward + backward (loss = sum of outputs) over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        module(x).sum().backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_case(tokens: int, dim: int, rounds: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    linear = nn.Linear(dim, dim)
+    x = torch.randn(tokens, dim, requires_grad=True)
+    methods = methods_for(linear)
+    for module in methods.values():  # warm-up
+        step_time(module, x, 2)
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):  # interleaved rounds
+        for name, module in methods.items():
+            samples[name].append(step_time(module, x, repeats))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def table(results: dict[tuple[int, int], dict[str, float]]) -> str:
+    lines = []
+    for (tokens, dim), medians in results.items():
+        lora, oft = medians["PEFT LoRA r=4"], medians[f"PEFT OFT r={NBLOCKS}"]
+        lines += [
+            f"**{tokens} tokens x {dim} features** (forward + backward, input requires grad)",
+            "",
+            "| method | median ms | / LoRA r=4 | / OFT r=32 |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, seconds in medians.items():
+            lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / lora:.2f} | {seconds / oft:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (median over rounds)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method per round")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ and README.md alone")
+    args = parser.parse_args(argv)
+    results = {case: run_case(*case, args.rounds, args.repeats) for case in CASES}
+    threads = torch.get_num_threads()
+    body = (
+        f"### One projection: GSOFT vs PEFT LoRA / OFT (CPU, {threads} threads, torch {torch.__version__})\n\n"
+        f"Written by `benchmarks/bench_layer_speed.py`; medians of {args.rounds} interleaved rounds.\n\n"
+        + table(results)
+    )
+    print(body)
+    if not args.no_write:
+        for path in (ROOT / "docs" / "benchmarks.md", ROOT / "README.md"):
+            replace_section(path, "layer_speed", body)
+
+
+if __name__ == "__main__":
+    main()
