@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from .baselines import merge_peft_layers, remove_peft_adapter
 from .config import GSOFTConfig
 from .layers import ADAPTER_PREFIX, GSOFTLinear, dimension_error
 
@@ -92,8 +93,8 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def merge_adapter(model: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight and put the plain nn.Linear back; returns the merged names."""
-    merged = []
+    """Fold every adapter (GSOFT family or PEFT baseline) into its base weight and put the plain layer back."""
+    merged = merge_peft_layers(model)
     for name, layer in adapter_layers(model):
         layer.merge()
         parent, child = _split_parent(model, name)
@@ -104,7 +105,7 @@ def merge_adapter(model: nn.Module) -> list[str]:
 
 def remove_adapter(model: nn.Module) -> list[str]:
     """Take every adapter out without folding it in (the model is the base model again)."""
-    removed = []
+    removed = remove_peft_adapter(model)
     for name, layer in adapter_layers(model):
         layer.unmerge()
         parent, child = _split_parent(model, name)

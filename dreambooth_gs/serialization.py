@@ -1,8 +1,9 @@
 """Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``, saved atomically, loaded strictly.
 
-The tensors are keyed ``<module path>.<parameter name>`` (e.g. ``mid_block.attentions.0.transformer_blocks.0.
-attn1.to_q.gsoft_L``); only trainable ``gsoft_`` parameters are written, never derived buffers. No pickle: user
-files are read with safetensors and json only.
+One folder shape for every method: the GSOFT family (keys ``<module path>.<parameter>``, e.g.
+``mid_block.attentions.0.transformer_blocks.0.attn1.to_q.gsoft_L``; only trainable ``gsoft_`` parameters, never
+derived buffers) and the PEFT baselines (PEFT's own state-dict keys). ``adapter_config.json`` names the method.
+No pickle: user files are read with safetensors and json only.
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .baselines import (
+    PEFT_METHODS,
+    inject_peft_adapter,
+    load_peft_state,
+    peft_config_from_dict,
+    peft_config_to_dict,
+    peft_method,
+    peft_state_dict,
+)
 from .config import METHODS, GSOFTConfig
 from .injection import adapter_layers, inject_adapter, merge_adapter, remove_adapter, trainable_parameters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_NAME = "dreambooth_gs"
+ALL_METHODS = METHODS + PEFT_METHODS
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -44,39 +55,56 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().float().contiguous().cpu() for name, param in trainable_parameters(model)}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the adapters of ``model`` to ``directory`` (created if needed); returns the directory."""
+def describe_adapter(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """``(method, config dict, tensors)`` of the adapter injected into ``model`` (GSOFT family or PEFT baseline)."""
     layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("the model has no GSOFT adapters to save; call inject_adapter() or load_adapter() first")
-    configs = {json.dumps(layer.config_dict, sort_keys=True) for _, layer in layers}
-    if len(configs) != 1:
-        raise ValueError("the model's adapter layers were made from different configs; save them separately")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model)
-    config = layers[0][1].config_dict
+    if layers:
+        configs = {json.dumps(layer.config_dict, sort_keys=True) for _, layer in layers}
+        if len(configs) != 1:
+            raise ValueError("the model's adapter layers were made from different configs; save them separately")
+        config = layers[0][1].config_dict
+        return config["method"], config, adapter_state_dict(model)
+    found = peft_method(model)
+    if found is None:
+        raise ValueError("the model has no adapter to save; call inject_adapter() or load_adapter() first")
+    method, peft_config = found
+    return method, peft_config_to_dict(peft_config), peft_state_dict(model)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed), atomically; returns the directory."""
+    method, config, tensors = describe_adapter(model)
+    modules: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        module, pname = _split_key(key, method)
+        modules.setdefault(module, {"parameters": {}})["parameters"][pname] = list(tensor.shape)
     document = {
         "library": LIBRARY_NAME,
         "format_version": GSOFTConfig.FORMAT_VERSION,
-        "method": config["method"],
+        "method": method,
         "config": config,
         "base_model": base_model,
-        "modules": {
-            name: {
-                "in_features": layer.base_layer.in_features,
-                "out_features": layer.base_layer.out_features,
-                "parameters": {
-                    n: list(p.shape) for n, p in layer.named_parameters(recurse=False) if n.startswith("gsoft_")
-                },
-            }
-            for name, layer in layers
-        },
+        "num_parameters": sum(t.numel() for t in tensors.values()),
+        "modules": modules,
     }
-    metadata = {"format": "pt", "library": LIBRARY_NAME, "method": config["method"]}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "library": LIBRARY_NAME, "method": method}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
     return directory
+
+
+def _split_key(key: str, method: str) -> tuple[str, str]:
+    """``(module path, parameter name)`` of a tensor key: ``a.b.to_q.gsoft_L`` or PEFT's ``a.b.to_q.lora_A.weight``."""
+    if method in METHODS:
+        module, _, pname = key.rpartition(".")
+        return module, pname
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith(("lora_", "oft_", "boft_")):
+            return ".".join(parts[:i]), ".".join(parts[i:])
+    return key.rpartition(".")[0], key.rpartition(".")[2]
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -98,8 +126,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path} has format_version={version!r}; this dreambooth_gs reads format {GSOFTConfig.FORMAT_VERSION}"
         )
     method = document.get("method")
-    if method not in METHODS:
-        raise ValueError(f"{path} names unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"{path} names unknown method {method!r}; known methods: {', '.join(ALL_METHODS)}")
     if not isinstance(document.get("config"), dict) or not isinstance(document.get("modules"), dict):
         raise ValueError(f"{path} lacks its 'config' or 'modules' section; the file is incomplete")
     return document
@@ -117,16 +145,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, directory: str | os.PathLike, merge: bool = False) -> list[str]:
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors strictly.
 
-    With ``merge=True`` the adapter is folded into the weights (plain nn.Linear modules, no inference overhead).
-    On any error the model is left as it was. Returns the adapted module names.
+    Works for every method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft). With
+    ``merge=True`` the adapter is folded into the weights (plain layers, no inference overhead). On any error the
+    model is left as it was. Returns the adapted module names.
     """
     directory = Path(directory)
     document = read_adapter_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME)
-    config = GSOFTConfig.from_dict(document["config"])
-    names = inject_adapter(model, config)
+    method = document["method"]
+    if method in METHODS:
+        names = inject_adapter(model, GSOFTConfig.from_dict(document["config"]))
+    else:
+        names = inject_peft_adapter(model, method, peft_config_from_dict(method, document["config"]))
     try:
-        _load_into(model, directory, document, tensors, names)
+        _check_modules(directory, document, names)
+        load_adapter_weights(model, directory, tensors=tensors)
     except Exception:
         remove_adapter(model)
         raise
@@ -135,9 +168,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, merge: bool = F
     return names
 
 
-def _load_into(
-    model: nn.Module, directory: Path, document: dict[str, Any], tensors: dict[str, torch.Tensor], names: list[str]
+def load_adapter_weights(
+    model: nn.Module, directory: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None
 ) -> None:
+    """Load the tensors of an adapter folder into the adapter already injected in ``model`` (e.g. on resume)."""
+    weights = Path(directory) / WEIGHTS_NAME
+    tensors = _read_tensors(weights) if tensors is None else tensors
+    if adapter_layers(model):
+        _load_gsoft_tensors(model, weights, tensors)
+    elif peft_method(model) is not None:
+        load_peft_state(model, tensors, str(weights))
+    else:
+        raise ValueError("the model has no adapter to load weights into; use load_adapter() to inject one")
+
+
+def _check_modules(directory: Path, document: dict[str, Any], names: list[str]) -> None:
     saved_modules = set(document["modules"])
     missing, extra = sorted(saved_modules - set(names)), sorted(set(names) - saved_modules)
     if missing or extra:
@@ -145,8 +190,10 @@ def _load_into(
             f"{'; ' if missing else ''}in the model but not saved: {extra[:5]}" if extra else ""
         )
         raise ValueError(f"the model's layers do not match the adapter in {directory}: {detail}")
+
+
+def _load_gsoft_tensors(model: nn.Module, weights: Path, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(trainable_parameters(model))
-    weights = directory / WEIGHTS_NAME
     if set(tensors) != set(params):
         unexpected, absent = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
         raise ValueError(
