@@ -1,0 +1,204 @@
+"""Stable Diffusion components for training: loading (hub id, local folder, single file or the offline demo),
+the adapter for each method, and a pipeline around the trained UNet."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from .baselines import inject_peft_adapter, make_peft_config
+from .config import GSOFTConfig
+from .injection import inject_adapter
+from .options import TrainingOptions
+
+DEMO_SUBJECT_DIR = Path(__file__).resolve().parent.parent / "datasets" / "demo_subject"
+SUBJECT_FILE = "subject.json"  # optional, beside instance images: {"class_name": "dog"}
+
+
+@dataclass
+class Components:
+    """Everything the loop needs besides the trainable UNet: frozen models, tokenizer, scheduler and the data."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    model_id: str
+    is_demo: bool
+    instance_data_dir: Path
+    class_name: str | None
+    instance_prompt: str
+    class_prompt: str
+    resolution: int
+
+
+def _resolve_model(options: TrainingOptions, accelerator: Accelerator) -> tuple[str, bool]:
+    if options.pretrained_model_name_or_path:
+        return options.pretrained_model_name_or_path, False
+    from .tiny import build_tiny_pipeline, default_tiny_pipeline_dir
+
+    with accelerator.main_process_first():
+        return str(build_tiny_pipeline(default_tiny_pipeline_dir())), True
+
+
+def _load_parts(model_id: str, revision: str | None, variant: str | None):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        if Path(model_id).is_file():  # a single-file checkpoint (.safetensors)
+            pipe = StableDiffusionPipeline.from_single_file(model_id)
+            scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler
+        kwargs = {"revision": revision}
+        return (
+            CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs),
+            CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs),
+            AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs),
+            UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs),
+            DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs),
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot load Stable Diffusion from {model_id!r}: {first_line} (give a local diffusers folder, a "
+            "single-file .safetensors, or a hub id with network access)"
+        ) from err
+
+
+def _subject_class(options: TrainingOptions, instance_dir: Path) -> str | None:
+    if options.class_name:
+        return options.class_name
+    subject_file = instance_dir / SUBJECT_FILE
+    if subject_file.is_file():
+        return json.loads(subject_file.read_text()).get("class_name")
+    return None
+
+
+def _fill_class(template: str, class_name: str | None, flag: str) -> str:
+    if "{class}" in template and not class_name:
+        raise ValueError(
+            f"{flag} {template!r} needs --class_name (e.g. --class_name dog) or a prompt without {{class}}"
+        )
+    return template.replace("{class}", class_name or "")
+
+
+def load_components(options: TrainingOptions, accelerator: Accelerator, weight_dtype: torch.dtype) -> Components:
+    """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) and resolve the data."""
+    model_id, is_demo = _resolve_model(options, accelerator)
+    instance_dir = Path(options.instance_data_dir) if options.instance_data_dir else DEMO_SUBJECT_DIR
+    if options.instance_data_dir is None and not instance_dir.is_dir():
+        from .demo_data import make_demo_subject
+        from .tiny import default_tiny_pipeline_dir
+
+        instance_dir = default_tiny_pipeline_dir().parent / "demo_subject"
+        with accelerator.main_process_first():
+            make_demo_subject(instance_dir)
+    if not instance_dir.is_dir():
+        raise ValueError(f"--instance_data_dir {instance_dir} does not exist; pass the folder of subject photos")
+    class_name = _subject_class(options, instance_dir)
+    instance_prompt = _fill_class(options.instance_prompt, class_name, "--instance_prompt")
+    class_prompt = options.class_prompt
+    if options.with_prior_preservation:
+        class_prompt = _fill_class(options.class_prompt, class_name, "--class_prompt")
+    tokenizer, text_encoder, vae, unet, scheduler = _load_parts(model_id, options.revision, options.variant)
+    if options.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available() or accelerator.device.type != "cuda":
+            raise ValueError(
+                "--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU; install xformers "
+                "(pip install xformers) on a GPU machine or drop the flag"
+            )
+        unet.enable_xformers_memory_efficient_attention()
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+        model.to(accelerator.device)
+        if weight_dtype != torch.float32:  # frozen weights in the training dtype; adapters stay float32
+            model.to(dtype=weight_dtype)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return Components(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        vae=vae.eval(),
+        unet=unet,
+        noise_scheduler=scheduler,
+        model_id=model_id,
+        is_demo=is_demo,
+        instance_data_dir=instance_dir,
+        class_name=class_name,
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+        resolution=options.resolution or unet.config.sample_size * vae_scale,
+    )
+
+
+def adapter_config_for(options: TrainingOptions) -> tuple[str, GSOFTConfig | object]:
+    """``(method, config)`` of the adapter the options ask for: a GSOFTConfig or a PEFT config."""
+    targets = tuple(options.target_modules)
+    if options.adapter in ("gsoft", "double_gsoft"):
+        nblocks = options.gsoft_nblocks if options.gsoft_block_size is None else None
+        return options.adapter, GSOFTConfig(
+            method=options.adapter,
+            nblocks=nblocks,
+            block_size=options.gsoft_block_size,
+            scale=not options.gsoft_no_scale,
+            target_modules=targets,
+        )
+    if options.adapter == "boft":
+        nblocks = options.boft_block_num if options.boft_block_size is None else None
+        nblocks = nblocks if nblocks is not None or options.boft_block_size is not None else 32
+        if options.boft_backend == "peft":
+            return "peft_boft", make_peft_config(
+                "peft_boft",
+                targets,
+                nblocks=nblocks,
+                block_size=options.boft_block_size,
+                n_butterfly_factor=options.boft_n_butterfly_factor,
+            )
+        return "boft", GSOFTConfig(
+            method="boft",
+            nblocks=nblocks,
+            block_size=options.boft_block_size,
+            n_butterfly_factor=options.boft_n_butterfly_factor,
+            target_modules=targets,
+        )
+    if options.adapter == "lora":
+        return "lora", make_peft_config("lora", targets, rank=options.lora_rank)
+    return "oft", make_peft_config("oft", targets, block_size=options.oft_block_size or 32)
+
+
+def add_adapter(unet: torch.nn.Module, options: TrainingOptions) -> tuple[torch.nn.Module, str]:
+    """Inject the requested adapter into ``unet`` (trainable parameters in float32); returns ``(unet, method)``."""
+    method, config = adapter_config_for(options)
+    if isinstance(config, GSOFTConfig):
+        inject_adapter(unet, config)
+    else:
+        inject_peft_adapter(unet, method, config)
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return unet, method
+
+
+def make_pipeline(parts: Components, unet: torch.nn.Module):
+    """A StableDiffusionPipeline (DDIM sampler) around ``unet`` and the frozen components, for sampling."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,189 @@
+"""TrainingOptions: every setting of the DreamBooth trainer, with its help text (the CLI is generated from it).
+
+Flag names follow diffusers' examples/dreambooth/train_dreambooth_lora.py wherever the meaning is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+ADAPTERS = ("gsoft", "double_gsoft", "lora", "boft", "oft")
+# Default learning rates: GSOFT / Double GSOFT follow the GSOFT paper (AdamW 2e-5); LoRA follows diffusers'
+# DreamBooth LoRA recipe; OFT and BOFT follow their papers' subject-driven settings.
+DEFAULT_LEARNING_RATES = {"gsoft": 2e-5, "double_gsoft": 2e-5, "lora": 1e-4, "boft": 3e-5, "oft": 6e-5}
+DEFAULT_MAX_TRAIN_STEPS = 3000
+DEMO_MAX_TRAIN_STEPS = 60  # the embedded random demo model: about a minute on 2 CPU cores
+# The demo model's attention dims are 32 and 64: block counts that give dense GS matrices there (b >= r).
+DEMO_DEFAULTS = {
+    "gsoft_nblocks": 4,
+    "boft_block_num": 8,
+    "oft_block_size": 8,
+    "validation_prompt": "a sks {class} on the beach",
+    "validation_inference_steps": 10,
+}
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainingOptions:
+    """What the trainer does; ``train_dreambooth_gsoft.py --help`` prints these help texts."""
+
+    # -- model and data --------------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "Stable Diffusion 1.x/2.x: a hub id, a local diffusers folder or a single-file .safetensors checkpoint. "
+            "Default: a tiny random-weight demo pipeline built offline (for trying the tool, not for real images)."
+        ),
+    )
+    revision: str | None = field(default=None, metadata=_help("Model revision on the hub."))
+    variant: str | None = field(default=None, metadata=_help("Weights variant, e.g. fp16."))
+    instance_data_dir: str | None = field(
+        default=None, metadata=_help("Folder with the 3-5 subject photos. Default: the generated demo subject.")
+    )
+    class_name: str | None = field(
+        default=None, metadata=_help("Class noun of the subject (dog, backpack, ...); fills {class} in prompts.")
+    )
+    instance_prompt: str = field(
+        default="a photo of sks {class}", metadata=_help("Prompt of the subject photos; {class} = --class_name.")
+    )
+    class_data_dir: str | None = field(
+        default=None, metadata=_help("Folder of class images for prior preservation (generated if short).")
+    )
+    class_prompt: str = field(default="a photo of {class}", metadata=_help("Prompt of the class images."))
+    with_prior_preservation: bool = field(default=False, metadata=_help("Add the prior-preservation loss."))
+    prior_loss_weight: float = field(default=1.0, metadata=_help("Weight of the prior-preservation loss."))
+    num_class_images: int = field(
+        default=100, metadata=_help("Class images wanted; missing ones are generated with the base model.")
+    )
+    sample_batch_size: int = field(default=4, metadata=_help("Batch size when generating class images."))
+    output_dir: str = field(default="dreambooth-gsoft-out", metadata=_help("Where the adapter and checkpoints go."))
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("Start afresh even if output_dir holds checkpoints of an earlier run.")
+    )
+    seed: int = field(default=0, metadata=_help("Random seed (data order, noise, timesteps)."))
+    resolution: int | None = field(
+        default=None, metadata=_help("Training resolution (multiple of 8). Default: the model's native size.")
+    )
+    center_crop: bool = field(default=False, metadata=_help("Center-crop instead of random-crop."))
+    random_flip: bool = field(default=False, metadata=_help("Random horizontal flips."))
+    # -- adapter ---------------------------------------------------------------------------------------------
+    adapter: Literal["gsoft", "double_gsoft", "lora", "boft", "oft"] = field(
+        default="gsoft",
+        metadata=_help(
+            "gsoft / double_gsoft (this toolkit), boft (on the GS core, every butterfly factor), lora / oft (PEFT)."
+        ),
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata=_help("Linear modules to adapt (names or name suffixes)."),
+    )
+    gsoft_nblocks: int | None = field(default=None, metadata=_help("GSOFT blocks r (default 32)."))
+    gsoft_block_size: int | None = field(default=None, metadata=_help("GSOFT block size instead of --gsoft_nblocks."))
+    gsoft_no_scale: bool = field(default=False, metadata=_help("Do not train GSOFT's output scale vector."))
+    lora_rank: int = field(default=4, metadata=_help("LoRA rank (lora_alpha = rank)."))
+    boft_block_num: int | None = field(default=None, metadata=_help("BOFT blocks (default 32)."))
+    boft_block_size: int | None = field(default=None, metadata=_help("BOFT block size instead of --boft_block_num."))
+    boft_n_butterfly_factor: int = field(default=4, metadata=_help("BOFT butterfly factors."))
+    boft_backend: Literal["gsoft", "peft"] = field(
+        default="gsoft",
+        metadata=_help(
+            "gsoft: BOFT on this toolkit's GS core (any device). peft: PEFT's BOFT, refused where its CUDA "
+            "extension is missing (it would silently train one factor)."
+        ),
+    )
+    oft_block_size: int | None = field(
+        default=None, metadata=_help("OFT block size (PEFT OFTConfig.oft_block_size; default 32).")
+    )
+    # -- optimisation ----------------------------------------------------------------------------------------
+    train_batch_size: int = field(default=4, metadata=_help("Batch size per device."))
+    max_train_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            f"Optimizer steps (default {DEFAULT_MAX_TRAIN_STEPS}; {DEMO_MAX_TRAIN_STEPS} on the demo model)."
+        ),
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute UNet activations to save memory."))
+    learning_rate: float | None = field(
+        default=None,
+        metadata=_help(
+            "AdamW learning rate. Defaults by adapter: "
+            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items())
+            + "."
+        ),
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=_help("constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial."),
+    )
+    lr_warmup_steps: int = field(default=0, metadata=_help("Warm-up steps of the schedule."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
+    adam_weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm."))
+    # -- checkpoints, validation, logging --------------------------------------------------------------------
+    checkpointing_steps: int = field(default=500, metadata=_help("Save a resumable checkpoint every N steps."))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata=_help("A checkpoint folder, or 'latest' (the newest in output_dir).")
+    )
+    validation_prompt: str | None = field(
+        default=None, metadata=_help("Prompt for validation images ({class} allowed); none: no validation.")
+    )
+    num_validation_images: int = field(default=4, metadata=_help("Images per validation."))
+    validation_steps: int = field(default=100, metadata=_help("Validate every N steps (and at the end)."))
+    validation_inference_steps: int = field(default=25, metadata=_help("Denoising steps of validation images."))
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata=_help("no, fp16 or bf16 (adapter parameters stay fp32). Default: accelerate's.")
+    )
+    allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
+    report_to: str = field(default="tensorboard", metadata=_help("tensorboard, wandb, all or none."))
+    logging_dir: str = field(default="logs", metadata=_help("Tracker folder, relative to output_dir."))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes."))
+    enable_xformers_memory_efficient_attention: bool = field(
+        default=False, metadata=_help("Use xformers attention (CUDA only; must be installed).")
+    )
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.gsoft_nblocks is not None and self.gsoft_block_size is not None:
+            raise ValueError("give --gsoft_nblocks or --gsoft_block_size, not both")
+        if self.boft_block_num is not None and self.boft_block_size is not None:
+            raise ValueError("give --boft_block_num or --boft_block_size, not both")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+
+    @property
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.adapter]
+
+
+def with_demo_defaults(options: TrainingOptions) -> TrainingOptions:
+    """Options for the tiny demo model: its small dims get block counts that fit, unless the user chose them."""
+    changes = {}
+    if options.max_train_steps is None:
+        changes["max_train_steps"] = DEMO_MAX_TRAIN_STEPS
+    if options.gsoft_nblocks is None and options.gsoft_block_size is None:
+        changes["gsoft_nblocks"] = DEMO_DEFAULTS["gsoft_nblocks"]
+    if options.boft_block_num is None and options.boft_block_size is None:
+        changes["boft_block_num"] = DEMO_DEFAULTS["boft_block_num"]
+    if options.oft_block_size is None:
+        changes["oft_block_size"] = DEMO_DEFAULTS["oft_block_size"]
+    if options.validation_prompt is None:
+        changes["validation_prompt"] = DEMO_DEFAULTS["validation_prompt"]
+        changes["validation_inference_steps"] = DEMO_DEFAULTS["validation_inference_steps"]
+    return replace(options, **changes)

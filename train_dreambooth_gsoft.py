@@ -1,0 +1,41 @@
+"""DreamBooth fine-tuning of Stable Diffusion with GSOFT / Double GSOFT (and PEFT's LoRA / OFT, GS-core BOFT).
+
+    python train_dreambooth_gsoft.py --output_dir out                      # offline demo: tiny random model
+    python train_dreambooth_gsoft.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-base \\
+        --instance_data_dir photos/ --class_name dog --output_dir out      # a real run (GSOFT r=32, lr 2e-5)
+    accelerate launch train_dreambooth_gsoft.py ...                         # several GPUs / nodes (DDP)
+
+The output folder holds adapter_config.json + adapter_model.safetensors for every --adapter; load it with
+dreambooth_gs.load_adapter(pipeline.unet, folder, merge=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from transformers import HfArgumentParser
+
+from dreambooth_gs.cli import run_cli
+from dreambooth_gs.options import TrainingOptions
+from dreambooth_gs.training import train
+
+
+def parse_args(input_args: list[str] | None = None) -> TrainingOptions:
+    parser = HfArgumentParser(
+        TrainingOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.prog = "train_dreambooth_gsoft.py"
+    try:
+        (options,) = parser.parse_args_into_dataclasses(args=input_args)
+    except ValueError as err:
+        parser.error(str(err))
+    return options
+
+
+def main(args: TrainingOptions):
+    return train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args(sys.argv[1:]), "train_dreambooth_gsoft.py")
