@@ -290,7 +290,7 @@ def train(options: TrainingOptions) -> Path:
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            if global_step % options.checkpointing_steps == 0 and global_step < max_steps:
+            if global_step % options.checkpointing_steps == 0:
                 if accelerator.is_main_process:
                     prune_checkpoints(output_dir, options.checkpoints_total_limit)
                 accelerator.save_state(str(output_dir / f"{CHECKPOINT_PREFIX}{global_step}"))

@@ -1,0 +1,256 @@
+"""Subject images for DreamBooth: loading, the instance / class dataset, batching, and class-image generation."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+# Files that sit beside images without being images (a dataset's README, its prompts): skipped without a warning.
+NON_IMAGE_SUFFIXES = frozenset({".md", ".txt", ".json", ".yaml", ".yml", ".toml", ".csv", ".py"})
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode one image file fully, apply its EXIF orientation and convert it to RGB."""
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+
+
+def _candidate_files(directory: Path) -> list[Path]:
+    """Regular, non-hidden files that are not known non-image documents, sorted by name."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in NON_IMAGE_SUFFIXES
+    )
+
+
+def scan_images(directory: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """``(readable, unreadable)`` image files of ``directory`` (hidden files and documents are neither)."""
+    readable, unreadable = [], []
+    for path in _candidate_files(Path(directory)):
+        try:
+            load_image(path)
+        except Exception:  # PIL plugins raise OSError, SyntaxError, ValueError, struct.error... on bad files
+            unreadable.append(path)
+        else:
+            readable.append(path)
+    return readable, unreadable
+
+
+def find_images(directory: str | os.PathLike) -> list[Path]:
+    """Sorted paths of the readable images in ``directory``; unreadable files are skipped with one warning.
+
+    Raises ValueError when the directory is missing, empty, or holds no readable image.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"image directory {directory} does not exist; pass a folder of subject images")
+    readable, unreadable = scan_images(directory)
+    if unreadable:
+        warnings.warn(
+            f"skipped {len(unreadable)} file(s) in {directory} that PIL cannot read as images: "
+            + ", ".join(p.name for p in unreadable),
+            stacklevel=2,
+        )
+    if not readable:
+        what = "holds no readable image" if any(directory.iterdir()) else "is empty"
+        raise ValueError(f"image directory {directory} {what}; add PNG / JPEG / WebP images of the subject to it")
+    return readable
+
+
+def load_images(directory: str | os.PathLike) -> list[Image.Image]:
+    """Every readable image of ``directory`` as RGB with EXIF orientation applied (see :func:`find_images`)."""
+    return [load_image(p) for p in find_images(directory)]
+
+
+def image_to_tensor(
+    image: Image.Image, resolution: int, center_crop: bool = False, random_flip: bool = False
+) -> torch.Tensor:
+    """Shorter side to ``resolution`` (bilinear), center / random square crop, optional flip -> (3, R, R) in [-1, 1].
+
+    Random crop and flip draw from torch's global RNG, so DataLoader worker seeding makes them reproducible.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, int(width * scale)), max(resolution, int(height * scale)))
+    image = image.resize(new_size, Image.BILINEAR)
+    if center_crop:
+        left = int(round((new_size[0] - resolution) / 2.0))
+        top = int(round((new_size[1] - resolution) / 2.0))
+    else:
+        left = int(torch.randint(0, new_size[0] - resolution + 1, ()).item())
+        top = int(torch.randint(0, new_size[1] - resolution + 1, ()).item())
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and torch.rand(()).item() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (R, R, 3) uint8
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
+
+
+def tokenize_prompt(tokenizer, prompt: str) -> torch.Tensor:
+    """Prompt -> (model_max_length,) ids, padded to and truncated at ``tokenizer.model_max_length``."""
+    return tokenizer(
+        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids[0]
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images of the subject (and, for prior preservation, class images) with their prompt ids.
+
+    Items are dicts: ``instance_images`` (3, R, R) in [-1, 1] and ``instance_prompt_ids`` (L,), plus
+    ``class_images`` and ``class_prompt_ids`` when ``class_data_dir`` is given. With class images the length is
+    max(#instance, #class) and the shorter list cycles. Images are decoded when an item is read.
+    """
+
+    def __init__(
+        self,
+        instance_data_dir: str | os.PathLike,
+        instance_prompt: str,
+        tokenizer,
+        resolution: int = 512,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        class_data_dir: str | os.PathLike | None = None,
+        class_prompt: str | None = None,
+        num_class_images: int | None = None,
+    ):
+        if not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
+            raise ValueError(
+                f"resolution={resolution!r} must be a positive multiple of 8 (the VAE downsamples by 8), e.g. 512"
+            )
+        if (class_data_dir is None) != (class_prompt is None):
+            raise ValueError(
+                "prior preservation needs both class_data_dir and class_prompt; pass both or neither "
+                f"(got class_data_dir={class_data_dir!r}, class_prompt={class_prompt!r})"
+            )
+        if num_class_images is not None and num_class_images < 1:
+            raise ValueError(f"num_class_images={num_class_images}; pass a positive count or None for all")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.instance_images = find_images(instance_data_dir)
+        self.instance_prompt_ids = tokenize_prompt(tokenizer, instance_prompt)  # (L,)
+        self.class_images: list[Path] = []
+        self.class_prompt_ids = None
+        if class_data_dir is not None:
+            self.class_images = find_images(class_data_dir)[:num_class_images]
+            self.class_prompt_ids = tokenize_prompt(tokenizer, class_prompt)  # (L,)
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return self.class_prompt_ids is not None
+
+    def __len__(self) -> int:
+        return max(len(self.instance_images), len(self.class_images))
+
+    def _tensor(self, path: Path) -> torch.Tensor:
+        return image_to_tensor(load_image(path), self.resolution, self.center_crop, self.random_flip)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        example = {
+            "instance_images": self._tensor(self.instance_images[index % len(self.instance_images)]),
+            "instance_prompt_ids": self.instance_prompt_ids,
+        }
+        if self.with_prior_preservation:
+            example["class_images"] = self._tensor(self.class_images[index % len(self.class_images)])
+            example["class_prompt_ids"] = self.class_prompt_ids
+        return example
+
+
+def collate_examples(examples: list[dict[str, torch.Tensor]], with_prior_preservation: bool) -> dict[str, torch.Tensor]:
+    """Batch dataset items: ``pixel_values`` (B or 2B, 3, R, R) and ``input_ids`` (B or 2B, L).
+
+    With prior preservation the B instance examples come first, then the B class examples, so the loss can
+    ``chunk(2)`` the model output into instance and prior halves (as diffusers' DreamBooth does).
+    """
+    if with_prior_preservation and any("class_images" not in e for e in examples):
+        raise ValueError("with_prior_preservation=True but the examples have no class_images; pass class_data_dir")
+    pixel_values = [e["instance_images"] for e in examples]
+    input_ids = [e["instance_prompt_ids"] for e in examples]
+    if with_prior_preservation:
+        pixel_values += [e["class_images"] for e in examples]
+        input_ids += [e["class_prompt_ids"] for e in examples]
+    return {
+        "pixel_values": torch.stack(pixel_values).to(memory_format=torch.contiguous_format).float(),  # (B', 3, R, R)
+        "input_ids": torch.stack(input_ids),  # (B', L)
+    }
+
+
+def _free_names(directory: Path, count: int, prefix: str = "class", suffix: str = ".png") -> list[str]:
+    """``count`` file names ``{prefix}_{k:05d}{suffix}`` with the smallest k not already taken in ``directory``."""
+    taken = {p.name for p in directory.iterdir()}
+    names, k = [], 0
+    while len(names) < count:
+        name = f"{prefix}_{k:05d}{suffix}"
+        if name not in taken:
+            names.append(name)
+        k += 1
+    return names
+
+
+def generate_class_images(
+    pipeline,
+    class_data_dir: str | os.PathLike,
+    class_prompt: str,
+    num_class_images: int,
+    batch_size: int = 4,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    progress: bool = True,
+    resolution: int | None = None,
+    guidance_scale: float = 7.5,
+) -> int:
+    """Fill ``class_data_dir`` up to ``num_class_images`` images of ``class_prompt`` drawn by ``pipeline``.
+
+    Resumable: readable images already there count, and only the missing ones are generated, ``batch_size`` at a
+    time. Image k (counting existing ones) uses a CPU generator seeded ``seed + k``, so an interrupted and resumed
+    run draws the same pictures as an uninterrupted one. Each PNG is written to a hidden temporary file and renamed
+    into place. Returns the number of images generated.
+    """
+    if num_class_images < 0 or batch_size < 1 or num_inference_steps < 1:
+        raise ValueError(
+            f"num_class_images={num_class_images}, batch_size={batch_size}, num_inference_steps="
+            f"{num_inference_steps}: need num_class_images >= 0 and batch_size, num_inference_steps >= 1"
+        )
+    class_data_dir = Path(class_data_dir)
+    class_data_dir.mkdir(parents=True, exist_ok=True)
+    existing = len(scan_images(class_data_dir)[0])
+    missing = num_class_images - existing
+    if missing <= 0:
+        return 0
+    names = _free_names(class_data_dir, missing)
+    saved_progress_config = dict(getattr(pipeline, "_progress_bar_config", {}))
+    pipeline.set_progress_bar_config(disable=True)  # one bar over images, not one per denoising loop
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
+    try:
+        with tqdm(total=missing, desc="class images", disable=not progress, unit="img") as bar:
+            for start in range(0, missing, batch_size):
+                batch_names = names[start : start + batch_size]
+                generators = [
+                    torch.Generator("cpu").manual_seed(seed + existing + start + i) for i in range(len(batch_names))
+                ]
+                images = pipeline(
+                    [class_prompt] * len(batch_names),
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=generators,
+                    output_type="pil",
+                    **size,
+                ).images
+                for name, image in zip(batch_names, images):
+                    staging = class_data_dir / f".{name}.tmp"
+                    image.save(staging, format="PNG")
+                    os.replace(staging, class_data_dir / name)
+                bar.update(len(batch_names))
+    finally:
+        pipeline._progress_bar_config = saved_progress_config
+    return missing

@@ -1,0 +1,315 @@
+"""Subject images: loading, DreamBoothDataset, collate ordering, resumable class-image generation, demo subject."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_gs.data import (
+    DreamBoothDataset,
+    collate_examples,
+    find_images,
+    generate_class_images,
+    image_to_tensor,
+    load_images,
+)
+from dreambooth_gs.demo_data import make_demo_subject
+from dreambooth_gs.tiny import build_tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_SUBJECT = REPO / "datasets" / "demo_subject"
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Same folder as test_tiny.py's fixture: whichever file runs first builds it, the other reuses it."""
+    return build_tiny_pipeline(tmp_path_factory.getbasetemp() / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+
+
+def _save(path: Path, image: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def _halves(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue: crops and flips show up in the corner pixels."""
+    image = Image.new("RGB", (width, height), RED)
+    image.paste(Image.new("RGB", (width // 2, height), BLUE), (width // 2, 0))
+    return image
+
+
+# ---------------------------------------------------------------- load_images
+
+
+@pytest.mark.parametrize(
+    "name, mode, kwargs",
+    [
+        ("a.png", "RGBA", {}),
+        ("b.jpg", "RGB", {"quality": 95}),
+        ("c.webp", "RGB", {}),
+        ("d.png", "L", {}),
+        ("e.gif", "P", {}),
+        ("f.bmp", "RGB", {}),
+        ("g.tiff", "CMYK", {}),
+    ],
+)
+def test_load_images_reads_any_pil_format_as_rgb(tmp_path, name, mode, kwargs):
+    _save(tmp_path / name, Image.new(mode, (12, 10)), **kwargs)
+    (images,) = load_images(tmp_path)
+    assert images.mode == "RGB" and images.size == (12, 10)
+
+
+def test_load_images_applies_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    _save(tmp_path / "rotated.jpg", Image.new("RGB", (16, 8), RED), exif=exif)
+    assert Image.open(tmp_path / "rotated.jpg").size == (16, 8)
+    (image,) = load_images(tmp_path)
+    assert image.size == (8, 16)
+
+
+def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
+    _save(tmp_path / "good.png", Image.new("RGB", (8, 8)))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "notes.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "README.md").write_text("# my subject")  # documents and hidden files are not images: no warning
+    (tmp_path / ".DS_Store").write_bytes(b"\x00")
+    with pytest.warns(UserWarning) as record:
+        images = load_images(tmp_path)
+    assert len(images) == 1 and len(record) == 1
+    assert "broken.png" in str(record[0].message) and "notes.bin" in str(record[0].message)
+    assert "README" not in str(record[0].message) and "DS_Store" not in str(record[0].message)
+
+
+def test_readable_directory_loads_without_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_images(DEMO_SUBJECT)) == 4  # README.md beside the PNGs is ignored
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: d.mkdir(), "is empty"),
+        (lambda d: (d.mkdir(), (d / "x.jpg").write_bytes(b"junk")), "holds no readable image"),
+        (lambda d: (d.mkdir(), (d / "README.md").write_text("hi")), "holds no readable image"),
+    ],
+    ids=["missing", "empty", "only_unreadable", "only_documents"],
+)
+def test_directory_without_images_raises(tmp_path, setup, message):
+    directory = tmp_path / "subject"
+    setup(directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=message):
+            find_images(directory)
+
+
+# ---------------------------------------------------------------- transforms and dataset
+
+
+@pytest.mark.parametrize(
+    "size, resolution, center_crop",
+    [((64, 64), 32, True), ((96, 64), 32, True), ((64, 96), 32, False), ((20, 30), 64, True), ((100, 40), 16, False)],
+)
+def test_image_to_tensor_shape_and_range(size, resolution, center_crop):
+    tensor = image_to_tensor(Image.effect_noise(size, 80).convert("RGB"), resolution, center_crop=center_crop)
+    assert tensor.shape == (3, resolution, resolution) and tensor.dtype == torch.float32
+    assert tensor.min() >= -1 and tensor.max() <= 1
+
+
+@pytest.mark.parametrize("colour, value", [((0, 0, 0), -1.0), ((255, 255, 255), 1.0), ((255, 0, 0), None)])
+def test_image_to_tensor_normalises_to_minus_one_one(colour, value):
+    tensor = image_to_tensor(Image.new("RGB", (8, 8), colour), 8, center_crop=True)
+    expected = torch.tensor([c / 127.5 - 1 for c in colour]).view(3, 1, 1).expand(3, 8, 8)
+    torch.testing.assert_close(tensor, expected)
+
+
+def test_center_crop_keeps_the_middle():
+    # 128 x 64 -> resized to 64 x 32 -> center crop x in [16, 48): red on the left, blue on the right
+    tensor = image_to_tensor(_halves(128, 64), 32, center_crop=True)
+    assert tensor[:, :, 0].tolist() == [[1.0] * 32, [-1.0] * 32, [-1.0] * 32]
+    assert tensor[:, :, -1].tolist() == [[-1.0] * 32, [-1.0] * 32, [1.0] * 32]
+
+
+def test_random_crop_moves_and_stays_inside():
+    torch.manual_seed(0)
+    gradient = Image.linear_gradient("L").rotate(90).convert("RGB").resize((256, 64))  # brightness varies along x
+    crops = [image_to_tensor(gradient, 64)[0, 0, 0].item() for _ in range(20)]
+    assert len(set(crops)) > 3
+
+
+def test_random_flip_gives_the_image_or_its_mirror():
+    torch.manual_seed(0)
+    plain = image_to_tensor(_halves(32, 32), 32, center_crop=True)
+    draws = [image_to_tensor(_halves(32, 32), 32, center_crop=True, random_flip=True) for _ in range(16)]
+    flipped = [torch.equal(d, plain.flip(-1)) for d in draws]
+    assert all(f or torch.equal(d, plain) for f, d in zip(flipped, draws))
+    assert 0 < sum(flipped) < len(draws)
+
+
+def test_dataset_items(tokenizer):
+    dataset = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", tokenizer, resolution=32, center_crop=True)
+    assert len(dataset) == 4 and not dataset.with_prior_preservation
+    item = dataset[1]
+    assert set(item) == {"instance_images", "instance_prompt_ids"}
+    assert item["instance_images"].shape == (3, 32, 32)
+    assert -1 <= item["instance_images"].min() < item["instance_images"].max() <= 1
+    ids = item["instance_prompt_ids"]
+    assert ids.shape == (77,) and ids[0] == 49406 and ids[:7].tolist()[-1] == 49407  # <sot> a photo of sks toy <eot>
+
+
+def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path, tokenizer):
+    for k in range(6):
+        _save(tmp_path / "class" / f"{k}.png", Image.new("RGB", (40, 40), (k * 40, 0, 0)))
+    dataset = DreamBoothDataset(
+        DEMO_SUBJECT,
+        "a photo of sks toy",
+        tokenizer,
+        resolution=16,
+        class_data_dir=tmp_path / "class",
+        class_prompt="a photo of toy",
+        center_crop=True,
+    )
+    assert len(dataset) == 6 and dataset.with_prior_preservation
+    torch.testing.assert_close(dataset[5]["instance_images"], dataset[1]["instance_images"])
+    assert dataset[5]["class_images"][0, 0, 0] == pytest.approx(5 * 40 / 127.5 - 1)
+    assert dataset[0]["class_prompt_ids"].shape == (77,)
+    limited = DreamBoothDataset(
+        DEMO_SUBJECT,
+        "p",
+        tokenizer,
+        resolution=16,
+        class_data_dir=tmp_path / "class",
+        class_prompt="q",
+        num_class_images=2,
+    )
+    assert len(limited) == 4 and len(limited.class_images) == 2
+
+
+@pytest.mark.parametrize("resolution", [0, -8, 12, 100, 513, 64.0, "512"])
+def test_resolution_must_be_a_positive_multiple_of_8(tokenizer, resolution):
+    with pytest.raises(ValueError, match="positive multiple of 8"):
+        DreamBoothDataset(DEMO_SUBJECT, "p", tokenizer, resolution=resolution)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"class_data_dir": DEMO_SUBJECT}, "needs both class_data_dir and class_prompt"),
+        ({"class_prompt": "a photo of toy"}, "needs both class_data_dir and class_prompt"),
+        ({"class_data_dir": DEMO_SUBJECT, "class_prompt": "q", "num_class_images": 0}, "positive count"),
+    ],
+)
+def test_class_arguments_must_agree(tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DreamBoothDataset(DEMO_SUBJECT, "p", tokenizer, resolution=16, **kwargs)
+
+
+# ---------------------------------------------------------------- collate
+
+
+def _example(k: int, with_class: bool) -> dict:
+    example = {"instance_images": torch.full((3, 8, 8), float(k)), "instance_prompt_ids": torch.full((77,), k)}
+    if with_class:
+        example |= {"class_images": torch.full((3, 8, 8), -float(k)), "class_prompt_ids": torch.full((77,), -k)}
+    return example
+
+
+@pytest.mark.parametrize(
+    "with_prior, expected_order", [(False, [1, 2, 3]), (True, [1, 2, 3, -1, -2, -3])], ids=["instance", "prior"]
+)
+def test_collate_puts_instances_first_then_classes(with_prior, expected_order):
+    batch = collate_examples([_example(k, with_prior) for k in (1, 2, 3)], with_prior_preservation=with_prior)
+    assert (
+        batch["pixel_values"].shape == (len(expected_order), 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
+    )
+    assert batch["input_ids"].shape == (len(expected_order), 77)
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == expected_order
+    assert batch["input_ids"][:, 0].tolist() == expected_order
+
+
+def test_collate_with_prior_needs_class_examples():
+    with pytest.raises(ValueError, match="no class_images"):
+        collate_examples([_example(1, False)], with_prior_preservation=True)
+
+
+def test_dataloader_end_to_end(tmp_path, tokenizer):
+    make_demo_subject(tmp_path / "class", n_images=2, size=32, seed=1)
+    dataset = DreamBoothDataset(
+        DEMO_SUBJECT,
+        "a photo of sks toy",
+        tokenizer,
+        resolution=32,
+        random_flip=True,
+        class_data_dir=tmp_path / "class",
+        class_prompt="a photo of toy",
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, shuffle=True, collate_fn=lambda e: collate_examples(e, with_prior_preservation=True)
+    )
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0]["pixel_values"].shape == (4, 3, 32, 32)
+    assert batches[0]["input_ids"][0].tolist() != batches[0]["input_ids"][2].tolist()  # instance vs class prompt
+
+
+# ---------------------------------------------------------------- class images
+
+
+def test_generate_class_images_resumes(tmp_path, pipeline):
+    directory = tmp_path / "class"
+    kwargs = {"num_inference_steps": 2, "resolution": 32, "batch_size": 2, "progress": False}
+    assert generate_class_images(pipeline, directory, "a photo of toy", 2, **kwargs) == 2
+    assert generate_class_images(pipeline, directory, "a photo of toy", 3, **kwargs) == 1
+    assert generate_class_images(pipeline, directory, "a photo of toy", 3, **kwargs) == 0
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["class_00000.png", "class_00001.png", "class_00002.png"]  # no temporary files left
+    assert all(Image.open(directory / n).size == (32, 32) for n in names)
+    # image k is seeded seed + k: the resumed third image equals the third of one uninterrupted run
+    fresh = tmp_path / "fresh"
+    assert generate_class_images(pipeline, fresh, "a photo of toy", 3, **kwargs) == 3
+    for name in names:
+        assert Image.open(directory / name).tobytes() == Image.open(fresh / name).tobytes()
+
+
+def test_generate_class_images_never_overwrites(tmp_path, pipeline):
+    directory = tmp_path / "class"
+    _save(directory / "class_00000.png", Image.new("RGB", (32, 32), RED))
+    _save(directory / "photo.jpg", Image.new("RGB", (32, 32), BLUE))
+    kwargs = {"num_inference_steps": 1, "resolution": 32, "progress": False}
+    assert generate_class_images(pipeline, directory, "a photo of toy", 3, **kwargs) == 1
+    assert sorted(p.name for p in directory.iterdir()) == ["class_00000.png", "class_00001.png", "photo.jpg"]
+    assert Image.open(directory / "class_00000.png").getpixel((0, 0)) == RED
+
+
+# ---------------------------------------------------------------- demo subject
+
+
+def test_demo_subject_is_reproducible(tmp_path):
+    paths = make_demo_subject(tmp_path, n_images=4, size=64, seed=0)
+    committed = sorted(DEMO_SUBJECT.glob("*.png"))
+    assert [p.name for p in paths] == [p.name for p in committed]
+    for ours, theirs in zip(paths, committed):
+        assert Image.open(ours).tobytes() == Image.open(theirs).tobytes()
+    assert sum(p.stat().st_size for p in committed) < 100_000
+    other = make_demo_subject(tmp_path / "other", n_images=2, size=64, seed=1)
+    assert Image.open(other[0]).tobytes() != Image.open(paths[0]).tobytes()
