@@ -1,0 +1,178 @@
+"""The DreamBooth trainer end to end on the tiny random-weight pipeline: every adapter, resume, checkpoints,
+validation, prior preservation, two processes, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train_dreambooth_gsoft import main, parse_args  # noqa: E402
+
+FAST = ["--train_batch_size", "2", "--report_to", "none", "--validation_prompt=", "--center_crop"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """Build the demo pipeline into a temporary cache (not the user's home) once for this module."""
+    previous = os.environ.get("DREAMBOOTH_GS_CACHE")
+    os.environ["DREAMBOOTH_GS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DREAMBOOTH_GS_CACHE")
+    else:
+        os.environ["DREAMBOOTH_GS_CACHE"] = previous
+
+
+def run(output_dir: Path, *extra: str) -> Path:
+    return main(parse_args(["--output_dir", str(output_dir), *FAST, *extra]))
+
+
+ADAPTER_CASES = [  # (flags, saved method, a tensor-name fragment the adapter file must hold)
+    (["--adapter", "gsoft"], "gsoft", "gsoft_L"),
+    (["--adapter", "double_gsoft", "--gsoft_nblocks", "2"], "double_gsoft", "gsoft_out_R"),
+    (["--adapter", "boft"], "boft", "gsoft_butterfly"),
+    (["--adapter", "lora", "--lora_rank", "2"], "lora", "lora_A"),
+    (["--adapter", "oft"], "oft", "oft_R"),
+]
+
+
+@pytest.mark.parametrize("flags, method, fragment", ADAPTER_CASES, ids=[c[1] for c in ADAPTER_CASES])
+def test_every_adapter_trains_and_saves(tmp_path, flags, method, fragment):
+    out = run(tmp_path / "out", "--max_train_steps", "2", "--learning_rate", "1e-3", *flags)
+    config = json.loads((out / "adapter_config.json").read_text())
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert config["method"] == method
+    assert any(fragment in key for key in tensors), sorted(tensors)[:3]
+    trained = [t for k, t in tensors.items() if fragment in k]
+    if method != "lora":  # orthogonal adapters start at exactly zero: two steps must move them
+        assert max(t.abs().max().item() for t in trained) > 0
+    info = json.loads((out / "training_args.json").read_text())
+    assert info["steps"] == 2 and info["method"] == method
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2", "--gsoft_nblocks", "4"]
+    straight = load_file(run(tmp_path / "straight", *common) / "adapter_model.safetensors")
+    run(tmp_path / "resumed", *common[:1], "2", *common[2:])
+    resumed = run(tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    other_seed = load_file(run(tmp_path / "seed1", *common, "--seed", "1") / "adapter_model.safetensors")
+    resumed = load_file(resumed / "adapter_model.safetensors")
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-5
+    assert max((straight[k] - other_seed[k]).abs().max().item() for k in straight) > 1e-3  # the check can fail
+
+
+def test_checkpoint_limit_and_validation_grid(tmp_path):
+    out = tmp_path / "out"
+    main(
+        parse_args(
+            ["--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "1"]
+            + ["--checkpoints_total_limit", "2", "--validation_steps", "2", "--num_validation_images", "2"]
+            + ["--validation_prompt", "a sks {class} in the snow", "--validation_inference_steps", "2"]
+            + ["--report_to", "tensorboard", "--train_batch_size", "2"]
+        )
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    grids = sorted((out / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-000002.png", "step-000003.png"]
+    assert Image.open(grids[0]).size == (128, 64)  # two 64 px images side by side
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_prior_preservation_generates_then_reuses_class_images(tmp_path):
+    class_dir = tmp_path / "class"
+    flags = ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--num_class_images", "3"]
+    flags += ["--sample_batch_size", "2", "--validation_inference_steps", "2", "--max_train_steps", "1"]
+    run(tmp_path / "a", *flags)
+    first = {p.name: p.stat().st_mtime_ns for p in class_dir.glob("*.png")}
+    assert len(first) == 3
+    run(tmp_path / "b", *flags)
+    assert {p.name: p.stat().st_mtime_ns for p in class_dir.glob("*.png")} == first
+
+
+def test_two_processes_train_one_adapter(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += [str(ROOT / "train_dreambooth_gsoft.py"), "--output_dir", str(out), "--max_train_steps", "2", *FAST]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on 2 process(es)" in result.stdout + result.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["method"] == "gsoft"
+
+
+def _cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "train_dreambooth_gsoft.py"), "--output_dir", str(tmp_path / "o"), *FAST]
+    return subprocess.run(command + list(flags), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--instance_data_dir", "/nonexistent/photos"], "does not exist"),
+        (["--resolution", "60"], "multiple of 8"),
+        (["--adapter", "dora"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path, flags, message):
+    result = _cli(tmp_path, *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _broken_image_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not an image")
+    return folder
+
+
+BAD_INPUTS = [
+    (lambda t: ["--instance_data_dir", str(t / "missing")], "does not exist"),
+    (lambda t: ["--instance_data_dir", str((t / "empty").mkdir() or t / "empty"), "--class_name", "dog"], "is empty"),
+    (lambda t: ["--instance_data_dir", str(_broken_image_dir(t)), "--class_name", "dog"], "no readable image"),
+    (lambda t: ["--instance_data_dir", str(_broken_image_dir(t))], "--class_name"),
+    (lambda t: ["--gsoft_nblocks", "3"], "valid block counts"),
+    (lambda t: ["--target_modules", "to_qq"], "to_qq"),
+    (lambda t: ["--adapter", "lora", "--target_modules", "to_qq"], "to_qq"),
+    (lambda t: ["--enable_xformers_memory_efficient_attention"], "xformers"),
+    (lambda t: ["--adapter", "boft", "--boft_backend", "peft"], "butterfly"),
+]
+
+
+@pytest.mark.parametrize("make_flags, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_raises_clear_error(tmp_path, make_flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(out, "--max_train_steps", "1", *make_flags(tmp_path))
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_refuses_to_mix_runs(tmp_path):
+    out = tmp_path / "out"
+    run(out, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    saved = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="resume_from_checkpoint"):
+        run(out, "--max_train_steps", "2")
+    assert (out / "adapter_model.safetensors").read_bytes() == saved
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="non-finite at step 2.*checkpoint-1"):
+        run(out, "--max_train_steps", "3", "--checkpointing_steps", "1", "--learning_rate", "1e30")
+    assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a diverged run
+    kept = load_file(out / "checkpoint-1" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
