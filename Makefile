@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	HF_HUB_OFFLINE=1 $(PY) train_dreambooth_gsoft.py --output_dir outputs/demo --overwrite_output_dir
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -172,6 +172,9 @@ def train(options: TrainingOptions) -> Path:
     """Run DreamBooth fine-tuning as ``options`` says; returns the folder with the final adapter."""
     output_dir = Path(options.output_dir)
     resume_path = resolve_resume(options, output_dir)
+    if options.overwrite_output_dir and resume_path is None and int(os.environ.get("RANK", "0")) == 0:
+        for stale in list_checkpoints(output_dir):  # a fresh run must not later resume an old run's state
+            shutil.rmtree(stale)
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on CPU machines): DDP over gloo.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
