@@ -158,6 +158,7 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
     document = read_adapter_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     method = document["method"]
+    trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
     if method in METHODS:
         names = inject_adapter(model, GSOFTConfig.from_dict(document["config"]))
     else:
@@ -167,6 +168,8 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
         load_adapter_weights(model, directory, tensors=tensors)
     except Exception:
         remove_adapter(model)
+        for name, param in model.named_parameters():  # injection froze the model: give back its flags
+            param.requires_grad_(trainable_before.get(name, param.requires_grad))
         raise
     if merge:
         merge_adapter(model)

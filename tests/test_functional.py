@@ -1,0 +1,336 @@
+"""dreambooth_gs.functional against dense matrices built in the test from the paper's formulas."""
+
+import math
+
+import pytest
+import torch
+
+from dreambooth_gs import functional as gsf
+
+# (k, n) pairs for P(k, n), including k = 1, k = n and k not a power of two.
+SHUFFLE_CASES = [(1, 4), (2, 4), (2, 6), (3, 6), (4, 8), (3, 12), (6, 24), (5, 15), (8, 8), (32, 320)]
+
+# sigma of P(k, n) written out by hand: pins the convention, not just agreement with a re-implementation.
+LITERAL_SIGMAS = [
+    (2, 4, [0, 2, 1, 3]),
+    (2, 6, [0, 3, 1, 4, 2, 5]),
+    (3, 6, [0, 2, 4, 1, 3, 5]),
+    (4, 8, [0, 2, 4, 6, 1, 3, 5, 7]),
+    (1, 3, [0, 1, 2]),
+]
+
+# (r, b) for GSOFT: b divides r, r divides b, neither, r = 1, b = 1, the SD sizes.
+GS_CASES = [(1, 4), (2, 8), (4, 4), (8, 4), (3, 5), (6, 4), (4, 6), (5, 1), (32, 10), (10, 32)]
+
+# (n, nblocks, m) for BOFT.
+BOFT_CASES = [(8, 4, 1), (16, 4, 2), (16, 8, 3), (48, 8, 4), (64, 8, 3), (24, 4, 3)]
+
+
+def random_blocks(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def row_apply(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x`` for every vector in the last dimension of ``x``, computed as ``x @ matrix^T``."""
+    return (x.double() @ matrix.double().T).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Permutations
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "n", "sigma"), LITERAL_SIGMAS)
+def test_shuffle_permutation_literal(k, n, sigma):
+    assert gsf.shuffle_permutation(k, n).tolist() == sigma
+
+
+@pytest.mark.parametrize(("k", "n"), SHUFFLE_CASES)
+def test_shuffle_permutation_matches_formula(ref, k, n):
+    assert gsf.shuffle_permutation(k, n).tolist() == ref.shuffle_sigma(k, n)
+
+
+@pytest.mark.parametrize(("k", "n"), SHUFFLE_CASES)
+def test_gather_index_applies_p(ref, k, n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    gather = gsf.permutation_gather_index(gsf.shuffle_permutation(k, n))
+    assert torch.equal(x[..., gather], row_apply(ref.shuffle_matrix(k, n), x))
+
+
+@pytest.mark.parametrize(("k", "n"), SHUFFLE_CASES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_apply_shuffle_matches_dense(ref, k, n, transpose):
+    x = torch.randn(2, 3, n, dtype=torch.float64)
+    p = ref.shuffle_matrix(k, n)
+    expected = row_apply(p.T if transpose else p, x)
+    assert torch.equal(gsf.apply_shuffle(x, k, transpose=transpose), expected)
+
+
+def test_shuffle_block_gathers_strided_entries():
+    # Block j of P(k, n) x (blocks of size n / k) is x[j::k], the docstring's reading of the formula.
+    k, n = 3, 12
+    x = torch.arange(n)
+    y = gsf.apply_shuffle(x, k)
+    for j in range(k):
+        assert y[j * (n // k) : (j + 1) * (n // k)].tolist() == x[j::k].tolist()
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: gsf.shuffle_permutation(3, 8), "k=3, n=8"),
+    (lambda: gsf.shuffle_permutation(0, 8), "k=0, n=8"),
+    (lambda: gsf.apply_shuffle(torch.zeros(8), 3), "k=3, n=8"),
+])  # fmt: skip
+def test_shuffle_rejects_non_divisors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# BOFT butterfly permutations (gathers) written out by hand: (n, nblocks, block_size, factor, gather).
+LITERAL_BUTTERFLIES = [
+    (8, 4, 2, 0, list(range(8))),
+    (8, 4, 2, 1, [0, 2, 1, 3, 4, 6, 5, 7]),
+    (8, 4, 2, 2, [0, 2, 4, 6, 1, 3, 5, 7]),
+    (16, 4, 4, 1, [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]),
+]
+
+
+@pytest.mark.parametrize(("n", "nblocks", "block_size", "factor", "gather"), LITERAL_BUTTERFLIES)
+def test_butterfly_permutation_literal(n, nblocks, block_size, factor, gather):
+    assert gsf.butterfly_permutation(n, nblocks, block_size, factor).tolist() == gather
+
+
+@pytest.mark.parametrize(("first", "then"), [(None, None), ("p", None), (None, "q"), ("p", "q")])
+def test_compose_gathers(first, then):
+    perms = {"p": torch.randperm(7, generator=torch.Generator().manual_seed(1)),
+             "q": torch.randperm(7, generator=torch.Generator().manual_seed(2)), None: None}  # fmt: skip
+    x = torch.randn(7)
+    expected = x
+    for g in (perms[first], perms[then]):
+        expected = expected if g is None else expected[g]
+    composed = gsf.compose_gathers(perms[first], perms[then])
+    assert torch.equal(x if composed is None else x[composed], expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orthogonal blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cayley_matches_dense_formula(ref, assert_close, dtype):
+    a = random_blocks(5, 6, 6, seed=3, dtype=dtype)
+    q = gsf.cayley(a)
+    # Computed in float32 whatever the input (float64 stays float64).
+    assert q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close(q, ref.cayley(a), work)
+
+
+@pytest.mark.parametrize("parametrization", ["cayley", "exp"])
+def test_zero_params_give_identity(parametrization):
+    q = gsf.orthogonal_blocks(torch.zeros(3, 5, 5), parametrization)
+    assert torch.equal(q, torch.eye(5).expand(3, 5, 5))
+
+
+# 2x2 blocks have closed forms: A = [[0, -t], [t, 0]] is already skew (K = A); exp(K) rotates by t and
+# Cayley(K) rotates by 2 atan(t).
+@pytest.mark.parametrize("t", [-2.0, -0.3, 0.1, 1.0, 5.0])
+@pytest.mark.parametrize("parametrization", ["cayley", "exp"])
+def test_two_by_two_rotation_angle(assert_close, t, parametrization):
+    a = torch.tensor([[[0.0, -t], [t, 0.0]]])
+    angle = t if parametrization == "exp" else 2 * math.atan(t)
+    c, s = math.cos(angle), math.sin(angle)
+    expected = torch.tensor([[[c, -s], [s, c]]])
+    assert_close(gsf.orthogonal_blocks(a, parametrization), expected)
+
+
+def test_only_skew_part_matters(assert_close):
+    a = random_blocks(4, 5, 5, seed=4)
+    sym = random_blocks(4, 5, 5, seed=5)
+    assert_close(gsf.cayley(a + sym + sym.mT), gsf.cayley(a))
+    assert_close(gsf.skew(a), -gsf.skew(a).mT)
+
+
+def test_unknown_parametrization():
+    with pytest.raises(ValueError, match="unknown parametrization 'qr'"):
+        gsf.orthogonal_blocks(torch.zeros(1, 2, 2), "qr")
+
+
+def assert_orthogonal(q: torch.Tensor, tol: float = 1e-5) -> None:
+    eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    torch.testing.assert_close(q @ q.T, eye, rtol=0, atol=tol)
+    torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize(("r", "b"), GS_CASES)
+@pytest.mark.parametrize("parametrization", ["cayley", "exp"])
+def test_gs_matrix_orthogonal(r, b, parametrization):
+    left = gsf.orthogonal_blocks(random_blocks(r, b, b, seed=1), parametrization)
+    right = gsf.orthogonal_blocks(random_blocks(r, b, b, seed=2), parametrization)
+    q = gsf.gs_matrix(left, right)
+    assert q.dtype == torch.float32 and q.shape == (r * b, r * b)
+    assert_orthogonal(q)
+    if b > 1:  # 1 x 1 skew blocks are zero; larger random blocks really rotate
+        assert not torch.allclose(q, torch.eye(r * b), atol=1e-2)
+
+
+@pytest.mark.parametrize(("n", "nblocks", "m"), BOFT_CASES)
+@pytest.mark.parametrize("parametrization", ["cayley", "exp"])
+def test_boft_matrix_orthogonal(n, nblocks, m, parametrization):
+    b = n // nblocks
+    blocks = gsf.orthogonal_blocks(random_blocks(m, nblocks, b, b, seed=6), parametrization)
+    gathers = gsf.boft_gathers([gsf.butterfly_permutation(n, nblocks, b, i) for i in range(m)])
+    q = gsf.boft_apply(torch.eye(n), blocks, gathers).T  # column i is Q e_i
+    assert_orthogonal(q)
+
+
+@pytest.mark.parametrize(("r", "b"), [(3, 5), (8, 4), (4, 6)])
+def test_identity_blocks_give_identity(r, b):
+    eye = torch.eye(b).expand(r, b, b)
+    assert torch.equal(gsf.gs_matrix(eye, eye), torch.eye(r * b))
+    x = torch.randn(2, r * b)
+    assert torch.equal(gsf.gs_apply(x, eye, eye), x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast multiplies == dense matrices built here
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("r", "b"), GS_CASES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gs_apply_matches_dense(ref, assert_close, r, b, transpose):
+    # Random (not orthogonal) blocks: every entry of L and R shows up in the product.
+    left, right = random_blocks(r, b, b, seed=1), random_blocks(r, b, b, seed=2)
+    q = ref.gsoft_matrix(left, right)
+    x = torch.randn(2, 3, r * b)
+    expected = row_apply(q.T if transpose else q, x)
+    assert_close(gsf.gs_apply(x, left, right, transpose=transpose), expected)
+
+
+@pytest.mark.parametrize(("r", "b"), GS_CASES)
+def test_gs_matrix_matches_dense(ref, assert_close, r, b):
+    left, right = random_blocks(r, b, b, seed=3), random_blocks(r, b, b, seed=4)
+    assert_close(gsf.gs_matrix(left, right), ref.gsoft_matrix(left, right).float())
+
+
+@pytest.mark.parametrize(("k", "b_out", "b_in"), [(1, 3, 3), (4, 3, 2), (3, 2, 5), (6, 1, 1)])
+def test_block_diag_apply_matches_dense(ref, assert_close, k, b_out, b_in):
+    blocks = random_blocks(k, b_out, b_in, seed=5)
+    x = torch.randn(2, 3, k * b_in)
+    assert_close(gsf.block_diag_apply(x, blocks), row_apply(ref.block_diag(blocks), x))
+
+
+def randperm(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+# General GS class A = P_{m+1} B_m P_m ... B_1 P_1: the block shapes (k, b_out, b_in) of each factor, and which
+# permutations are random ("p") or identity (None). Rectangular chains: 8 -> 12 -> 6 and 6 -> 6 -> 10.
+GS_MULTIPLY_CASES = [
+    ([(4, 3, 3)], ["p", "p"]),
+    ([(4, 3, 2)], [None, "p"]),
+    ([(4, 3, 2), (3, 2, 4)], ["p", "p", "p"]),
+    ([(2, 3, 3), (3, 5, 2)], [None, "p", None]),
+    ([(3, 2, 2), (2, 3, 3), (6, 2, 1), (4, 3, 3)], ["p", "p", None, "p", "p"]),
+]
+
+
+def _general_gs(factors, perm_spec):
+    blocks = [random_blocks(*shape, seed=10 + i) for i, shape in enumerate(factors)]
+    dims = [factors[0][0] * factors[0][2]] + [k * b_out for k, b_out, _ in factors]
+    gathers = [None if spec is None else randperm(dims[i], seed=20 + i) for i, spec in enumerate(perm_spec)]
+    return blocks, gathers, dims
+
+
+def _dense_general_gs(ref, blocks, gathers, dims):
+    a = ref.gather_matrix(gathers[0], dims[0])
+    for i, factor in enumerate(blocks):
+        a = ref.gather_matrix(gathers[i + 1], dims[i + 1]) @ ref.block_diag(factor) @ a
+    return a
+
+
+@pytest.mark.parametrize(("factors", "perm_spec"), GS_MULTIPLY_CASES)
+def test_gs_multiply_matches_dense(ref, assert_close, factors, perm_spec):
+    blocks, gathers, dims = _general_gs(factors, perm_spec)
+    dense = _dense_general_gs(ref, blocks, gathers, dims)
+    assert dense.shape == (dims[-1], dims[0])
+    x = torch.randn(2, 3, dims[0])
+    assert_close(gsf.gs_multiply(x, blocks, gathers), row_apply(dense, x))
+    assert_close(gsf.gs_multiply_matrix(blocks, gathers), dense.float())
+
+
+def test_gs_multiply_needs_one_more_permutation_than_factors():
+    with pytest.raises(ValueError, match="2 block factors need 3 permutations, got 2"):
+        gsf.gs_multiply(torch.zeros(4), [torch.zeros(2, 2, 2)] * 2, [None, None])
+
+
+def test_gs_apply_is_the_two_factor_gs_class(assert_close):
+    # GSOFT's Q = P^T L P R is GS(P^T, P, I): the same numbers through the general multiply.
+    r, b = 6, 4
+    left, right = random_blocks(r, b, b, seed=7), random_blocks(r, b, b, seed=8)
+    p = gsf.permutation_gather_index(gsf.shuffle_permutation(r, r * b))
+    x = torch.randn(5, r * b)
+    assert_close(gsf.gs_multiply(x, [right, left], [None, p, torch.argsort(p)]), gsf.gs_apply(x, left, right))
+
+
+@pytest.mark.parametrize(("n", "nblocks", "m"), BOFT_CASES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_boft_apply_matches_dense(ref, assert_close, n, nblocks, m, transpose):
+    b = n // nblocks
+    blocks = random_blocks(m, nblocks, b, b, seed=9)
+    perms = [gsf.butterfly_permutation(n, nblocks, b, i) for i in range(m)]
+    q = ref.boft_matrix(blocks, perms)
+    gathers = gsf.boft_gathers(perms)
+    assert len(gathers) == m + 1
+    x = torch.randn(2, 3, n)
+    apply = gsf.boft_apply_transposed if transpose else gsf.boft_apply
+    assert_close(apply(x, blocks, gathers), row_apply(q.T if transpose else q, x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Density
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def nonzero_fraction(a: torch.Tensor) -> float:
+    return (a != 0).sum().item() / a.numel()
+
+
+@pytest.mark.parametrize(("r", "b"), [(8, 2), (6, 4), (16, 4), (9, 3), (32, 10), (5, 1)])
+def test_two_factor_density_is_b_over_r_when_b_lt_r(r, b):
+    q = gsf.gs_matrix(random_blocks(r, b, b, seed=1, dtype=torch.float64), random_blocks(r, b, b, seed=2).double())
+    assert nonzero_fraction(q) == pytest.approx(b / r, abs=1e-12)
+
+
+@pytest.mark.parametrize(("r", "b"), [(1, 4), (2, 8), (4, 4), (3, 5), (4, 6), (10, 32)])
+def test_two_factor_dense_when_b_ge_r(r, b):
+    q = gsf.gs_matrix(random_blocks(r, b, b, seed=1, dtype=torch.float64), random_blocks(r, b, b, seed=2).double())
+    assert nonzero_fraction(q) == 1.0
+
+
+@pytest.mark.parametrize(("block_size", "nblocks", "expected"), [
+    (4, 1, 1), (2, 2, 2), (8, 2, 2), (4, 4, 2), (5, 4, 2), (4, 8, 3), (3, 9, 3), (2, 8, 4), (3, 10, 4), (10, 32, 3),
+])  # fmt: skip
+def test_gs_density_factor_count_values(block_size, nblocks, expected):
+    assert gsf.gs_density_factor_count(block_size, nblocks) == expected
+
+
+def _m_factor_gs(b: int, r: int, m: int) -> torch.Tensor:
+    """Dense A = B_m P B_{m-1} P ... P B_1 with P = P(r, r*b) and random b x b blocks (float64)."""
+    d = r * b
+    p = gsf.permutation_gather_index(gsf.shuffle_permutation(r, d))
+    blocks = [random_blocks(r, b, b, seed=30 + i, dtype=torch.float64) for i in range(m)]
+    return gsf.gs_multiply_matrix(blocks, [None] + [p] * (m - 1) + [None])
+
+
+@pytest.mark.parametrize(("block_size", "nblocks"), [(2, 2), (4, 4), (5, 4), (4, 8), (3, 9), (2, 8), (3, 10), (2, 16)])
+def test_m_factor_density_threshold(block_size, nblocks):
+    m = gs_m = gsf.gs_density_factor_count(block_size, nblocks)
+    assert nonzero_fraction(_m_factor_gs(block_size, nblocks, m)) == 1.0
+    assert nonzero_fraction(_m_factor_gs(block_size, nblocks, gs_m - 1)) < 1.0
+
+
+def test_density_factor_count_rejects_unit_blocks():
+    with pytest.raises(ValueError, match="blocks of size 1"):
+        gsf.gs_density_factor_count(1, 4)

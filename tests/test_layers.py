@@ -1,0 +1,245 @@
+"""GSOFTLinear: identity at init, activation-side == weight-side == merged == dense reference, dtypes, gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dreambooth_gs import GSOFTConfig, GSOFTLinear
+from dreambooth_gs import functional as gsf
+from dreambooth_gs.layers import choose_forward_side
+
+# (id, config kwargs, in_features, out_features): every method, nblocks / block_size, b dividing r and not, sparse.
+LAYER_CASES = [
+    ("gsoft-r4", {"method": "gsoft", "nblocks": 4}, 32, 24),
+    ("gsoft-b8", {"method": "gsoft", "block_size": 8}, 32, 24),
+    ("gsoft-r8-sparse", {"method": "gsoft", "nblocks": 8}, 32, 16),
+    ("gsoft-r3b5", {"method": "gsoft", "nblocks": 3}, 15, 10),
+    ("gsoft-exp", {"method": "gsoft", "nblocks": 4, "parametrization": "exp"}, 32, 24),
+    ("gsoft-noscale", {"method": "gsoft", "nblocks": 4, "scale": False}, 32, 24),
+    ("double-r4", {"method": "double_gsoft", "nblocks": 4}, 32, 48),
+    ("double-b8", {"method": "double_gsoft", "block_size": 8}, 32, 48),
+    ("double-r2-b3b5", {"method": "double_gsoft", "nblocks": 2}, 6, 10),
+    ("double-exp-noscale", {"method": "double_gsoft", "nblocks": 4, "parametrization": "exp", "scale": False}, 16, 8),
+    ("boft-r4m2", {"method": "boft", "nblocks": 4, "n_butterfly_factor": 2}, 32, 24),
+    ("boft-r8m3", {"method": "boft", "nblocks": 8, "n_butterfly_factor": 3}, 32, 16),
+    ("boft-b4m2", {"method": "boft", "block_size": 4, "n_butterfly_factor": 2}, 32, 32),
+    ("boft-r4m1", {"method": "boft", "nblocks": 4, "n_butterfly_factor": 1}, 24, 12),
+    ("boft-exp", {"method": "boft", "nblocks": 4, "n_butterfly_factor": 3, "parametrization": "exp"}, 16, 8),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+cases = pytest.mark.parametrize(
+    ("kwargs", "d_in", "d_out"), [c[1:] for c in LAYER_CASES], ids=[c[0] for c in LAYER_CASES]
+)
+biases = pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+
+
+def make_layer(kwargs, d_in, d_out, bias=True, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias).to(dtype)
+    if bias:  # nonzero bias so that bias handling shows
+        nn.init.normal_(base.bias)
+    base.requires_grad_(False)
+    return GSOFTLinear(base, GSOFTConfig(**kwargs), name="block.proj")
+
+
+def inputs(d_in, dtype, seed=1):
+    return torch.randn(2, 5, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def reference_weight(ref, layer, weight):
+    """diag(s) Q_out W Q_in in float64 from the layer's raw parameters and dense matrices built in the test."""
+
+    def blocks(a):
+        if layer.parametrization == "cayley":
+            return ref.cayley(a.detach())
+        k = (a.detach().double() - a.detach().double().mT) / 2
+        return torch.linalg.matrix_exp(k)
+
+    w = weight.double()
+    if layer.method == "gsoft":
+        w = w @ ref.gsoft_matrix(blocks(layer.gsoft_L), blocks(layer.gsoft_R))
+    elif layer.method == "double_gsoft":
+        q_in = ref.gsoft_matrix(blocks(layer.gsoft_in_L), blocks(layer.gsoft_in_R))
+        q_out = ref.gsoft_matrix(blocks(layer.gsoft_out_L), blocks(layer.gsoft_out_R))
+        w = q_out @ w @ q_in
+    else:
+        m, r, b, _ = layer.gsoft_butterfly.shape
+        perms = [gsf.butterfly_permutation(r * b, r, b, i) for i in range(m)]
+        w = w @ ref.boft_matrix(blocks(layer.gsoft_butterfly), perms)
+    if layer.gsoft_s is not None:
+        w = w * layer.gsoft_s.detach().double()[:, None]
+    return w
+
+
+def forward(layer, x, mode):
+    layer.forward_mode = mode
+    with torch.no_grad():
+        return layer(x)
+
+
+@cases
+@biases
+@dtypes
+def test_identity_at_init(assert_close, kwargs, d_in, d_out, bias, dtype):
+    layer = make_layer(kwargs, d_in, d_out, bias, dtype)
+    x = inputs(d_in, dtype)
+    with torch.no_grad():
+        expected = layer.base_layer(x)
+    for mode in ("activation", "weight"):
+        assert_close(forward(layer, x, mode), expected, dtype)
+    assert torch.equal(layer.merged_weight(), layer.base_layer.weight)
+
+
+@cases
+@biases
+@dtypes
+def test_forward_paths_agree_with_merge_and_dense_reference(ref, assert_close, randomize_adapter, kwargs, d_in, d_out,
+                                                             bias, dtype):  # fmt: skip
+    layer = make_layer(kwargs, d_in, d_out, bias, dtype)
+    randomize_adapter(layer, seed=2)
+    original = layer.base_layer.weight.detach().clone()
+    x = inputs(d_in, dtype)
+    # Reference: F.linear with the dense diag(s) Q_out W Q_in, in float64.
+    bias_ref = layer.base_layer.bias.double() if bias else None
+    expected = F.linear(x.double(), reference_weight(ref, layer, original), bias_ref)
+    activation, weight_side = forward(layer, x, "activation"), forward(layer, x, "weight")
+    assert activation.dtype == weight_side.dtype == dtype
+    assert not torch.allclose(activation.float(), layer.base_layer(x).float(), atol=1e-2)  # the adapter does act
+    assert_close(activation, weight_side, dtype)
+    assert_close(activation, expected, dtype)
+    assert_close(layer.merged_weight(), reference_weight(ref, layer, original), dtype)
+
+    layer.merge()
+    assert layer.merged
+    merged = forward(layer, x, "activation")
+    assert merged.dtype == dtype
+    assert_close(merged, activation, dtype)
+    assert_close(layer.base_layer.weight, reference_weight(ref, layer, original), dtype)
+
+    layer.unmerge()
+    assert not layer.merged
+    assert layer.base_layer.weight.dtype == dtype
+    assert_close(layer.base_layer.weight, original, dtype)
+    assert_close(forward(layer, x, "activation"), activation, dtype)
+
+
+@cases
+def test_auto_mode_matches_explicit_modes(assert_close, randomize_adapter, kwargs, d_in, d_out):
+    layer = make_layer(kwargs, d_in, d_out)
+    randomize_adapter(layer, seed=3)
+    for n_tokens in (1, 4096):  # small inputs pick one side, large ones the other (see choose_forward_side)
+        x = torch.randn(n_tokens, d_in)
+        assert_close(forward(layer, x, "auto"), forward(layer, x, "activation"))
+
+
+@cases
+def test_gradients_agree_between_sides(assert_close, randomize_adapter, kwargs, d_in, d_out):
+    grads = {}
+    for mode in ("activation", "weight"):
+        layer = make_layer(kwargs, d_in, d_out)
+        randomize_adapter(layer, seed=4)
+        layer.forward_mode = mode
+        x = inputs(d_in, torch.float32)
+        upstream = torch.randn(2, 5, d_out, generator=torch.Generator().manual_seed(5))
+        (layer(x) * upstream).sum().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in layer.named_parameters() if n.startswith("gsoft_")}
+        assert layer.base_layer.weight.grad is None
+    assert grads["activation"].keys() == grads["weight"].keys()
+    for name, grad in grads["activation"].items():
+        assert grad.abs().max() > 0, name
+        assert_close(grads["weight"][name], grad)
+
+
+@cases
+@dtypes
+def test_parameters_are_fp32_with_gsoft_prefix(kwargs, d_in, d_out, dtype):
+    layer = make_layer(kwargs, d_in, d_out, dtype=dtype)
+    config = GSOFTConfig(**kwargs)
+    r = config.blocks_for(d_in)
+    b = d_in // r
+    if config.method == "gsoft":
+        expected = {"gsoft_L": (r, b, b), "gsoft_R": (r, b, b)}
+    elif config.method == "double_gsoft":
+        r_out = config.blocks_for(d_out)
+        b_out = d_out // r_out
+        expected = {"gsoft_in_L": (r, b, b), "gsoft_in_R": (r, b, b),
+                    "gsoft_out_L": (r_out, b_out, b_out), "gsoft_out_R": (r_out, b_out, b_out)}  # fmt: skip
+    else:
+        expected = {"gsoft_butterfly": (config.n_butterfly_factor, r, b, b)}
+    if config.scale:
+        expected["gsoft_s"] = (d_out,)
+    own = {n: p for n, p in layer.named_parameters(recurse=False)}
+    assert {n: tuple(p.shape) for n, p in own.items()} == expected
+    assert all(p.dtype == torch.float32 for p in own.values())
+    assert layer.base_layer.weight.dtype == dtype
+    frozen = {n for n, _ in layer.named_parameters() if not n.startswith("gsoft_")}
+    assert frozen <= {"base_layer.weight", "base_layer.bias"}
+    # Permutations are derived, never state.
+    assert all(not k.startswith("boft_gather") for k in layer.state_dict())
+
+
+@pytest.mark.parametrize(("kwargs", "d_in", "d_out", "match"), [
+    ({"nblocks": 4}, 30, 32,
+     r"nblocks=4 does not divide in_features=30 of block\.proj; valid block counts: 1, 2, 3, 5, 6, 10, 15, 30$"),
+    ({"block_size": 8}, 30, 32,
+     r"block_size=8 does not divide in_features=30 of block\.proj; valid block sizes: 1, 2, 3, 5, 6, 10, 15, 30$"),
+    ({"method": "double_gsoft", "nblocks": 4}, 32, 30, r"nblocks=4 does not divide out_features=30 of block\.proj"),
+    ({"method": "boft", "block_size": 4, "n_butterfly_factor": 3}, 24, 24,
+     r"BOFT with 3 butterfly factors .* divisible by 4; block\.proj \(in_features=24\) gets 6 blocks of size 4"),
+    ({"method": "boft", "nblocks": 4, "n_butterfly_factor": 2}, 12, 12,
+     r"even block size .* block\.proj \(in_features=12\) gets 4 blocks of size 3"),
+])  # fmt: skip
+def test_dimension_errors_name_the_module(kwargs, d_in, d_out, match):
+    with pytest.raises(ValueError, match=match):
+        make_layer(kwargs, d_in, d_out)
+
+
+def test_gsoft_ignores_out_features_divisibility():
+    layer = make_layer({"nblocks": 4}, 32, 30)  # only Q_in: out_features need not divide
+    assert layer.gsoft_s.shape == (30,)
+
+
+def test_unmerge_refuses_zero_scale():
+    layer = make_layer({"nblocks": 4}, 16, 8)
+    with torch.no_grad():
+        layer.gsoft_s[3] = 0
+    layer.merge()
+    with pytest.raises(ValueError, match="gsoft_s has zero entries"):
+        layer.unmerge()
+
+
+def test_merge_is_idempotent_and_disable_gives_base(randomize_adapter):
+    layer = make_layer({"method": "double_gsoft", "nblocks": 4}, 16, 8)
+    randomize_adapter(layer, seed=6)
+    x = inputs(16, torch.float32)
+    base_out = layer.base_layer(x)
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), base_out)
+    layer.adapter_enabled = True
+    layer.merge()
+    once = layer.base_layer.weight.clone()
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, once)
+    layer.unmerge()
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), forward(layer, x, "weight"))
+
+
+@pytest.mark.parametrize(("n_tokens", "d_in", "d_out", "double", "needs_grad", "expected"), [
+    (1, 32, 32, False, False, "activation"),
+    (1, 320, 320, True, True, "activation"),
+    (100_000, 32, 32, False, False, "weight"),
+    (100_000, 64, 64, True, False, "weight"),
+])  # fmt: skip
+def test_choose_forward_side_extremes(n_tokens, d_in, d_out, double, needs_grad, expected):
+    assert choose_forward_side(n_tokens, d_in, d_out, double, needs_grad, "cpu") == expected
+
+
+def test_extra_repr_describes_the_adapter():
+    text = repr(make_layer({"method": "boft", "nblocks": 4, "n_butterfly_factor": 2}, 32, 24))
+    for part in ("method=boft", "in_features=32", "out_features=24", "nblocks=4, block_size=8",
+                 "n_butterfly_factor=2", "merged=False"):  # fmt: skip
+        assert part in text, part

@@ -1,0 +1,68 @@
+"""Table 2 of the paper: trainable parameters on SD-2-base UNet attention projections (meta device, no weights)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dreambooth_gs import GSOFTConfig, inject_adapter, trainable_parameters
+from dreambooth_gs.injection import is_target
+
+CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "sd2_base_unet.json"
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+# (method, config kwargs, millions of trainable parameters in Table 2)
+TABLE_2 = [
+    ("gsoft", {"nblocks": 32}, 6.8),
+    ("gsoft", {"nblocks": 16}, 13.6),
+    ("gsoft", {"nblocks": 8}, 27.1),
+    ("double_gsoft", {"nblocks": 64}, 6.5),
+    ("double_gsoft", {"nblocks": 32}, 13.0),
+    ("double_gsoft", {"nblocks": 16}, 25.9),
+    ("boft", {"nblocks": 32, "n_butterfly_factor": 4}, 13.6),
+    ("boft", {"nblocks": 32, "n_butterfly_factor": 6}, 20.4),
+    ("boft", {"nblocks": 16, "n_butterfly_factor": 5}, 33.8),
+]
+TABLE_2_IDS = [(m, "-".join(map(str, k.values())), n) for m, k, n in TABLE_2]
+
+
+def sd2_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in json.loads(CONFIG_PATH.read_text()).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return UNet2DConditionModel(**config)
+
+
+def expected_count(method: str, kwargs: dict, linears: list[nn.Linear]) -> int:
+    """The count from the shapes alone: blocks of every factor plus the scale vector, per adapted Linear."""
+    total = 0
+    for linear in linears:
+        d_in, d_out = linear.in_features, linear.out_features
+        r = kwargs["nblocks"]
+        if method == "gsoft":
+            total += 2 * r * (d_in // r) ** 2
+        elif method == "double_gsoft":
+            total += 2 * r * (d_in // r) ** 2 + 2 * r * (d_out // r) ** 2
+        else:
+            total += kwargs["n_butterfly_factor"] * r * (d_in // r) ** 2
+        total += d_out
+    return total
+
+
+@pytest.mark.filterwarnings("ignore:.*sparse")
+@pytest.mark.parametrize(("method", "kwargs", "millions"), TABLE_2, ids=[f"{m}-{k}" for m, k, _ in TABLE_2_IDS])
+def test_table_2_parameter_counts(method, kwargs, millions):
+    unet = sd2_unet()
+    linears = [m for n, m in unet.named_modules() if isinstance(m, nn.Linear) and is_target(n, ATTENTION)]
+    assert len(linears) == 4 * 2 * 16  # 16 transformer blocks, self- and cross-attention, q/k/v/out
+    names = inject_adapter(unet, GSOFTConfig(method=method, **kwargs))
+    assert len(names) == len(linears)
+    params = trainable_parameters(unet)
+    count = sum(p.numel() for _, p in params)
+    assert count == expected_count(method, kwargs, linears)
+    assert abs(count / 1e6 - millions) <= 0.1, f"{count / 1e6:.2f}M vs {millions}M in Table 2"
+    assert all(p.requires_grad for _, p in params)
+    assert sum(p.requires_grad for p in unet.parameters()) == len(params)
