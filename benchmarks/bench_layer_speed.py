@@ -2,7 +2,9 @@
 
 Every method wraps a copy of the same frozen nn.Linear; the input requires grad (as inside a UNet). Methods are
 timed interleaved in one process after warm-up; the table reports medians and ratios to PEFT LoRA r=4 and PEFT
-OFT (same block count). Writes its table into docs/benchmarks.md and README.md (between layer_speed markers).
+OFT (same block count; exact Cayley as the trainer's OFT baseline, and PEFT's default Neumann-series
+approximation, which is not exactly orthogonal, for reference). Writes its table into docs/benchmarks.md and
+README.md (between the layer_speed markers).
 
     python benchmarks/bench_layer_speed.py [--rounds 7] [--no-write]
 """
@@ -52,7 +54,12 @@ def methods_for(linear: nn.Linear) -> dict[str, nn.Module]:
         return {
             "frozen base (floor)": frozen,
             "PEFT LoRA r=4": peft_wrapped(linear, LoraConfig(r=4, target_modules=["0"])),
-            f"PEFT OFT r={NBLOCKS}": peft_wrapped(linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"])),
+            f"PEFT OFT r={NBLOCKS}": peft_wrapped(
+                linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"], use_cayley_neumann=False)
+            ),
+            f"PEFT OFT r={NBLOCKS}, Neumann approx. (PEFT default)": peft_wrapped(
+                linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"], use_cayley_neumann=True)
+            ),
             f"GSOFT r={NBLOCKS} (auto)": ours(linear, nblocks=NBLOCKS),
             f"GSOFT r={NBLOCKS} activation-side": ours(linear, "activation", nblocks=NBLOCKS),
             f"GSOFT r={NBLOCKS} weight-side": ours(linear, "weight", nblocks=NBLOCKS),

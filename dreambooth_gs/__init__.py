@@ -12,11 +12,15 @@ from .injection import (
     trainable_parameters,
 )
 from .layers import GSOFTLinear
+from .lipschitz import GSSOC, SOC, ChannelShuffle, LipConvnet, MaxMinPermuted, certified_accuracy, certified_radius
 from .serialization import load_adapter, read_adapter_config, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GSSOC",
+    "SOC",
+    "ChannelShuffle",
     "GSOFTConfig",
     "GSOFTLinear",
     "adapter_layers",
@@ -24,6 +28,10 @@ __all__ = [
     "find_targets",
     "functional",
     "inject_adapter",
+    "LipConvnet",
+    "MaxMinPermuted",
+    "certified_accuracy",
+    "certified_radius",
     "load_adapter",
     "merge_adapter",
     "read_adapter_config",

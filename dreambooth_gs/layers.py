@@ -185,11 +185,11 @@ class GSOFTLinear(nn.Module):
         y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
         if self.method == "double_gsoft":
             y = self._rotate(y, factors, "out", transpose=False)
+        if self.gsoft_s is not None and bias is not None:
+            return torch.addcmul(bias.to(y.dtype), y, self.gsoft_s.to(y.dtype))  # bias + s * y in one pass
         if self.gsoft_s is not None:
-            y = y * self.gsoft_s.to(y.dtype)
-        if bias is not None:
-            y = y + bias
-        return y
+            return y * self.gsoft_s.to(y.dtype)
+        return y if bias is None else y + bias
 
     # -- merge / unmerge / enable -----------------------------------------------------------------------------
 
