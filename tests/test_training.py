@@ -118,18 +118,26 @@ def _cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(command + list(flags), capture_output=True, text=True, timeout=120)
 
 
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
+    result = _cli(tmp_path, "--instance_data_dir", "/nonexistent/photos")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("train_dreambooth_gsoft.py: error:")
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--instance_data_dir", "/nonexistent/photos"], "does not exist"),
         (["--resolution", "60"], "multiple of 8"),
         (["--adapter", "dora"], "invalid choice"),
+        (["--max_train_steps", "0"], "at least 1"),
     ],
 )
-def test_cli_bad_input_is_one_line_without_traceback(tmp_path, flags, message):
-    result = _cli(tmp_path, *flags)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_flags_are_rejected_by_the_parser(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def _broken_image_dir(tmp_path: Path) -> Path:
