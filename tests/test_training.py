@@ -184,3 +184,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a diverged run
     kept = load_file(out / "checkpoint-1" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values())
+
+
+def test_bf16_mixed_precision_with_checkpointing_keeps_fp32_adapter(tmp_path):
+    out = run(tmp_path / "bf16", "--max_train_steps", "2", "--mixed_precision", "bf16", "--gradient_checkpointing")
+    out = out / "adapter_model.safetensors"
+    tensors = load_file(out)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot load Stable Diffusion from 'nobody/no-such-model'"):
+        run(tmp_path / "x", "--pretrained_model_name_or_path", "nobody/no-such-model", "--class_name", "dog")
