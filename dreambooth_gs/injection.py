@@ -92,26 +92,25 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if n.rpartition(".")[2].startswith(ADAPTER_PREFIX)]
 
 
-def merge_adapter(model: nn.Module) -> list[str]:
-    """Fold every adapter (GSOFT family or PEFT baseline) into its base weight and put the plain layer back."""
-    merged = merge_peft_layers(model)
+def _unwrap_gsoft_layers(model: nn.Module, fold: bool) -> list[str]:
+    """Put each GSOFT layer's base nn.Linear back, with the adapter folded in (``fold``) or undone."""
+    names = []
     for name, layer in adapter_layers(model):
-        layer.merge()
+        layer.merge() if fold else layer.unmerge()
         parent, child = _split_parent(model, name)
         setattr(parent, child, layer.base_layer)
-        merged.append(name)
-    return merged
+        names.append(name)
+    return names
+
+
+def merge_adapter(model: nn.Module) -> list[str]:
+    """Fold every adapter (GSOFT family or PEFT baseline) into its base weight and put the plain layer back."""
+    return merge_peft_layers(model) + _unwrap_gsoft_layers(model, fold=True)
 
 
 def remove_adapter(model: nn.Module) -> list[str]:
     """Take every adapter out without folding it in (the model is the base model again)."""
-    removed = remove_peft_adapter(model)
-    for name, layer in adapter_layers(model):
-        layer.unmerge()
-        parent, child = _split_parent(model, name)
-        setattr(parent, child, layer.base_layer)
-        removed.append(name)
-    return removed
+    return remove_peft_adapter(model) + _unwrap_gsoft_layers(model, fold=False)
 
 
 @contextlib.contextmanager
