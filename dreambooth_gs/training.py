@@ -8,7 +8,6 @@ states and our own noise generator, so a resumed run continues exactly where it 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -23,68 +22,19 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from . import models
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    GeneratorState,
+    checkpoint_step,
+    list_checkpoints,
+    prune_checkpoints,
+    register_adapter_hooks,
+    resolve_resume,
+)
 from .data import DreamBoothDataset, collate_examples, generate_class_images
 from .options import DEFAULT_MAX_TRAIN_STEPS, TrainingOptions, with_demo_defaults
 from .sampling import generate_images, image_grid
-from .serialization import load_adapter_weights, save_adapter
-
-logger = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-class GeneratorState:
-    """A torch.Generator that accelerate saves and restores with each checkpoint (noise and timesteps)."""
-
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["state"])
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-N`` folders of ``output_dir``, oldest (smallest N) first."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted((p for p in found if p.name[len(CHECKPOINT_PREFIX) :].isdigit()), key=checkpoint_step)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX) :])
-
-
-def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Delete the oldest checkpoints so that at most ``keep - 1`` remain (room for the one about to be saved)."""
-    if keep is None:
-        return
-    checkpoints = list_checkpoints(output_dir)
-    for old in checkpoints[: max(0, len(checkpoints) - keep + 1)]:
-        shutil.rmtree(old)
-
-
-def resolve_resume(options: TrainingOptions, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to silently mix a new run into an old one."""
-    if options.resume_from_checkpoint is None:
-        if list_checkpoints(output_dir) and not options.overwrite_output_dir:
-            raise ValueError(
-                f"{output_dir} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue "
-                "it, --overwrite_output_dir to start afresh, or another --output_dir"
-            )
-        return None
-    if options.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("no checkpoint in %s to resume from; starting a new run", output_dir)
-            return None
-        return checkpoints[-1]
-    path = Path(options.resume_from_checkpoint)
-    if not path.is_dir():
-        raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint folder (or pass 'latest')")
-    return path
+from .serialization import save_adapter
 
 
 def diffusion_loss(
@@ -119,24 +69,6 @@ def diffusion_loss(
     pred_instance, pred_prior = model_pred.float().chunk(2)  # instance examples first, then class examples
     target_instance, target_prior = target.float().chunk(2)
     return F.mse_loss(pred_instance, target_instance) + prior_loss_weight * F.mse_loss(pred_prior, target_prior)
-
-
-def _register_adapter_hooks(accelerator: Accelerator, base_model: str) -> None:
-    """Checkpoints save and load the adapter only, in the project's adapter format, never the frozen UNet."""
-
-    def save_hook(models_to_save, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models_to_save:
-                save_adapter(accelerator.unwrap_model(model), output_dir, base_model=base_model)
-        while weights:
-            weights.pop()
-
-    def load_hook(models_to_load, input_dir):
-        while models_to_load:
-            load_adapter_weights(accelerator.unwrap_model(models_to_load.pop()), input_dir)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def validate(
@@ -237,7 +169,7 @@ def train(options: TrainingOptions) -> Path:
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     noise = GeneratorState(options.seed + accelerator.process_index, accelerator.device)
     accelerator.register_for_checkpointing(noise)
-    _register_adapter_hooks(accelerator, parts.model_id)
+    register_adapter_hooks(accelerator, parts.model_id)
 
     steps_per_epoch = math.ceil(len(dataloader) / options.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
