@@ -2,6 +2,8 @@
 
 from . import functional
 from .config import GSOFTConfig
+from .eval_options import EvaluationOptions
+from .evaluation import evaluate
 from .injection import (
     adapter_layers,
     disable_adapters,
@@ -13,6 +15,7 @@ from .injection import (
 )
 from .layers import GSOFTLinear
 from .lipschitz import GSSOC, SOC, ChannelShuffle, LipConvnet, MaxMinPermuted, certified_accuracy, certified_radius
+from .sampling import generate_images, load_pipeline
 from .serialization import load_adapter, read_adapter_config, save_adapter
 
 __version__ = "0.1.0"
@@ -21,18 +24,22 @@ __all__ = [
     "GSSOC",
     "SOC",
     "ChannelShuffle",
+    "EvaluationOptions",
     "GSOFTConfig",
     "GSOFTLinear",
     "adapter_layers",
     "disable_adapters",
     "find_targets",
+    "evaluate",
     "functional",
+    "generate_images",
     "inject_adapter",
     "LipConvnet",
     "MaxMinPermuted",
     "certified_accuracy",
     "certified_radius",
     "load_adapter",
+    "load_pipeline",
     "merge_adapter",
     "read_adapter_config",
     "remove_adapter",

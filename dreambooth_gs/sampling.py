@@ -2,11 +2,65 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-file loading bars from diffusers / transformers while a pipeline loads (the caller shows progress)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    modules = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for module in modules:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.enable_progress_bar()
+
+
+def load_pipeline(
+    base_model: str,
+    adapter_dir: str | os.PathLike | None = None,
+    merge: bool = True,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
+):
+    """A StableDiffusionPipeline (DDIM sampler, no safety checker) from a hub id, a local diffusers folder or a
+    single-file checkpoint, with the adapter of ``adapter_dir`` loaded (merged into the weights by default)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .serialization import load_adapter
+
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype != torch.float32:  # pipelines load in float32 by default; casting after loading warns
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        with quiet_loading():
+            if Path(base_model).is_file():
+                pipeline = StableDiffusionPipeline.from_single_file(base_model, **kwargs)
+            else:
+                pipeline = StableDiffusionPipeline.from_pretrained(base_model, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot load Stable Diffusion from {base_model!r}: {reason} (give a local diffusers folder, a single-file "
+            ".safetensors, or a hub id with network access)"
+        ) from err
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    if adapter_dir is not None:
+        load_adapter(pipeline, adapter_dir, merge=merge)  # merging computes in float32 and casts to the weights' dtype
+    return pipeline.to(device)
 
 
 @torch.no_grad()
@@ -19,11 +73,15 @@ def generate_images(
     batch_size: int = 4,
     height: int | None = None,
     width: int | None = None,
-) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in order; each image's noise comes from its own seed (batch-independent)."""
+    output_type: str = "pil",
+) -> list:
+    """One image per (prompt, seed) pair, in order; each image's noise comes from its own seed (batch-independent).
+
+    ``output_type="latent"`` returns the final latents, one (C, h, w) tensor per image, for exact comparisons.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
-    images: list[Image.Image] = []
+    images: list = []
     for start in range(0, len(prompts), batch_size):
         chunk_prompts = list(prompts[start : start + batch_size])
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
@@ -34,6 +92,7 @@ def generate_images(
             generator=generators,
             height=height,
             width=width,
+            output_type=output_type,
         )
         images.extend(result.images)
     return images
@@ -51,4 +110,36 @@ def image_grid(images: Sequence[Image.Image], columns: int | None = None) -> Ima
         grid.paste(
             image.convert("RGB").resize((width, height)), ((index % columns) * width, (index // columns) * height)
         )
+    return grid
+
+
+def labeled_grid(
+    rows: Sequence[Sequence[Image.Image | None]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str] | None = None,
+    label_width: int = 120,
+    max_label_lines: int = 4,
+) -> Image.Image:
+    """Rows of images (``None`` leaves a blank cell) with a text label left of each row and above each column
+    (column labels are wrapped to the column width, at most ``max_label_lines`` lines)."""
+    import textwrap
+
+    cells = [image for row in rows for image in row if image is not None]
+    if not cells:
+        raise ValueError("no images to put in a grid")
+    width, height = cells[0].size
+    columns = max(len(row) for row in rows)
+    chars = max(4, width // 6)  # the default bitmap font is about 6 px wide and 11 px high
+    wrapped = [textwrap.wrap(text, chars)[:max_label_lines] for text in (column_labels or [])]
+    top = 4 + 12 * max((len(lines) for lines in wrapped), default=0)
+    grid = Image.new("RGB", (label_width + columns * width, top + len(rows) * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, lines in enumerate(wrapped):
+        draw.multiline_text((label_width + c * width + 2, 2), "\n".join(lines), fill="black", spacing=1)
+    for r, (row, text) in enumerate(zip(rows, row_labels)):
+        y = top + r * height
+        draw.text((4, y + height // 2 - 6), text[: max(1, label_width // 6)], fill="black")
+        for c, image in enumerate(row):
+            if image is not None:
+                grid.paste(image.convert("RGB").resize((width, height)), (label_width + c * width, y))
     return grid

@@ -142,13 +142,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupt or truncated ({err}); save the adapter again") from err
 
 
-def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bool = False) -> list[str]:
+def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bool = True) -> list[str]:
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors strictly.
 
     ``model`` is a torch model or a diffusers pipeline (the adapter goes into its ``unet``). Works for every
-    method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft). With ``merge=True`` the adapter is
-    folded into the weights (plain layers, no inference overhead); with ``merge=False`` it stays switchable
-    (``disable_adapters``). On any error the model is left as it was. Returns the adapted module names.
+    method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft). With ``merge=True`` (the
+    default) the adapter is folded into the weights (plain layers, no inference overhead); with ``merge=False`` it
+    stays switchable (``disable_adapters``, ``merge_adapter`` later). On any error the model is left as it was.
+    Returns the adapted module names.
     """
     if not isinstance(model, nn.Module):
         if not isinstance(getattr(model, "unet", None), nn.Module):

@@ -1,0 +1,225 @@
+"""Evaluation outputs: results.csv (one row per run x prompt), summary.md (a table per method: mean and std over
+subjects), a CLIP-I vs CLIP-T scatter plot per method and an image grid per subject (one row per method)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from .data import load_image
+from .eval_plan import BASE, PROMPT, ImageJob, RunSpec, slug
+from .sampling import labeled_grid
+
+RESULT_COLUMNS = ("method", "subject", "prompt", "clip_i", "clip_t", "dino", "n", "kind", "run")
+# Per-subject scores: (column, rows of this kind, metric). The protocol's CLIP-I (and DINO) use the base-prompt
+# images, its CLIP-T the contextual prompts; the last two columns add subject fidelity under the contextual prompts.
+SUBJECT_SCORES = (
+    ("CLIP-I", BASE, "clip_i"),
+    ("CLIP-T", PROMPT, "clip_t"),
+    ("DINO", BASE, "dino"),
+    ("CLIP-I ctx", PROMPT, "clip_i"),
+    ("DINO ctx", PROMPT, "dino"),
+)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_results_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """One line per run x prompt with RESULT_COLUMNS; scores with 6 decimals, an empty cell for a skipped metric."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in RESULT_COLUMNS})
+    _atomic_text(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def subject_scores(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``{method: {subject: {column: score}}}``: image-weighted means over the subject's prompts (and runs)."""
+    sums: dict[tuple[str, str, str], list[float]] = {}
+    for row in rows:
+        for column, kind, metric in SUBJECT_SCORES:
+            if row["kind"] == kind and row[metric] is not None:
+                total = sums.setdefault((row["method"], row["subject"], column), [0.0, 0.0])
+                total[0] += row[metric] * row["n"]
+                total[1] += row["n"]
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for row in rows:
+        scores = table.setdefault(row["method"], {}).setdefault(row["subject"], {})
+        for column, _, _ in SUBJECT_SCORES:
+            total = sums.get((row["method"], row["subject"], column))
+            scores[column] = total[0] / total[1] if total else None
+    return table
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation over subjects (std None with fewer than two values)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else None)
+
+
+def _cell(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _parameters(runs: Sequence[RunSpec], method: str) -> str:
+    counts = sorted({r.num_parameters for r in runs if r.label == method})
+    return " / ".join(f"{c:,}" for c in counts) or "–"
+
+
+def summary_markdown(
+    rows: Sequence[dict], runs: Sequence[RunSpec], failures: dict[str, str], notes: Sequence[str], settings: dict
+) -> str:
+    """summary.md: every method side by side, then a table per method (subjects, mean, std), notes and failures."""
+    table = subject_scores(rows)
+    columns = [c for c, _, _ in SUBJECT_SCORES]
+    lines = ["# DreamBooth evaluation", ""]
+    lines += [
+        "Per subject, each score is a mean over its images; tables give the mean ± standard deviation over subjects. "
+        "CLIP-I / DINO: base-prompt images vs the subject's real images (*ctx*: contextual-prompt images vs real "
+        "images). CLIP-T: contextual-prompt images vs their prompt without the placeholder token.",
+        "",
+    ]
+    lines += ["| method | trainable params | subjects | " + " | ".join(columns) + " |"]
+    lines += ["|---|---:|---:|" + "---:|" * len(columns)]
+    for method, subjects in sorted(table.items()):
+        cells = [_cell(*mean_std([s[c] for s in subjects.values()])) for c in columns]
+        lines += [f"| {method} | {_parameters(runs, method)} | {len(subjects)} | " + " | ".join(cells) + " |"]
+    for method, subjects in sorted(table.items()):
+        lines += ["", f"## {method} ({_parameters(runs, method)} trainable parameters)", ""]
+        lines += ["| subject | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for subject, scores in sorted(subjects.items()):
+            lines += [f"| {subject} | " + " | ".join(_cell(scores[c]) for c in columns) + " |"]
+        stats = [mean_std([s[c] for s in subjects.values()]) for c in columns]
+        lines += ["| **mean** | " + " | ".join(_cell(m) for m, _ in stats) + " |"]
+        lines += ["| **std** | " + " | ".join(_cell(s) for _, s in stats) + " |"]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    if failures:
+        lines += ["", "## Failures", ""] + [f"- `{entry}`: {message}" for entry, message in failures.items()]
+    lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def _save_figure(figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def _axes(title: str):
+    """A figure on the Agg canvas (no display, no global pyplot state) and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.set_xlabel("CLIP-T (prompt fidelity)")
+    axes.set_ylabel("CLIP-I (subject fidelity)")
+    axes.set_title(title)
+    return figure, axes
+
+
+def plot_scatter(rows: Sequence[dict], method: str, path: str | os.PathLike) -> Path:
+    """CLIP-I (y) against CLIP-T (x) for one method: a point per subject and a star at the mean over subjects."""
+    subjects = subject_scores([r for r in rows if r["method"] == method]).get(method, {})
+    points = [
+        (s, v["CLIP-T"], v["CLIP-I"]) for s, v in sorted(subjects.items()) if None not in (v["CLIP-T"], v["CLIP-I"])
+    ]
+    figure, axes = _axes(f"{method}: CLIP-I vs CLIP-T ({len(points)} subjects)")
+    axes.scatter([x for _, x, _ in points], [y for _, _, y in points], s=25, alpha=0.7, label="subject")
+    for subject, x, y in points:
+        axes.annotate(subject, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if points:
+        mean_x, mean_y = statistics.fmean(p[1] for p in points), statistics.fmean(p[2] for p in points)
+        axes.scatter([mean_x], [mean_y], marker="*", s=180, color="black", label="mean")
+        axes.legend(loc="best", fontsize=7)
+    figure.tight_layout()
+    return _save_figure(figure, path)
+
+
+def plot_methods(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Every method in one plot: mean CLIP-I against mean CLIP-T over subjects, with standard-deviation bars."""
+    figure, axes = _axes("CLIP-I vs CLIP-T, mean over subjects")
+    for method, subjects in sorted(subject_scores(rows).items()):
+        mean_x, std_x = mean_std([s["CLIP-T"] for s in subjects.values()])
+        mean_y, std_y = mean_std([s["CLIP-I"] for s in subjects.values()])
+        if mean_x is None or mean_y is None:
+            continue
+        axes.errorbar([mean_x], [mean_y], xerr=[std_x or 0.0], yerr=[std_y or 0.0], fmt="o", capsize=3, label=method)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="best", fontsize=7)
+    figure.tight_layout()
+    return _save_figure(figure, path)
+
+
+def subject_grid(runs: Sequence[RunSpec], jobs: dict[str, list[ImageJob]], prompts: int, path) -> Path:
+    """One subject: a row per run (labelled with its method), columns: a real image, then the first image of the
+    base prompt and of the first ``prompts`` prompts."""
+    first_jobs = {r.run_id: [j for j in jobs[r.run_id] if j.index == 0] for r in runs}
+    order = list(dict.fromkeys((j.kind, j.prompt) for r in runs for j in first_jobs[r.run_id]))
+    order = [p for p in order if p[0] == BASE][:1] + [p for p in order if p[0] == PROMPT][:prompts]
+    rows, labels = [], []
+    for run in sorted(runs, key=lambda r: (r.label, r.run_id)):
+        by_prompt = {(j.kind, j.prompt): j for j in first_jobs[run.run_id]}
+        row = [load_image(run.real_images[0])]
+        row += [load_image(by_prompt[p].path) if p in by_prompt else None for p in order]
+        rows.append(row)
+        labels.append(run.label)
+    size = next(image.size for row in rows for image in row[1:] if image is not None)
+    rows = [[row[0].resize(size)] + row[1:] for row in rows]
+    grid = labeled_grid(rows, labels, ["real"] + [prompt for _, prompt in order])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def write_reports(
+    output_dir: str | os.PathLike,
+    rows: Sequence[dict],
+    runs: Sequence[RunSpec],
+    jobs: dict[str, list[ImageJob]],
+    failures: dict[str, str],
+    notes: Sequence[str],
+    settings: dict,
+    grid_prompts: int = 6,
+) -> dict[str, Path | list[Path]]:
+    """Write every output into ``output_dir``; returns their paths by kind."""
+    output_dir = Path(output_dir)
+    paths: dict[str, Path | list[Path]] = {
+        "results": write_results_csv(rows, output_dir / "results.csv"),
+        "summary": output_dir / "summary.md",
+    }
+    _atomic_text(paths["summary"], summary_markdown(rows, runs, failures, notes, settings))
+    methods = sorted({r["method"] for r in rows})
+    paths["plots"] = [plot_scatter(rows, m, output_dir / "plots" / f"clip_scatter_{slug(m)}.png") for m in methods]
+    if methods:
+        paths["plots"].append(plot_methods(rows, output_dir / "plots" / "clip_scatter_methods.png"))
+    subjects = sorted({r.subject for r in runs})
+    paths["grids"] = [
+        subject_grid([r for r in runs if r.subject == s], jobs, grid_prompts, output_dir / "grids" / f"{slug(s)}.png")
+        for s in subjects
+    ]
+    return paths

@@ -1,0 +1,41 @@
+"""Evaluate DreamBooth runs: generate the protocol's images, score CLIP-I / CLIP-T / DINO, write tables and plots.
+
+    python evaluate_clip.py --runs out/dog-gsoft out/dog-lora --output_dir out/eval/dog   # 25 x 10 + 30 images a run
+    accelerate launch evaluate_clip.py --runs out/*-gsoft out/*-lora                        # generation on every GPU
+    python evaluate_clip.py --runs out/demo --clip_model tiny-random --dino_model tiny-random \\
+        --images_per_prompt 1 --base_images 2 --max_prompts 2 --num_inference_steps 2     # offline smoke run
+
+Writes into --output_dir: images/ (resumable: existing PNGs are kept), results.csv (one row per run x prompt),
+summary.md (a table per method, mean and std over subjects; failures), plots/ (CLIP-I vs CLIP-T per method) and
+grids/ (one image grid per subject, a row per method). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from transformers import HfArgumentParser
+
+from dreambooth_gs.cli import run_cli
+from dreambooth_gs.evaluation import EvaluationOptions, evaluate
+
+
+def parse_args(input_args: list[str] | None = None) -> EvaluationOptions:
+    parser = HfArgumentParser(
+        EvaluationOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.prog = "evaluate_clip.py"
+    try:
+        (options,) = parser.parse_args_into_dataclasses(args=input_args)
+    except ValueError as err:
+        parser.error(str(err))
+    return options
+
+
+def main(args: EvaluationOptions):
+    return evaluate(args)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args(sys.argv[1:]), "evaluate_clip.py")
