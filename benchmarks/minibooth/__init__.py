@@ -1,0 +1,1 @@
+"""MiniBooth: the GSOFT paper's subject-driven comparison at CPU scale (docs/minibooth.md)."""

@@ -1,0 +1,70 @@
+"""Does the base model follow its prompts? Zero-shot attribute accuracy of its pictures under the MiniBooth CLIP.
+
+For each held-out world scene, the base model draws the scene's full caption; for each attribute, CLIP then picks
+among the captions that differ from the true one in that attribute only. The same test on the world's own pictures
+of those scenes is the ceiling (what CLIP can tell), and 1 / (number of values) is chance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .world import Scene, World, caption
+
+TESTED = ("shape", "color", "pattern", "size", "position", "background_pattern", "background_color")
+
+
+def attribute_values(world: World, attribute: str) -> list[str]:
+    return {
+        "shape": list(world.shapes),
+        "color": sorted(world.colors),
+        "pattern": list(world.object_patterns),
+        "size": sorted(world.sizes),
+        "position": sorted(world.positions),
+        "background_pattern": list(world.background_patterns),
+        "background_color": sorted(world.colors),
+    }[attribute]
+
+
+@torch.no_grad()
+def attribute_accuracy(
+    model, preprocess, tokenizer, images: Sequence[Image.Image], scenes: Sequence[Scene], world: World
+) -> dict[str, float]:
+    """``{attribute: fraction of pictures whose true value CLIP ranks first}`` over ``images`` of ``scenes``."""
+    pixels = torch.stack([preprocess(image.convert("RGB")) for image in images])  # (N, 3, R, R)
+    image_features = F.normalize(model.encode_image(pixels), dim=-1)  # (N, D)
+    accuracy = {}
+    for attribute in TESTED:
+        values = attribute_values(world, attribute)
+        correct = 0
+        for feature, scene in zip(image_features, scenes):
+            candidates = [caption(replace(scene, **{attribute: value})) for value in values]
+            text_features = F.normalize(model.encode_text(tokenizer(candidates)), dim=-1)  # (V, D)
+            correct += int(values[int((text_features @ feature).argmax())] == getattr(scene, attribute))
+        accuracy[attribute] = correct / len(scenes)
+    return accuracy
+
+
+def prompt_fidelity(pipeline_dir, clip_dir, scenes: Sequence[Scene], real: np.ndarray, world: World, steps, guidance):
+    """``{"generated": accuracy, "real": accuracy, "chance": ...}`` for the base model at ``pipeline_dir``."""
+    from dreambooth_gs.sampling import generate_images, load_pipeline
+
+    from .clip_training import load_clip
+
+    model, preprocess, tokenizer = load_clip(clip_dir)
+    pipeline = load_pipeline(str(pipeline_dir))
+    prompts = [caption(scene) for scene in scenes]
+    generated = generate_images(pipeline, prompts, list(range(len(prompts))), steps, guidance, batch_size=8)
+    real_images = [Image.fromarray(picture) for picture in real]
+    return {
+        "pictures": len(scenes),
+        "generated": attribute_accuracy(model, preprocess, tokenizer, generated, scenes, world),
+        "real": attribute_accuracy(model, preprocess, tokenizer, real_images, scenes, world),
+        "chance": {a: 1 / len(attribute_values(world, a)) for a in TESTED},
+    }

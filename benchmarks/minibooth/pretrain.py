@@ -1,0 +1,185 @@
+"""Pretrain MiniBooth's base models on the procedural world, once (cached by a fingerprint of every setting):
+
+1. an AutoencoderKL (on 32 px crops of the world's 64 px pictures),
+2. a UNet2DConditionModel and a CLIPTextModel together on its latents -> a diffusers StableDiffusionPipeline folder
+   (SD's CLIP tokenizer, no safety checker) that ``train_dreambooth_gsoft.py --pretrained_model_name_or_path`` takes,
+3. an open_clip CLIP trained contrastively on the same world -> ``evaluate_clip.py --clip_model local-dir:<folder>``.
+
+    python benchmarks/minibooth/pretrain.py            # full size (see docs/minibooth.md for the time), cached
+    python benchmarks/minibooth/pretrain.py --smoke    # tiny sizes, a few steps: seconds, learns nothing
+
+Folders go to $DREAMBOOTH_GS_CACHE/minibooth (default ~/.cache/dreambooth_gs/minibooth): vae-<fp>, sd-<fp>
+(with samples.png, the base model's sample grid) and clip-<fp>. A finished stage is reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+import torch  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from benchmarks.minibooth import architectures as arch  # noqa: E402
+from benchmarks.minibooth.cache import build_stage, cache_root, fingerprint  # noqa: E402
+from benchmarks.minibooth.stages import (  # noqa: E402
+    HELD_OUT_CHECK,
+    WorldData,
+    build_clip,
+    build_sd,
+    build_vae,
+    stage_settings,
+    write_fidelity,
+    write_samples,
+)
+from benchmarks.minibooth.world import load_world  # noqa: E402
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class PretrainOptions:
+    """Sizes come from the JSON files of --config_dir; step counts and learning rates from these flags."""
+
+    cache_dir: str | None = field(default=None, metadata=_help("Cache root. Default: $DREAMBOOTH_GS_CACHE/minibooth."))
+    config_dir: str | None = field(
+        default=None, metadata=_help("Model configs (vae, unet, text_encoder, scheduler, clip .json). Default: full.")
+    )
+    smoke: bool = field(default=False, metadata=_help("Tiny configs and a few steps (seconds): checks the plumbing."))
+    seed: int = field(default=0, metadata=_help("Seed of the world, the initialisations and the training."))
+    resolution: int = field(default=64, metadata=_help("Picture size in pixels."))
+    num_images: int = field(default=16000, metadata=_help("World pictures to train on (rendered once per process)."))
+    vae_steps: int = field(default=3000, metadata=_help("VAE optimizer steps."))
+    vae_batch_size: int = field(default=32, metadata=_help("VAE batch size (crops)."))
+    vae_crop: int = field(default=32, metadata=_help("VAE training crop in pixels (a multiple of 8)."))
+    vae_lr: float = field(default=2e-3, metadata=_help("VAE learning rate (AdamW, warm-up + cosine)."))
+    vae_kl_weight: float = field(default=1e-6, metadata=_help("Weight of the VAE's KL term (SD: 1e-6)."))
+    unet_steps: int = field(default=4000, metadata=_help("UNet + text encoder optimizer steps."))
+    unet_batch_size: int = field(default=32, metadata=_help("UNet batch size."))
+    unet_lr: float = field(default=5e-4, metadata=_help("UNet + text encoder learning rate (AdamW)."))
+    unet_warmup_steps: int = field(default=200, metadata=_help("Linear warm-up steps, then cosine to 10%."))
+    ema_decay: float = field(default=0.999, metadata=_help("EMA decay of the saved UNet and text encoder weights."))
+    caption_dropout: float = field(default=0.1, metadata=_help("Empty-caption probability (classifier-free guidance)."))
+    min_snr_gamma: float = field(default=5.0, metadata=_help("Min-SNR-gamma loss weighting."))
+    clip_steps: int = field(default=1500, metadata=_help("CLIP optimizer steps."))
+    clip_batch_size: int = field(default=128, metadata=_help("CLIP batch size (pairs)."))
+    clip_lr: float = field(default=5e-4, metadata=_help("CLIP learning rate (AdamW)."))
+    clip_warmup_steps: int = field(default=100, metadata=_help("CLIP warm-up steps."))
+    clip_caption_keep_scale: float = field(
+        default=0.5, metadata=_help("Scales the world's attribute-drop probabilities for CLIP captions (1: same).")
+    )
+    sample_prompts: str = field(
+        default=str(HERE / "sample_prompts.txt"), metadata=_help("Prompts of the base model's sample grid.")
+    )
+    sample_seeds: int = field(default=4, metadata=_help("Columns (seeds) of the sample grid."))
+    sample_steps: int = field(default=25, metadata=_help("DDIM steps of the sample grid."))
+    guidance_scale: float = field(default=5.0, metadata=_help("Classifier-free guidance of the sample grid."))
+    fidelity_pictures: int = field(
+        default=64, metadata=_help("Held-out scenes drawn by the base model for the prompt-fidelity check (0: skip).")
+    )
+    num_threads: int | None = field(default=None, metadata=_help("torch CPU threads. Default: torch's choice."))
+    log_every: int = field(default=100, metadata=_help("Print the loss every N steps."))
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "vae_batch_size", "unet_batch_size", "clip_batch_size", "sample_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.fidelity_pictures <= HELD_OUT_CHECK:
+            raise ValueError(f"--fidelity_pictures must be in [0, {HELD_OUT_CHECK}], got {self.fidelity_pictures}")
+        if self.vae_crop % 8 or not 8 <= self.vae_crop <= self.resolution:
+            raise ValueError(f"--vae_crop must be a multiple of 8 in [8, {self.resolution}], got {self.vae_crop}")
+
+
+SMOKE_SETTINGS = {  # --smoke: these replace the defaults (values the user set explicitly are kept)
+    "num_images": 64,
+    "vae_steps": 2,
+    "vae_batch_size": 4,
+    "unet_steps": 2,
+    "unet_batch_size": 4,
+    "unet_warmup_steps": 1,
+    "clip_steps": 2,
+    "clip_batch_size": 8,
+    "clip_warmup_steps": 1,
+    "sample_seeds": 2,
+    "sample_steps": 2,
+    "fidelity_pictures": 4,
+    "log_every": 1,
+}
+
+
+def resolved(options: PretrainOptions) -> PretrainOptions:
+    """Fill the defaults that depend on --smoke (config folder, step counts, sizes)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainOptions)}
+    changes = {}
+    if options.smoke:
+        changes = {k: v for k, v in SMOKE_SETTINGS.items() if getattr(options, k) == defaults[k]}
+    if options.config_dir is None:
+        changes["config_dir"] = str(arch.CONFIG_ROOT / ("smoke" if options.smoke else "full"))
+    if options.cache_dir is None:
+        changes["cache_dir"] = str(cache_root())
+    return dataclasses.replace(options, **changes)
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    pipeline_dir: Path
+    clip_dir: Path
+    markers: dict
+
+
+def pretrain(options: PretrainOptions, log=print) -> Pretrained:
+    """Build (or reuse) the three stages; returns the pipeline and CLIP folders."""
+    options = resolved(options)
+    if options.num_threads:
+        torch.set_num_threads(options.num_threads)
+    arch.check_compatible(options.config_dir, options.resolution)
+    data = WorldData(options, load_world(), log)
+    settings = stage_settings(options)
+    root = Path(options.cache_dir)
+    dirs = {name: root / f"{name}-{fingerprint(value)}" for name, value in settings.items()}
+    builders = {
+        "vae": lambda staging: build_vae(staging, options, data, log),
+        "sd": lambda staging: build_sd(staging, options, dirs["vae"], data, log),
+        "clip": lambda staging: build_clip(staging, options, data, log),
+    }
+    markers = {}
+    for name, build in builders.items():
+        log(f"stage {name}: {dirs[name]}")
+        markers[name] = build_stage(dirs[name], fingerprint(settings[name]), settings[name], build)
+    samples = dirs["sd"] / "samples.png"
+    if not samples.is_file():
+        write_samples(options, dirs["sd"], samples, log)
+    if options.fidelity_pictures:
+        markers["fidelity"] = write_fidelity(options, dirs, data, log)
+    log(f"pipeline: {dirs['sd']}\nclip: local-dir:{dirs['clip']}")
+    return Pretrained(pipeline_dir=dirs["sd"], clip_dir=dirs["clip"], markers=markers)
+
+
+def parse_args(input_args: list[str] | None = None) -> PretrainOptions:
+    parser = HfArgumentParser(
+        PretrainOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.prog = "pretrain.py"
+    try:
+        (options,) = parser.parse_args_into_dataclasses(args=input_args)
+    except ValueError as err:
+        parser.error(str(err))
+    return options
+
+
+def main(args: PretrainOptions) -> Pretrained:
+    return pretrain(args, log=lambda message: print(f"[minibooth] {message}", flush=True))
+
+
+if __name__ == "__main__":
+    main(parse_args())

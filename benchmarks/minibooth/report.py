@@ -1,0 +1,173 @@
+"""MiniBooth's Table-2-like report: per method its size, speed and memory, CLIP-I and CLIP-T (mean and spread over
+subjects x seeds) against the base model, a per-subject table, and which differences are within noise."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .driver import RECORD_FILE, RunPlan
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    method: str
+    learning_rate: float
+    parameters: int
+    step_seconds: float | None
+    peak_rss_mib: float | None
+    clip_i: list[float]
+    clip_t: list[float]
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(plans: Sequence[RunPlan], scores: dict[Path, dict[str, float]]) -> list[MethodSummary]:
+    """One summary per method, from its main runs' scores, records and adapter configs."""
+    by_method: dict[str, list[RunPlan]] = {}
+    for plan in plans:
+        by_method.setdefault(plan.method, []).append(plan)
+    summaries = []
+    for method, runs in by_method.items():
+        records = [json.loads((p.output_dir / RECORD_FILE).read_text()) for p in runs]
+        config = json.loads((runs[0].output_dir / "adapter_config.json").read_text())
+        summaries.append(
+            MethodSummary(
+                method=method,
+                learning_rate=runs[0].learning_rate,
+                parameters=int(config.get("num_parameters") or 0),
+                step_seconds=_median([r.get("median_step_seconds") for r in records]),
+                peak_rss_mib=_median([r.get("peak_rss_mib") for r in records]),
+                clip_i=[scores[p.output_dir]["clip_i"] for p in runs],
+                clip_t=[scores[p.output_dir]["clip_t"] for p in runs],
+            )
+        )
+    return summaries
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond the table: the normal 1.96).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, float | None, int]:
+    """Mean of the per-subject differences a - b, the half-width of its 95% confidence interval (None with one
+    subject) and the number of subjects both have."""
+    diffs = [a[key] - b[key] for key in a if key in b]
+    if not diffs:
+        return math.nan, None, 0
+    if len(diffs) < 2:
+        return diffs[0], None, 1
+    half_width = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return statistics.fmean(diffs), half_width, len(diffs)
+
+
+def noise_lines(
+    per_subject: dict[str, dict[str, dict[str, float]]], base_scores: dict[str, dict[str, float]], reference: str
+) -> list[str]:
+    """One line per comparison (each method against the base model and against ``reference``), paired over
+    subjects (seed means; every method is sampled from the same noise): a difference whose 95% confidence interval
+    contains zero is within noise."""
+    lines = []
+    for method, table in per_subject.items():
+        others = [("base", base_scores)] + (
+            [(reference, per_subject[reference])] if method != reference and reference in per_subject else []
+        )
+        for name, other in others:
+            parts = []
+            for metric in ("clip_i", "clip_t"):
+                mean, half_width, n = paired_difference(
+                    {k: v[metric] for k, v in table.items()}, {k: v[metric] for k, v in other.items()}
+                )
+                if half_width is None:
+                    verdict = f"{mean:+.3f} (one subject: no noise estimate)"
+                else:
+                    word = "within noise" if abs(mean) <= half_width else ("higher" if mean > 0 else "lower")
+                    verdict = f"{mean:+.3f} ± {half_width:.3f} ({word}, {n} subjects)"
+                parts.append(f"{metric.replace('_', '-').upper()} {verdict}")
+            lines.append(f"- {method} vs {name}: " + "; ".join(parts))
+    return lines
+
+
+def render_report(
+    summaries: Sequence[MethodSummary],
+    base_scores: dict[str, dict[str, float]],
+    per_subject: dict[str, dict[str, dict[str, float]]],
+    reference: str,
+    header: str,
+) -> str:
+    """The Markdown report: the main table, the per-subject table and the noise lines."""
+    base = MethodSummary(
+        "base",
+        0.0,
+        0,
+        None,
+        None,
+        [s["clip_i"] for s in base_scores.values()],
+        [s["clip_t"] for s in base_scores.values()],
+    )
+    ref_step = next((s.step_seconds for s in summaries if s.method == reference), None)
+    lines = [
+        header,
+        "",
+        "| method | lr | parameters | s / step | vs " + reference + " | peak RSS MiB | CLIP-I | CLIP-T | runs |",
+    ]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base_cells = f"{_cell(base.clip_i)} | {_cell(base.clip_t)} | {len(base.clip_i)}"
+    lines.append(f"| base (no fine-tuning) | – | 0 | – | – | – | {base_cells} |")
+    for s in summaries:
+        step = f"{s.step_seconds:.3f}" if s.step_seconds else "–"
+        ratio = f"{s.step_seconds / ref_step:.2f}" if s.step_seconds and ref_step else "–"
+        rss = f"{s.peak_rss_mib:.0f}" if s.peak_rss_mib else "–"
+        lines.append(
+            f"| {s.method} | {s.learning_rate:g} | {s.parameters:,} | {step} | {ratio} | {rss} | {_cell(s.clip_i)} | "
+            f"{_cell(s.clip_t)} | {len(s.clip_i)} |"
+        )
+    subjects = sorted(base_scores)
+    lines += ["", "Per subject, CLIP-I / CLIP-T (mean over seeds):", ""]
+    lines.append("| method | " + " | ".join(subjects) + " |")
+    lines.append("|---|" + "---:|" * len(subjects))
+    lines.append(
+        "| base | "
+        + " | ".join(f"{base_scores[x]['clip_i']:.3f} / {base_scores[x]['clip_t']:.3f}" for x in subjects)
+        + " |"
+    )
+    for method, table in per_subject.items():
+        cells = [f"{table[x]['clip_i']:.3f} / {table[x]['clip_t']:.3f}" if x in table else "–" for x in subjects]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Differences, paired over subjects (mean ± 95% confidence half-width; within noise: the interval "
+        "contains zero):",
+        "",
+    ]
+    lines += noise_lines(per_subject, base_scores, reference)
+    return "\n".join(lines) + "\n"
+
+
+def per_subject_means(plans: Sequence[RunPlan], scores: dict[Path, dict[str, float]]):
+    """``{method: {subject: {"clip_i", "clip_t"}}}``: means over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for plan in plans:
+        groups.setdefault((plan.method, plan.subject), []).append(scores[plan.output_dir])
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for (method, subject), values in groups.items():
+        table.setdefault(method, {})[subject] = {
+            m: statistics.fmean(v[m] for v in values) for m in ("clip_i", "clip_t")
+        }
+    return table

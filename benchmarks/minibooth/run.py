@@ -1,0 +1,180 @@
+"""MiniBooth, end to end, in one command: pretrain the base models (cached), render the held-out subjects, sweep each
+method's learning rate on the sweep subject, train every method x subject x seed, evaluate everything with
+evaluate_clip.py and the MiniBooth CLIP, and write report.md.
+
+    python benchmarks/minibooth/run.py            # the full comparison (see docs/minibooth.md for times)
+    python benchmarks/minibooth/run.py --smoke    # the same steps with tiny models and runs: plumbing only
+    python benchmarks/minibooth/run.py --until sweep --methods gsoft lora   # part of it
+
+Everything is resumable: pretrained stages, finished run folders and generated pictures are reused. Work folder:
+$DREAMBOOTH_GS_CACHE/minibooth/work-<profile> (default ~/.cache/dreambooth_gs/minibooth/work-<profile>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from benchmarks.minibooth import driver  # noqa: E402
+from benchmarks.minibooth import pretrain as pretraining_script  # noqa: E402
+from benchmarks.minibooth.cache import cache_root  # noqa: E402
+from benchmarks.minibooth.report import per_subject_means, render_report, summarize  # noqa: E402
+from benchmarks.minibooth.subjects import SUBJECTS_FILE, load_subjects, write_subject_images  # noqa: E402
+from benchmarks.minibooth.world import load_world  # noqa: E402
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class RunOptions:
+    smoke: bool = field(default=False, metadata=_help("The smoke profile: tiny models and runs (plumbing only)."))
+    work_dir: str | None = field(
+        default=None, metadata=_help("Work folder. Default: <cache>/minibooth/work-<profile>.")
+    )
+    num_threads: int | None = field(default=None, metadata=_help("CPU threads of every process. Default: torch's."))
+    methods: list[str] | None = field(default=None, metadata=_help("Only these methods of protocol.json."))
+    until: Literal["pretrain", "sweep", "all"] = field(default="all", metadata=_help("Stop after this step."))
+    protocol_file: str = field(default=str(driver.PROTOCOL_FILE), metadata=_help("The protocol (methods, runs)."))
+    subjects_file: str = field(default=str(SUBJECTS_FILE), metadata=_help("The held-out subjects."))
+
+
+def log(message: str) -> None:
+    print(f"[minibooth] {message}", flush=True)
+
+
+def render_subjects(subjects, count: int, subjects_dir: Path) -> None:
+    """Instance pictures of every subject, written once (unchanged files keep the evaluator's caches valid)."""
+    world = load_world()
+    for subject in subjects:
+        folder = subjects_dir / subject.name
+        if len(list(folder.glob("*.png"))) != count or not (folder / "subject.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            write_subject_images(subject, world, folder, count)
+
+
+def drop_stale_images(eval_dir: Path, folders, subjects_file: Path, eval_args) -> None:
+    """Delete generated pictures made with other evaluation settings, or of runs whose adapter changed since
+    (evaluate_clip.py refuses to mix them with new ones)."""
+    from dreambooth_gs.eval_plan import sha256_file
+
+    stamp = eval_dir / "minibooth_eval_args.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != list(eval_args):
+        shutil.rmtree(eval_dir / "images", ignore_errors=True)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(list(eval_args)) + "\n")
+    for run_id, folder in driver.run_ids(folders, subjects_file).items():
+        record = eval_dir / "images" / run_id / "generation.json"
+        if record.is_file():
+            made_with = json.loads(record.read_text()).get("adapter_sha256")
+            if made_with != sha256_file(folder / "adapter_model.safetensors"):
+                shutil.rmtree(record.parent)
+
+
+def evaluate(entries: dict[str, Path], eval_dir: Path, pretrained, protocol, options: RunOptions):
+    """Evaluate ``{label=folder entry: folder}``; returns the scores per folder."""
+    subjects_file = Path(options.subjects_file)
+    folders = list(entries.values())
+    drop_stale_images(eval_dir, folders, subjects_file, protocol.eval_args)
+    results = driver.evaluate(
+        list(entries), eval_dir, pretrained.clip_dir, protocol, subjects_file, options.num_threads, log
+    )
+    return driver.run_scores(results, folders, subjects_file)
+
+
+def sweep(protocol, sweep_subject: str, base_dir: Path, work_dir: Path, pretrained, options) -> dict[str, float]:
+    """Train and evaluate the learning-rate sweep; write sweep.json; return the chosen rate per method."""
+    plans = driver.sweep_plans(protocol, sweep_subject, work_dir)
+    driver.train_runs(plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", options.num_threads, log)
+    entries = {f"{driver.BASE_LABEL}={base_dir}": base_dir} | {f"{p.label}={p.output_dir}": p.output_dir for p in plans}
+    scores = evaluate(entries, work_dir / "eval" / "sweep", pretrained, protocol, options)
+    base = scores[base_dir]
+    summary = {"subject": sweep_subject, "base": base, "clip_t_tolerance": protocol.clip_t_tolerance, "methods": {}}
+    for name in protocol.methods:
+        tried = {p.learning_rate: scores[p.output_dir] for p in plans if p.method == name}
+        chosen = driver.choose_learning_rate(tried, base["clip_t"], protocol.clip_t_tolerance)
+        summary["methods"][name] = {"chosen": chosen, "scores": {f"{lr:g}": s for lr, s in tried.items()}}
+        log(
+            f"sweep {name}: lr {chosen:g} ("
+            + ", ".join(f"{lr:g}: I {s['clip_i']:.3f} T {s['clip_t']:.3f}" for lr, s in tried.items())
+            + ")"
+        )
+    (work_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {name: entry["chosen"] for name, entry in summary["methods"].items()}
+
+
+def main(args: RunOptions) -> Path:
+    protocol = driver.load_protocol("smoke" if args.smoke else "full", args.protocol_file, args.methods)
+    work_dir = Path(args.work_dir) if args.work_dir else cache_root() / f"work-{protocol.profile}"
+    pretrain_args = list(protocol.pretrain_args) + (
+        ["--num_threads", str(args.num_threads)] if args.num_threads else []
+    )
+    pretrained = pretraining_script.pretrain(pretraining_script.parse_args(pretrain_args), log)
+    if args.until == "pretrain":
+        return pretrained.pipeline_dir
+
+    subjects, count = load_subjects(args.subjects_file, load_world())
+    sweep_subject = next(s for s in subjects if s.sweep)
+    reported = [s for s in subjects if not s.sweep][: protocol.max_subjects]
+    render_subjects([sweep_subject, *reported], count, work_dir / "subjects")
+    base_dirs = {
+        s.name: driver.write_base_run(
+            pretrained.pipeline_dir, work_dir / "subjects" / s.name, s.class_name, protocol.instance_prompt,
+            work_dir / "runs" / "base" / s.name,
+        )
+        for s in [sweep_subject, *reported]
+    }  # fmt: skip
+    learning_rates = sweep(protocol, sweep_subject.name, base_dirs[sweep_subject.name], work_dir, pretrained, args)
+    if args.until == "sweep":
+        return work_dir / "sweep.json"
+
+    plans = driver.main_plans(protocol, [s.name for s in reported], learning_rates, work_dir)
+    driver.train_runs(plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", args.num_threads, log)
+    entries = {f"{driver.BASE_LABEL}={base_dirs[s.name]}": base_dirs[s.name] for s in reported}
+    entries |= {f"{p.label}={p.output_dir}": p.output_dir for p in plans}
+    scores = evaluate(entries, work_dir / "eval" / "main", pretrained, protocol, args)
+    header = (
+        f"MiniBooth ({protocol.profile} profile): {len(reported)} subjects x {len(protocol.seeds)} seeds; "
+        f"base model {pretrained.pipeline_dir.name}, CLIP {pretrained.clip_dir.name}"
+    )
+    text = render_report(
+        summarize(plans, scores),
+        {s.name: scores[base_dirs[s.name]] for s in reported},
+        per_subject_means(plans, scores),
+        protocol.reference_method,
+        header,
+    )
+    report = work_dir / "report.md"
+    report.write_text(text)
+    print(text)
+    log(f"report: {report}; plots and grids: {work_dir / 'eval' / 'main'}")
+    return report
+
+
+def parse_args(input_args: list[str] | None = None) -> RunOptions:
+    parser = HfArgumentParser(RunOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.prog = "run.py"
+    try:
+        (options,) = parser.parse_args_into_dataclasses(args=input_args)
+    except ValueError as err:
+        parser.error(str(err))
+    return options
+
+
+if __name__ == "__main__":
+    from dreambooth_gs.cli import run_cli
+
+    run_cli(main, parse_args(), "run.py")

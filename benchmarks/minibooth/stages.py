@@ -1,0 +1,196 @@
+"""The stages of MiniBooth's pretraining (``pretrain.py``): what each depends on, and how each is built into its
+cache folder (VAE, Stable Diffusion pipeline, CLIP), plus the base model's sample grid and prompt-fidelity check.
+
+Every function takes the resolved ``PretrainOptions`` and its other inputs as arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import architectures as arch
+from .cache import file_digest, fingerprint
+from .world import WORLD_FILE, caption, render_world
+
+# Bump when a code change alters what pretraining produces, so that cached stages are rebuilt.
+FORMAT = 1
+HELD_OUT_CHECK = 256  # world items after the training set: reconstruction, retrieval and fidelity checks
+
+
+def stage_settings(options) -> dict[str, dict]:
+    """What each stage depends on (hashed into its folder name); the SD stage depends on the VAE stage's hash."""
+    world = {"format": FORMAT, "world_file": file_digest(WORLD_FILE), "seed": options.seed}
+    world |= {"resolution": options.resolution, "num_images": options.num_images}
+    vae = world | {"config": arch.read_config(options.config_dir, "vae")}
+    vae |= {k: getattr(options, k) for k in ("vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_kl_weight")}
+    sd = {"vae": fingerprint(vae)} | {n: arch.read_config(options.config_dir, n) for n in ("unet", "text_encoder")}
+    sd["scheduler"] = arch.read_config(options.config_dir, "scheduler")
+    keys = ("unet_steps", "unet_batch_size", "unet_lr", "unet_warmup_steps", "ema_decay", "caption_dropout")
+    sd |= {k: getattr(options, k) for k in keys + ("min_snr_gamma",)}
+    clip = world | {"config": arch.read_config(options.config_dir, "clip")}
+    keys = ("clip_steps", "clip_batch_size", "clip_lr", "clip_warmup_steps", "clip_caption_keep_scale")
+    clip |= {k: getattr(options, k) for k in keys}
+    return {"vae": vae, "sd": sd, "clip": clip}
+
+
+class WorldData:
+    """The world's training pictures and a held-out slice after them, rendered on first use (once per process)."""
+
+    def __init__(self, options, world, log):
+        self.options, self.world, self.log = options, world, log
+        self._cache: dict[tuple[int, int], tuple] = {}
+
+    def items(self, start: int, count: int):
+        if (start, count) not in self._cache:
+            self.log(f"rendering {count} world pictures")
+            options = self.options
+            self._cache[start, count] = render_world(count, options.seed, self.world, options.resolution, start)
+        return self._cache[start, count]
+
+    def train(self):
+        return self.items(0, self.options.num_images)
+
+    def held_out(self):
+        return self.items(self.options.num_images, HELD_OUT_CHECK)
+
+
+def build_vae(staging: Path, options, data: WorldData, log) -> dict:
+    from .pretraining import encode_latents, to_pixels, train_vae
+
+    vae = arch.make_vae(options.config_dir, options.seed)
+    images, _ = data.train()
+    losses = train_vae(
+        vae,
+        images,
+        steps=options.vae_steps,
+        batch_size=options.vae_batch_size,
+        crop=options.vae_crop,
+        lr=options.vae_lr,
+        kl_weight=options.vae_kl_weight,
+        seed=options.seed,
+        log=log,
+        log_every=options.log_every,
+    )
+    held_out, _ = data.held_out()
+    mean, _ = encode_latents(vae, held_out)
+    with torch.no_grad():
+        error = float(torch.nn.functional.mse_loss(vae.decode(mean).sample.clamp(-1, 1), to_pixels(held_out)))
+    vae.save_pretrained(staging, safe_serialization=True)
+    log(f"vae: held-out reconstruction MSE {error:.4f} (pixels in [-1, 1])")
+    return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "held_out_mse": error}
+
+
+def build_sd(staging: Path, options, vae_dir: Path, data: WorldData, log) -> dict:
+    from diffusers import AutoencoderKL
+
+    from .pretraining import encode_latents, latent_scaling_factor, make_pipeline, train_denoiser
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    images, scenes = data.train()
+    log(f"encoding {len(images)} pictures with the VAE")
+    mean, std = encode_latents(vae, images)  # (N, C, h, w) each
+    scaling = latent_scaling_factor(mean, std, options.seed)
+    vae.register_to_config(scaling_factor=scaling)
+    text_config = arch.read_config(options.config_dir, "text_encoder")
+    tokenizer = arch.make_tokenizer(staging / "tokenizer", text_config["max_position_embeddings"])
+    unet = arch.make_unet(options.config_dir, options.seed + 1)
+    text_encoder = arch.make_text_encoder(options.config_dir, options.seed + 2)
+    scheduler = arch.make_scheduler(options.config_dir)
+    losses = train_denoiser(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        latent_mean=mean,
+        latent_std=std,
+        scaling_factor=scaling,
+        scenes=scenes,
+        world=data.world,
+        steps=options.unet_steps,
+        batch_size=options.unet_batch_size,
+        lr=options.unet_lr,
+        warmup_steps=options.unet_warmup_steps,
+        ema_decay=options.ema_decay,
+        caption_dropout=options.caption_dropout,
+        min_snr_gamma=options.min_snr_gamma,
+        seed=options.seed,
+        log=log,
+        log_every=options.log_every,
+    )
+    make_pipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(staging, safe_serialization=True)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "scaling_factor": scaling, "parameters": parameters}
+
+
+def build_clip(staging: Path, options, data: WorldData, log) -> dict:
+    import open_clip
+
+    from .clip_training import load_clip, retrieval_accuracy, save_clip, train_clip
+
+    model, model_cfg = arch.make_clip(options.config_dir, options.seed + 3)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
+    images, scenes = data.train()
+    losses = train_clip(
+        model,
+        tokenizer,
+        images,
+        scenes,
+        data.world,
+        steps=options.clip_steps,
+        batch_size=options.clip_batch_size,
+        lr=options.clip_lr,
+        warmup_steps=options.clip_warmup_steps,
+        caption_keep_scale=options.clip_caption_keep_scale,
+        seed=options.seed,
+        log=log,
+        log_every=options.log_every,
+    )
+    save_clip(model, model_cfg, staging)
+    loaded, _, loaded_tokenizer = load_clip(staging)  # check the saved folder through open_clip's own loader
+    held_out, held_out_scenes = data.held_out()
+    accuracy = retrieval_accuracy(loaded, loaded_tokenizer, held_out[:64], [caption(s) for s in held_out_scenes[:64]])
+    log(f"clip: held-out retrieval accuracy {accuracy:.2f} (picture -> its caption among 64)")
+    return {
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "retrieval_accuracy_64": accuracy,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def write_samples(options, pipeline_dir: Path, path: Path, log) -> None:
+    from .pretraining import sample_grid
+
+    lines = Path(options.sample_prompts).read_text().splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    grid = sample_grid(pipeline_dir, prompts, range(options.sample_seeds), options.sample_steps, options.guidance_scale)
+    grid.save(path)
+    log(f"samples: {path}")
+
+
+def write_fidelity(options, dirs: dict[str, Path], data: WorldData, log) -> dict:
+    """``prompt_fidelity.json`` beside the pipeline: attribute accuracy of the base model's pictures of held-out
+    scenes under the MiniBooth CLIP, with the real pictures' accuracy (ceiling) and chance."""
+    from .fidelity import prompt_fidelity
+
+    path = dirs["sd"] / "prompt_fidelity.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found.get("clip") == dirs["clip"].name and found.get("pictures") == options.fidelity_pictures:
+            return found
+    real, scenes = data.held_out()
+    count = options.fidelity_pictures
+    result = prompt_fidelity(
+        dirs["sd"], dirs["clip"], scenes[:count], real[:count], data.world, options.sample_steps, options.guidance_scale
+    )
+    result["clip"] = dirs["clip"].name
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for attribute, value in result["generated"].items():
+        log(
+            f"prompt fidelity {attribute}: {value:.2f} (real pictures {result['real'][attribute]:.2f}, "
+            f"chance {result['chance'][attribute]:.2f})"
+        )
+    return result

@@ -1,0 +1,266 @@
+"""MiniBooth (benchmarks/minibooth): the world generator (determinism, captions that say what is drawn), the
+held-out subjects (never in the world), the prompt files (in the world's grammar), the protocol's pieces (trainer
+flags, run completeness, the learning-rate rule, paired differences), and a pretraining smoke run whose pipeline
+loads in diffusers and whose CLIP loads in open_clip."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.minibooth import driver  # noqa: E402
+from benchmarks.minibooth.fidelity import TESTED  # noqa: E402
+from benchmarks.minibooth.report import paired_difference  # noqa: E402
+from benchmarks.minibooth.subjects import (  # noqa: E402
+    SUBJECT_PATTERNS,
+    Subject,
+    check_held_out,
+    load_subjects,
+    render_instance,
+)
+from benchmarks.minibooth.world import (  # noqa: E402
+    ATTRIBUTES,
+    caption,
+    load_world,
+    parse_caption,
+    random_caption,
+    render_world,
+    sample_scene,
+    scene_rng,
+    world_item,
+)
+from dreambooth_gs.eval_plan import format_prompt, load_prompt_set  # noqa: E402
+from dreambooth_gs.metrics import remove_token  # noqa: E402
+
+MINIBOOTH = ROOT / "benchmarks" / "minibooth"
+WORLD = load_world()
+SUBJECTS, INSTANCE_COUNT = load_subjects(world=WORLD)
+
+
+# -- the world ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed, start, count", [(0, 0, 6), (1, 0, 6), (0, 100, 4)])
+def test_world_is_deterministic_from_seed_and_index(seed, start, count):
+    first, scenes = render_world(count, seed, WORLD, start=start)
+    again, scenes_again = render_world(count, seed, WORLD, start=start)
+    assert np.array_equal(first, again) and scenes == scenes_again
+    assert first.shape == (count, 64, 64, 3) and first.dtype == np.uint8
+    one, scene = world_item(seed, start + 2, WORLD)  # an item does not depend on the ones rendered before it
+    assert np.array_equal(np.asarray(one), first[2]) and scene == scenes[2]
+
+
+def test_other_seeds_give_other_worlds():
+    assert not np.array_equal(render_world(4, 0, WORLD)[0], render_world(4, 1, WORLD)[0])
+
+
+def test_full_caption_states_every_attribute():
+    scene = sample_scene(scene_rng(0, 0), WORLD)
+    scene = replace(scene, size="small", color="red", pattern="striped", shape="star", position="top left")
+    scene = replace(scene, background_pattern="dotted", background_color="blue")
+    assert caption(scene) == "a small red striped star on a dotted blue background, top left"
+    assert caption(replace(scene, pattern="plain")) == "a small red star on a dotted blue background, top left"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_captions_parse_back_to_the_scene_attributes(seed):
+    rng = random.Random(seed)
+    for index in range(150):
+        scene = sample_scene(scene_rng(seed, index), WORLD)
+        keep = {name: rng.random() < 0.5 for name in ATTRIBUTES}
+        said = parse_caption(caption(scene, keep), WORLD)
+        expected = {name: getattr(scene, name) for name in ATTRIBUTES if keep[name]}
+        if scene.pattern == "plain":
+            expected.pop("pattern", None)  # a plain object is not called plain
+        assert said == expected | {"shape": scene.shape}, caption(scene, keep)
+
+
+def test_random_captions_mention_attributes_at_the_configured_rates():
+    rng = random.Random(0)
+    scenes = [sample_scene(scene_rng(0, i), WORLD) for i in range(3000)]
+    said = [parse_caption(random_caption(s, rng, WORLD), WORLD) for s in scenes]
+    for name in ("size", "color", "position"):
+        rate = sum(name in x for x in said) / len(said)
+        assert abs(rate - WORLD.caption_keep[name]) < 0.04, (name, rate)
+
+
+@pytest.mark.parametrize("text", ["a red", "a red star on a background", "an orange star", "a star, left"])
+def test_text_outside_the_grammar_is_not_a_caption(text):
+    with pytest.raises(ValueError, match="not a MiniBooth caption"):
+        parse_caption(text, WORLD)
+
+
+def test_object_and_background_colours_differ():
+    assert all(s.color != s.background_color for s in (sample_scene(scene_rng(3, i), WORLD) for i in range(2000)))
+
+
+# -- held-out subjects ----------------------------------------------------------------------------------------------
+
+
+def test_subjects_are_held_out_of_the_world():
+    palette = set(WORLD.colors.values())
+    scenes = [sample_scene(scene_rng(0, i), WORLD) for i in range(2000)]
+    world_patterns = {s.pattern for s in scenes} | {s.background_pattern for s in scenes}
+    for subject in SUBJECTS:
+        assert {subject.color, subject.accent}.isdisjoint(palette)
+        assert subject.pattern not in world_patterns and subject.pattern in SUBJECT_PATTERNS
+        assert subject.class_name in WORLD.shapes  # its class noun is a word the base model knows
+    assert sum(s.sweep for s in SUBJECTS) == 1 and len(SUBJECTS) >= 3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"color": (215, 45, 45)}, "palette"),  # the world's red
+        ({"pattern": "striped"}, "exists in the world"),
+        ({"body": "blob"}, "world shape"),
+        ({"class_name": "toy"}, "world shape"),
+    ],
+)
+def test_subjects_that_the_world_contains_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        check_held_out([replace(SUBJECTS[0], **change)], WORLD)
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=lambda s: s.name)
+def test_instance_pictures_are_deterministic_and_varied(subject: Subject):
+    pictures = [np.asarray(render_instance(subject, WORLD, 0, k)) for k in range(INSTANCE_COUNT)]
+    assert np.array_equal(pictures[0], np.asarray(render_instance(subject, WORLD, 0, 0)))
+    assert len({p.tobytes() for p in pictures}) == INSTANCE_COUNT
+    assert 4 <= INSTANCE_COUNT <= 5
+
+
+# -- prompts --------------------------------------------------------------------------------------------------------
+
+
+def test_contextual_prompts_are_in_the_world_grammar():
+    templates = load_prompt_set(str(MINIBOOTH / "prompts.txt"))
+    assert len(templates) >= 12
+    for template in templates:
+        for subject in SUBJECTS:
+            prompt = format_prompt(template, "sks", subject.class_name)
+            assert "sks" in prompt
+            parse_caption(remove_token(prompt, "sks"), WORLD)  # what CLIP-T scores is a world caption
+
+
+def test_sample_prompts_are_world_captions():
+    lines = (MINIBOOTH / "sample_prompts.txt").read_text().splitlines()
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    assert prompts and all(parse_caption(p, WORLD) for p in prompts)
+
+
+# -- protocol pieces ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["full", "smoke"])
+def test_every_planned_run_has_valid_trainer_flags(tmp_path, profile):
+    from train_dreambooth_gsoft import parse_args
+
+    protocol = driver.load_protocol(profile)
+    plans = driver.sweep_plans(protocol, "crowned_triangle", tmp_path)
+    plans += driver.main_plans(protocol, ["zigzag_star"], {m: 1e-4 for m in protocol.methods}, tmp_path)
+    assert len({p.output_dir for p in plans}) == len(plans)
+    for plan in plans:
+        options = parse_args(driver.trainer_argv(plan, protocol, tmp_path / "sd", tmp_path / plan.subject))
+        assert options.adapter == plan.method and options.learning_rate == pytest.approx(plan.learning_rate)
+        assert options.output_dir == str(plan.output_dir)
+
+
+def test_unknown_methods_and_profiles_are_refused():
+    with pytest.raises(ValueError, match="unknown methods"):
+        driver.load_protocol("full", methods=["gsoft", "dora"])
+    with pytest.raises(ValueError, match="unknown profile"):
+        driver.load_protocol("huge")
+
+
+def test_a_run_is_complete_only_with_every_file_and_the_same_flags(tmp_path):
+    argv = ["--adapter", "gsoft", "--learning_rate", "1e-4"]
+    for name in driver.RUN_FILES[:-1]:
+        (tmp_path / name).write_text("{}")
+    assert not driver.is_complete(tmp_path, argv)
+    (tmp_path / driver.RECORD_FILE).write_text(json.dumps({"argv": argv}))
+    assert driver.is_complete(tmp_path, argv)
+    assert not driver.is_complete(tmp_path, [*argv[:-1], "2e-4"])
+
+
+@pytest.mark.parametrize(
+    "scores, base_clip_t, chosen",
+    [
+        ({1e-4: (0.70, 0.30), 1e-3: (0.80, 0.29), 1e-2: (0.90, 0.20)}, 0.30, 1e-3),  # 1e-2 loses the prompts
+        ({1e-4: (0.70, 0.30), 1e-3: (0.70, 0.30)}, 0.30, 1e-4),  # a tie goes to the smaller rate
+        ({1e-4: (0.70, 0.20), 1e-3: (0.80, 0.10)}, 0.30, 1e-4),  # none keeps CLIP-T: the best CLIP-T
+    ],
+)
+def test_learning_rate_rule(scores, base_clip_t, chosen):
+    scores = {lr: {"clip_i": i, "clip_t": t} for lr, (i, t) in scores.items()}
+    assert driver.choose_learning_rate(scores, base_clip_t, tolerance=0.1) == chosen
+
+
+@pytest.mark.parametrize(
+    "a, b, mean, half_width",
+    [
+        ({"x": 1.0, "y": 3.0}, {"x": 0.0, "y": 0.0}, 2.0, 12.706),  # t(1) x stdev sqrt(2) / sqrt(2)
+        ({"x": 1.0, "y": 1.0, "z": 1.0}, {"x": 0.5, "y": 0.5, "z": 0.5}, 0.5, 0.0),
+        ({"x": 1.0}, {"x": 0.25, "w": 9.0}, 0.75, None),
+    ],
+)
+def test_paired_difference(a, b, mean, half_width):
+    got_mean, got_half_width, _ = paired_difference(a, b)
+    assert got_mean == pytest.approx(mean)
+    assert got_half_width == (None if half_width is None else pytest.approx(half_width))
+
+
+# -- pretraining smoke ----------------------------------------------------------------------------------------------
+
+
+def test_pretraining_smoke_gives_loadable_models_and_is_cached(tmp_path):
+    import open_clip
+    from diffusers import StableDiffusionPipeline
+
+    from benchmarks.minibooth import pretrain as script
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star\n")
+    argv = ["--smoke", "--cache_dir", str(tmp_path / "cache"), "--num_images", "16", "--sample_prompts", str(prompts)]
+    argv += ["--sample_seeds", "1", "--log_every", "1000"]
+    with torch.random.fork_rng(devices=[]):
+        result = script.pretrain(script.parse_args(argv), log=lambda message: None)
+    assert (result.pipeline_dir / "samples.png").is_file()
+    assert set(result.markers["fidelity"]["generated"]) == set(TESTED)  # the prompt-fidelity check ran
+
+    pipeline = StableDiffusionPipeline.from_pretrained(result.pipeline_dir)
+    assert pipeline.safety_checker is None and pipeline.tokenizer.model_max_length == 32
+    assert pipeline.unet.config.sample_size * pipeline.vae_scale_factor == 64
+    assert pipeline.vae.config.scaling_factor != 1.0  # measured on the world's latents
+    image = pipeline("a sks star", num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{result.clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{result.clip_dir}")
+    with torch.no_grad():
+        features = model.encode_image(preprocess(image)[None]), model.encode_text(tokenizer(["a red star"]))
+    assert features[0].shape == features[1].shape == (1, 32)
+    open_clip.add_model_config(result.clip_dir / "minibooth_clip.json")  # the named-config route works as well
+    named = open_clip.create_model("minibooth_clip", pretrained=str(result.clip_dir / "open_clip_model.safetensors"))
+    assert torch.equal(named.state_dict()["logit_scale"], model.state_dict()["logit_scale"])
+
+    again = script.pretrain(script.parse_args(argv), log=lambda message: None)  # a second call reuses every stage
+    assert again.markers == result.markers
+
+
+@pytest.mark.parametrize("name", ["full", "smoke"])
+def test_attention_projection_widths_suit_the_adapters(name):
+    unet = json.loads((MINIBOOTH / "configs" / name / "unet.json").read_text())
+    widths = {*unet["block_out_channels"], unet["cross_attention_dim"]}
+    divisors = (4, 8, 32) if name == "full" else (4, 8)
+    assert all(width % d == 0 for width in widths for d in divisors), widths
