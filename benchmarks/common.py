@@ -1,0 +1,314 @@
+"""Shared by the benchmark scripts: UNet architectures, the adapter table, shared-weight copies, timing, reporting.
+
+Every configuration of the paper's Table 2 (plus the PEFT baselines as they run on this machine) is one
+:class:`Method`; :func:`apply_method` puts it into a model. Timed comparisons build ONE base UNet and give each
+method a structural copy that shares the frozen base parameters (:func:`shared_copy`), so fifteen adapters on the
+865M-parameter SD-2-base UNet cost one set of weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SD2_CONFIG_PATH = ROOT / "configs" / "sd2_base_unet.json"
+DOCS = ROOT / "docs" / "benchmarks.md"
+IMAGES = ROOT / "docs" / "images"
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+THREADS_HELP = (
+    "torch CPU threads (default 1: on this shared 2-core machine, 2 OpenMP threads competing with other jobs "
+    "run 2-25x slower and erratically, while 1 thread stays steady)"
+)
+
+# A mid-size UNet with SD-2-base's widths (320 / 640, cross-attention from 1024) and one layer per block, so every
+# Table 2 configuration divides its projections; ~10x smaller than SD-2-base, for the bf16 check and --quick runs.
+MID_UNET_OVERRIDES = {
+    "block_out_channels": [320, 640],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": [5, 10],
+    "layers_per_block": 1,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def unet_config(size: str = "sd2") -> dict[str, Any]:
+    """UNet2DConditionModel kwargs: ``"sd2"`` (SD-2-base) or ``"mid"`` (SD-2-base widths, 2 levels, 1 layer)."""
+    config = {k: v for k, v in json.loads(SD2_CONFIG_PATH.read_text()).items() if not k.startswith("_")}
+    if size == "mid":
+        config.update(MID_UNET_OVERRIDES)
+    elif size != "sd2":
+        raise ValueError(f"unknown UNet size {size!r}; use 'sd2' or 'mid'")
+    return config
+
+
+def build_unet(size: str = "sd2", device: str = "cpu", seed: int = 0, fill: str = "uniform") -> nn.Module:
+    """A random-weight UNet (frozen). ``device="meta"`` gives shapes only.
+
+    Built on the meta device and filled in place (uniform +-1/sqrt(fan_in), norms 1, biases 0): the same scale as
+    PyTorch's default init at a fraction of diffusers' construction time. Timing does not depend on the values.
+    ``fill="constant"`` writes +1/(2 sqrt(fan_in)) instead (faster still; for memory measurements, where only the
+    pages being resident matters).
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config(size))
+    unet.requires_grad_(False)
+    if device == "meta":
+        return unet
+    unet.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                bound = param[0].numel() ** -0.5  # fan_in = every dim but the first
+                if fill == "constant":
+                    param.fill_(bound / 2)
+                else:
+                    param.uniform_(-bound, bound, generator=generator)
+    return unet
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers ARE the original's (no weight memory)."""
+    memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def unshare_projections(model: nn.Module, requires_grad: bool = False) -> list[nn.Parameter]:
+    """Give ``model``'s projections their own copies of weight and bias (a shared copy may then merge or train them)."""
+    params = []
+    for _, linear in projection_linears(model):
+        for name in ("weight", "bias"):
+            tensor = getattr(linear, name)
+            if tensor is not None:
+                setattr(linear, name, nn.Parameter(tensor.detach().clone(), requires_grad=requires_grad))
+                params.append(getattr(linear, name))
+    return params
+
+
+def projection_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The attention projections (to_q / to_k / to_v / to_out.0) the adapters target."""
+    from dreambooth_gs.injection import is_target
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, TARGETS)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapter table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: a label, how to build it, the paper's Table 2 count (millions) if given."""
+
+    label: str
+    kind: str  # floor | full | gsoft | double_gsoft | boft | lora | oft | peft_boft_fallback
+    options: dict[str, int] = field(default_factory=dict)
+    paper_millions: float | None = None
+
+
+FLOOR = Method("no adapter (frozen UNet, input grad only)", "floor")
+FULL = Method("full fine-tuning of the projections", "full")
+LORA = [Method(f"LoRA r={r} (PEFT)", "lora", {"rank": r}) for r in (4, 32, 128)]
+BOFT = [
+    Method(f"BOFT ({r},{m}) (GS core, {m} factors)", "boft", {"nblocks": r, "n_butterfly_factor": m}, paper)
+    for r, m, paper in ((32, 4, 13.6), (32, 6, 20.4), (16, 5, 33.8))
+]
+GSOFT = [Method(f"GSOFT r={r}", "gsoft", {"nblocks": r}, paper) for r, paper in ((32, 6.8), (16, 13.6), (8, 27.1))]
+DOUBLE = [
+    Method(f"Double GSOFT r={r}", "double_gsoft", {"nblocks": r}, paper)
+    for r, paper in ((64, 6.5), (32, 13.0), (16, 25.9))
+]
+PEFT_OFT = Method("OFT b=32 (PEFT)", "oft", {"block_size": 32})
+PEFT_BOFT = Method(
+    "PEFT BOFT (32,4) as run here: 1 factor after CUDA fallback",
+    "peft_boft_fallback",
+    {"nblocks": 32, "n_butterfly_factor": 4},
+)
+TABLE_2 = [*LORA, *BOFT, *GSOFT, *DOUBLE, FULL]
+ALL_METHODS = [FLOOR, *TABLE_2, PEFT_OFT, PEFT_BOFT]
+BY_LABEL = {m.label: m for m in ALL_METHODS}
+REFERENCE = LORA[0]  # LoRA r=4: the issue's yardstick
+
+
+def apply_method(model: nn.Module, method: Method) -> list[nn.Parameter]:
+    """Put ``method`` into ``model`` (in place; everything else frozen) and return its trainable parameters.
+
+    ``full`` clones the projection weights first, so a shared copy never trains the base model's tensors.
+    """
+    from peft import BOFTConfig, inject_adapter_in_model
+
+    from dreambooth_gs import GSOFTConfig, inject_adapter, trainable_parameters
+    from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
+
+    model.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GSOFT's b < r notes, PEFT's CUDA-fallback warning (the label says it)
+        if method.kind == "floor":
+            return []
+        if method.kind == "full":
+            return unshare_projections(model, requires_grad=True)
+        if method.kind in ("gsoft", "double_gsoft", "boft"):
+            inject_adapter(model, GSOFTConfig(method=method.kind, **method.options))
+            return [p for _, p in trainable_parameters(model)]
+        if method.kind in ("lora", "oft"):
+            inject_peft_adapter(model, method.kind, make_peft_config(method.kind, TARGETS, **method.options))
+        elif method.kind == "peft_boft_fallback":  # PEFT's BOFT exactly as it runs here (one factor on CPU)
+            config = BOFTConfig(
+                boft_block_num=method.options["nblocks"],
+                boft_block_size=0,
+                boft_n_butterfly_factor=method.options["n_butterfly_factor"],
+                target_modules=list(TARGETS),
+            )
+            inject_adapter_in_model(config, model)
+        else:
+            raise ValueError(f"unknown method kind {method.kind!r}")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def randomize_adapter(params: list[nn.Parameter], std: float = 0.02, seed: int = 0) -> None:
+    """Move adapter parameters off their identity / zero initialisation (merging then changes the weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in params:
+            param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def wall_median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def wall_min(self) -> float:
+        return min(self.wall)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, log: Callable[[str], None] | None = print
+) -> tuple[dict[str, Samples], list[tuple[float, float, float]]]:
+    """Run every function ``warmup`` times, then ``rounds`` rounds of one call each, methods interleaved.
+
+    The order rotates by one each round, so no method always follows the same neighbour. Returns the samples and
+    the load averages seen after each round.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    samples = {name: Samples() for name in names}
+    loads = []
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            wall, cpu = timed(fns[name])
+            samples[name].wall.append(wall)
+            samples[name].cpu.append(cpu)
+        loads.append(os.getloadavg())
+        if log:
+            log(f"  round {round_index + 1}/{rounds} done, load average {loads[-1][0]:.1f}")
+    return samples, loads
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def library_version() -> str:
+    """The commit the library was run at (read-only git query), '+ local changes' if dreambooth_gs/ differs."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dreambooth_gs"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "library version unknown"
+    return f"dreambooth_gs at {commit}" + (" + local changes" if dirty else "")
+
+
+def machine_line() -> str:
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
+        f"torch {torch.__version__}, {library_version()}"
+    )
+
+
+def load_line(loads: list[tuple[float, float, float]] | None = None) -> str:
+    """The 1-minute load average now (and its range over ``loads``), for next to a timing table."""
+    now = os.getloadavg()
+    text = f"load average now {now[0]:.1f} / {now[1]:.1f} / {now[2]:.1f} (1 / 5 / 15 min)"
+    if loads:
+        ones = [load[0] for load in loads]
+        text += f"; 1-minute load during the rounds {min(ones):.1f} to {max(ones):.1f}"
+    return text + f" on {os.cpu_count()} cores"
+
+
+def millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A Markdown table; ``align`` is one char per column, 'l' or 'r' (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_figure(fig, name: str, directory: Path = IMAGES) -> Path:
+    """Save a matplotlib figure as <directory>/<name> (docs/images by default; a small PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
