@@ -9,6 +9,7 @@ method a structural copy that shares the frozen base parameters (:func:`shared_c
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import platform
@@ -259,11 +260,19 @@ def interleaved(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def library_version() -> str:
-    """The commit the library was run at (read-only git query), '+ local changes' if dreambooth_gs/ differs."""
+    """The last commit touching dreambooth_gs/ (read-only git query), '+ local changes' if the tree differs.
+
+    Cached on first call; :func:`machine_line` calls it at import, so a run reports the library it imported.
+    """
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", "log", "-1", "--format=%h", "--", "dreambooth_gs"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "dreambooth_gs"], cwd=ROOT, capture_output=True, text=True
@@ -312,3 +321,6 @@ def save_figure(fig, name: str, directory: Path = IMAGES) -> Path:
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+library_version()  # pin the version string to the library this process imports
