@@ -1,7 +1,9 @@
 """One SD-sized projection, forward + backward: GSOFT / Double GSOFT / BOFT against PEFT's LoRA r=4 and OFT.
 
-Every method wraps a copy of the same frozen nn.Linear; the input requires grad (as inside a UNet). Methods are
-timed interleaved in one process after warm-up; the table reports medians and ratios to PEFT LoRA r=4 and PEFT
+Every method wraps a copy of the same frozen nn.Linear; the input requires grad and the output receives a fixed
+dense random gradient (as inside a UNet; ``sum()`` would hand every method an expanded all-ones gradient that no real
+layer sees). Methods are timed interleaved in one process after warm-up; the table reports medians and ratios to
+PEFT LoRA r=4 and PEFT
 OFT (same block count; exact Cayley as the trainer's OFT baseline, and PEFT's default Neumann-series
 approximation, which is not exactly orthogonal, for reference). Writes its table into docs/benchmarks.md and
 README.md (between the layer_speed markers).
@@ -26,6 +28,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import load_line, machine_line  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
 from dreambooth_gs import GSOFTConfig, inject_adapter  # noqa: E402
 
@@ -34,6 +37,8 @@ CASES = [  # (tokens, in_features = out_features): SD's 64x64 latents at 320 cha
     (512, 1280),
 ]
 NBLOCKS = 32
+GOAL = 1.10  # issue 2: GSOFT r=32 at most 1.10x PEFT LoRA r=4 and 1.10x PEFT OFT r=32
+GOAL_ROW = f"GSOFT r={NBLOCKS} (auto)"
 
 
 def peft_wrapped(linear: nn.Linear, peft_config) -> nn.Module:
@@ -68,14 +73,14 @@ def methods_for(linear: nn.Linear) -> dict[str, nn.Module]:
         }
 
 
-def step_time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median seconds of forward + backward (loss = sum of outputs) over ``repeats`` calls."""
+def step_time(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, repeats: int) -> float:
+    """Median seconds of forward + backward (output gradient ``grad_out``) over ``repeats`` calls."""
     times = []
     for _ in range(repeats):
         x.grad = None
         module.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        module(x).sum().backward()
+        module(x).backward(grad_out)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -84,30 +89,43 @@ def run_case(tokens: int, dim: int, rounds: int, repeats: int) -> dict[str, floa
     torch.manual_seed(0)
     linear = nn.Linear(dim, dim)
     x = torch.randn(tokens, dim, requires_grad=True)
+    grad_out = torch.randn(tokens, dim)
     methods = methods_for(linear)
     for module in methods.values():  # warm-up
-        step_time(module, x, 2)
+        step_time(module, x, grad_out, 2)
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):  # interleaved rounds
         for name, module in methods.items():
-            samples[name].append(step_time(module, x, repeats))
+            samples[name].append(step_time(module, x, grad_out, repeats))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def table(results: dict[tuple[int, int], dict[str, float]]) -> str:
-    lines = []
+def auto_side(tokens: int, dim: int) -> str:
+    """The side ``forward_mode='auto'`` picks for this shape while training."""
+    layer = ours(nn.Linear(dim, dim), nblocks=NBLOCKS)[0]
+    return layer.forward_side(torch.empty(tokens, dim))
+
+
+def table(results: dict[tuple[int, int], dict[str, float]]) -> tuple[str, list[str]]:
+    """The per-case tables and one line per goal check."""
+    lines, checks = [], []
     for (tokens, dim), medians in results.items():
         lora, oft = medians["PEFT LoRA r=4"], medians[f"PEFT OFT r={NBLOCKS}"]
         lines += [
-            f"**{tokens} tokens x {dim} features** (forward + backward, input requires grad)",
+            f"**{tokens} tokens x {dim} features** (forward + backward, input requires grad; auto side: "
+            f"{auto_side(tokens, dim)})",
             "",
-            "| method | median ms | / LoRA r=4 | / OFT r=32 |",
+            f"| method | median ms | / LoRA r=4 | / OFT r={NBLOCKS} |",
             "|---|---:|---:|---:|",
         ]
         for name, seconds in medians.items():
             lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / lora:.2f} | {seconds / oft:.2f} |")
         lines.append("")
-    return "\n".join(lines)
+        ours_s = medians[GOAL_ROW]
+        for label, ref in (("PEFT LoRA r=4", lora), (f"PEFT OFT r={NBLOCKS}", oft)):
+            verdict = "met" if ours_s / ref <= GOAL else "MISSED"
+            checks.append(f"{tokens} x {dim}: {GOAL_ROW} / {label} = {ours_s / ref:.2f} (goal <= {GOAL}): {verdict}")
+    return "\n".join(lines), checks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,11 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ and README.md alone")
     args = parser.parse_args(argv)
     results = {case: run_case(*case, args.rounds, args.repeats) for case in CASES}
-    threads = torch.get_num_threads()
+    tables, checks = table(results)
     body = (
-        f"### One projection: GSOFT vs PEFT LoRA / OFT (CPU, {threads} threads, torch {torch.__version__})\n\n"
-        f"Written by `benchmarks/bench_layer_speed.py`; medians of {args.rounds} interleaved rounds.\n\n"
-        + table(results)
+        f"### One projection: GSOFT vs PEFT LoRA / OFT ({machine_line()})\n\n"
+        f"Written by `benchmarks/bench_layer_speed.py`: forward + backward of one projection with a dense random "
+        f"output gradient, medians of {args.rounds} interleaved rounds of {args.repeats} calls each.\n\n"
+        + tables
+        + "\nGoals (issue 2):\n\n"
+        + "\n".join(f"- {check}" for check in checks)
+        + f"\n\nMeasured with {load_line()}.\n"
     )
     print(body)
     if not args.no_write:

@@ -117,25 +117,8 @@ def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return yb.transpose(0, 1).reshape(*lead, k * b_out)
 
 
-def _block_major_shuffle(z: torch.Tensor, r: int, b: int) -> torch.Tensor:
-    """From contiguous blocks to strided groups, both block-major: ``u[j, :, m] = zflat[:, m*r + j]``.
-
-    ``z`` is ``(r, N, b)`` with ``zflat[:, q*b + p] = z[q, :, p]``. One copy where ``r`` divides ``b`` or ``b``
-    divides ``r`` (the cases that occur in practice), two otherwise.
-    """
-    n_tokens = z.shape[1]
-    if b % r == 0:
-        k = b // r  # q*b + t*r + j  ->  (j, n, q, t)
-        return z.view(r, n_tokens, k, r).permute(3, 1, 0, 2).reshape(r, n_tokens, b)
-    if r % b == 0:
-        k = r // b  # (m*k + u)*b + p  ->  j = u*b + p
-        return z.view(b, k, n_tokens, b).permute(1, 3, 2, 0).reshape(r, n_tokens, b)
-    flat = z.transpose(0, 1).reshape(n_tokens, r * b)  # (N, d)
-    return flat.view(n_tokens, b, r).permute(2, 0, 1).contiguous()  # (r, N, b)
-
-
 def _block_major_unshuffle(u: torch.Tensor, r: int, b: int) -> torch.Tensor:
-    """Inverse of :func:`_block_major_shuffle`: strided groups back to contiguous blocks, block-major."""
+    """``P^T`` block-major: ``(r, N, b)`` strided groups ``u[j, :, m] = x[:, m*r + j]`` back to contiguous blocks."""
     n_tokens = u.shape[1]
     if b % r == 0:
         k = b // r
@@ -147,21 +130,60 @@ def _block_major_unshuffle(u: torch.Tensor, r: int, b: int) -> torch.Tensor:
     return flat.view(n_tokens, r, b).transpose(0, 1).contiguous()  # (r, N, b)
 
 
+class _GSRotation(torch.autograd.Function):
+    """``Q x = P^T L P R x`` for ``x`` of shape ``(N, d)``, computed on ``x^T`` ("feature-major").
+
+    On ``x^T`` (``(d, N)``) every block of a factor is a ``(b, N)`` slab, so both permutations are copies of whole
+    length-``N`` rows and the bmm's read ``x`` through its transposed strides (no copy at all). The token-major
+    layout instead needs element-wise transposes for each shuffle, which cost more than the matmuls on a CPU.
+    The result is returned as the transposed view of a ``(d, N)`` tensor; the backward needs one copy of the
+    incoming gradient and one row shuffle. Saves ``x`` and ``P R x`` (as the autograd graph of the plain ops would).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        n_tokens, d = x.shape
+        r, b, _ = right.shape
+        x_t = x.mT.view(r, b, n_tokens)  # (r, b, N): block q of x^T, a strided view (BLAS reads it as is)
+        z_t = torch.bmm(right, x_t)  # (r, b, N): R on contiguous blocks
+        u_t = z_t.view(b, r, n_tokens).transpose(0, 1).contiguous()  # (r, b, N): u_t[j, m] = z^T[m*r + j]
+        w_t = torch.bmm(left, u_t)  # (r, b, N): L on the strided groups
+        ctx.save_for_backward(x, u_t, left, right)
+        return w_t.transpose(0, 1).reshape(d, n_tokens).mT  # P^T: (b, r, N) rows m*r + j -> (N, d) view
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, u_t, left, right = ctx.saved_tensors
+        n_tokens, d = x.shape
+        r, b, _ = right.shape
+        grad_w_t = grad_y.mT.reshape(b, r, n_tokens).transpose(0, 1).contiguous()  # (r, b, N)
+        grad_left = torch.bmm(grad_w_t, u_t.mT) if ctx.needs_input_grad[1] else None
+        grad_z_t = torch.bmm(left.mT, grad_w_t).transpose(0, 1).reshape(r, b, n_tokens)  # P^T on the rows
+        grad_right = torch.bmm(grad_z_t, x.mT.view(r, b, n_tokens).mT) if ctx.needs_input_grad[2] else None
+        grad_x = torch.bmm(right.mT, grad_z_t).view(d, n_tokens).mT if ctx.needs_input_grad[0] else None
+        return grad_x, grad_left, grad_right
+
+
 def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """GSOFT's ``Q x = P^T L P R x`` (or ``Q^T x``) on the last dimension, without forming ``Q``.
 
     ``left`` / ``right`` are the ``(r, b, b)`` blocks of ``L`` / ``R``. Two batched matmuls over ``r`` and one
-    reshape-shuffle between them; the activations stay block-major ``(r, N, b)`` in between, so no Python loop over
-    blocks and no dense ``d x d`` matrix.
+    shuffle between them, no Python loop over blocks and no dense ``d x d`` matrix. ``Q x`` (the activation path)
+    runs feature-major through :class:`_GSRotation` and may return a non-contiguous view; ``Q^T x`` (weights,
+    merging) stays block-major. Under autocast the product runs in the autocast dtype, as a bmm would.
     """
     r, b, _ = right.shape
     d = r * b
     assert x.shape[-1] == d and left.shape == right.shape, (x.shape, left.shape, right.shape)
     lead = x.shape[:-1]
     if not transpose:
-        z = torch.bmm(x.reshape(-1, r, b).transpose(0, 1), right.mT)  # (r, N, b): R on contiguous blocks
-        w = torch.bmm(_block_major_shuffle(z, r, b), left.mT)  # (r, N, b): L on strided groups
-        return w.permute(1, 2, 0).reshape(*lead, d)  # P^T: w[j, n, m] -> y[n, m*r + j]
+        device_type = x.device.type
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)  # what autocast would run the bmm's in
+            x, left, right = x.to(dtype), left.to(dtype), right.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return _GSRotation.apply(x.reshape(-1, d).contiguous(), left, right).view(*lead, d)
+        return _GSRotation.apply(x.reshape(-1, d).contiguous(), left, right).view(*lead, d)
     # Q^T = R^T P^T L^T P: L^T on the strided groups of x, then R^T on contiguous blocks.
     xs = x.reshape(-1, b, r).permute(2, 0, 1)  # (r, N, b): x[n, m*r + j] -> [j, n, m]
     w = torch.bmm(xs, left)  # (r, N, b): row form of L_j^T x_j

@@ -184,7 +184,7 @@ class GSOFTLinear(nn.Module):
         factors = self.orthogonal_factors()
         y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
         if self.method == "double_gsoft":
-            y = self._rotate(y, factors, "out", transpose=False)
+            y = self._rotate(y, factors, "out", transpose=False).contiguous()  # gs_apply may return x^T's view
         if self.gsoft_s is not None and bias is not None:
             return torch.addcmul(bias.to(y.dtype), y, self.gsoft_s.to(y.dtype))  # bias + s * y in one pass
         if self.gsoft_s is not None:

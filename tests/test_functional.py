@@ -209,6 +209,43 @@ def test_gs_apply_matches_dense(ref, assert_close, r, b, transpose):
 
 
 @pytest.mark.parametrize(("r", "b"), GS_CASES)
+def test_gs_apply_backward_matches_dense(ref, r, b):
+    # Q x runs through a hand-written backward (_GSRotation): its gradients must be those of the dense product,
+    # for x and both block tensors, with a non-trivial upstream gradient (float64, so the match is tight).
+    left, right = (random_blocks(r, b, b, seed=s).double().requires_grad_() for s in (7, 8))
+    x = torch.randn(5, r * b, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(5, r * b, dtype=torch.float64)
+    fast = torch.autograd.grad(gsf.gs_apply(x, left, right), (x, left, right), upstream)
+    dense = torch.autograd.grad(row_apply(ref.gsoft_matrix(left, right), x), (x, left, right), upstream)
+    for got, want in zip(fast, dense):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_gs_apply_gradcheck():
+    left, right = (random_blocks(3, 4, 4, seed=s).double().requires_grad_() for s in (9, 10))
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: gsf.gs_apply(*t), (x, left, right))
+
+
+def test_gs_apply_accepts_non_contiguous_input(assert_close):
+    left, right = random_blocks(4, 5, 5, seed=11), random_blocks(4, 5, 5, seed=12)
+    x = torch.randn(20, 7).T  # (7, 20), a transposed view
+    assert_close(gsf.gs_apply(x, left, right), gsf.gs_apply(x.contiguous(), left, right))
+
+
+def test_gs_apply_under_autocast_runs_in_the_autocast_dtype():
+    left, right = (random_blocks(4, 8, 8, seed=s).requires_grad_() for s in (13, 14))
+    x = torch.randn(6, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gsf.gs_apply(x, left, right)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == left.grad.dtype == right.grad.dtype == torch.float32
+    reference = gsf.gs_apply(x.detach(), left.detach(), right.detach())
+    torch.testing.assert_close(y.float(), reference, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(("r", "b"), GS_CASES)
 def test_gs_matrix_matches_dense(ref, assert_close, r, b):
     left, right = random_blocks(r, b, b, seed=3), random_blocks(r, b, b, seed=4)
     assert_close(gsf.gs_matrix(left, right), ref.gsoft_matrix(left, right).float())
