@@ -4,6 +4,7 @@ from . import functional
 from .config import GSOFTConfig
 from .eval_options import EvaluationOptions
 from .evaluation import evaluate
+from .full import FullConfig, enable_full_finetuning
 from .injection import (
     adapter_layers,
     disable_adapters,
@@ -25,10 +26,12 @@ __all__ = [
     "SOC",
     "ChannelShuffle",
     "EvaluationOptions",
+    "FullConfig",
     "GSOFTConfig",
     "GSOFTLinear",
     "adapter_layers",
     "disable_adapters",
+    "enable_full_finetuning",
     "find_targets",
     "evaluate",
     "functional",

@@ -1,5 +1,6 @@
 """Resumable training state: checkpoint folders, their pruning and resumption, and accelerate's save / load hooks
-that store the adapter (never the frozen UNet) in the project's adapter format."""
+that store the adapter (for ``full``: the trained projections; never the frozen UNet) in the project's adapter
+format."""
 
 from __future__ import annotations
 

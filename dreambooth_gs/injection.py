@@ -32,6 +32,19 @@ def find_targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tupl
     return found
 
 
+def require_targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    """:func:`find_targets`, refusing (one line, with the model's Linear names) when nothing matches."""
+    targets = find_targets(model, target_modules)
+    if not targets:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        examples = ", ".join(linear_names[:12]) + (", ..." if len(linear_names) > 12 else "")
+        raise ValueError(
+            f"no nn.Linear matches target_modules={list(target_modules)}; "
+            + (f"the model's Linear modules include: {examples}" if linear_names else "the model has no nn.Linear")
+        )
+    return targets
+
+
 def adapter_layers(model: nn.Module) -> list[tuple[str, GSOFTLinear]]:
     """Every GSOFT adapter layer in ``model`` with its dotted name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GSOFTLinear)]
@@ -66,14 +79,7 @@ def inject_adapter(model: nn.Module, config: GSOFTConfig) -> list[str]:
     """
     if adapter_layers(model):
         raise ValueError("the model already has GSOFT adapters; merge_adapter() or remove_adapter() it first")
-    targets = find_targets(model, config.target_modules)
-    if not targets:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        examples = ", ".join(linear_names[:12]) + (", ..." if len(linear_names) > 12 else "")
-        raise ValueError(
-            f"no nn.Linear matches target_modules={list(config.target_modules)}; "
-            + (f"the model's Linear modules include: {examples}" if linear_names else "the model has no nn.Linear")
-        )
+    targets = require_targets(model, config.target_modules)
     for name, linear in targets:
         error = dimension_error(config, name, linear.in_features, linear.out_features)
         if error:

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from .baselines import inject_peft_adapter, make_peft_config
 from .config import GSOFTConfig
+from .full import FULL_METHOD, FullConfig, enable_full_finetuning
 from .injection import inject_adapter
 from .options import TrainingOptions
 
@@ -138,9 +139,11 @@ def load_components(options: TrainingOptions, accelerator: Accelerator, weight_d
     )
 
 
-def adapter_config_for(options: TrainingOptions) -> tuple[str, GSOFTConfig | object]:
-    """``(method, config)`` of the adapter the options ask for: a GSOFTConfig or a PEFT config."""
+def adapter_config_for(options: TrainingOptions) -> tuple[str, GSOFTConfig | FullConfig | object]:
+    """``(method, config)`` of the adapter the options ask for: a GSOFTConfig, a FullConfig or a PEFT config."""
     targets = tuple(options.target_modules)
+    if options.adapter == FULL_METHOD:
+        return FULL_METHOD, FullConfig(target_modules=targets)
     if options.adapter in ("gsoft", "double_gsoft"):
         nblocks = options.gsoft_nblocks if options.gsoft_block_size is None else None
         return options.adapter, GSOFTConfig(
@@ -174,10 +177,15 @@ def adapter_config_for(options: TrainingOptions) -> tuple[str, GSOFTConfig | obj
 
 
 def add_adapter(unet: torch.nn.Module, options: TrainingOptions) -> tuple[torch.nn.Module, str]:
-    """Inject the requested adapter into ``unet`` (trainable parameters in float32); returns ``(unet, method)``."""
+    """Inject the requested adapter into ``unet`` (trainable parameters in float32); returns ``(unet, method)``.
+
+    ``full`` injects nothing: the targeted projections' own weights and biases become the trainable parameters.
+    """
     method, config = adapter_config_for(options)
     if isinstance(config, GSOFTConfig):
         inject_adapter(unet, config)
+    elif isinstance(config, FullConfig):
+        enable_full_finetuning(unet, config)
     else:
         inject_peft_adapter(unet, method, config)
     for param in unet.parameters():

@@ -8,10 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-ADAPTERS = ("gsoft", "double_gsoft", "lora", "boft", "oft")
+ADAPTERS = ("gsoft", "double_gsoft", "lora", "boft", "oft", "full")
 # Default learning rates: GSOFT / Double GSOFT follow the GSOFT paper (AdamW 2e-5); LoRA follows diffusers'
-# DreamBooth LoRA recipe; OFT and BOFT follow their papers' subject-driven settings.
-DEFAULT_LEARNING_RATES = {"gsoft": 2e-5, "double_gsoft": 2e-5, "lora": 1e-4, "boft": 3e-5, "oft": 6e-5}
+# DreamBooth LoRA recipe; OFT and BOFT follow their papers' subject-driven settings; full (fine-tuning the
+# projections themselves) takes the usual DreamBooth full fine-tuning rate, 5e-6 (diffusers' train_dreambooth.py
+# examples): a literature default, not tuned here.
+DEFAULT_LEARNING_RATES = {"gsoft": 2e-5, "double_gsoft": 2e-5, "lora": 1e-4, "boft": 3e-5, "oft": 6e-5, "full": 5e-6}
 DEFAULT_MAX_TRAIN_STEPS = 3000
 DEMO_MAX_TRAIN_STEPS = 60  # the embedded random demo model: about a minute on 2 CPU cores
 # The demo model's attention dims are 32 and 64: block counts that give dense GS matrices there (b >= r).
@@ -72,15 +74,17 @@ class TrainingOptions:
     center_crop: bool = field(default=False, metadata=_help("Center-crop instead of random-crop."))
     random_flip: bool = field(default=False, metadata=_help("Random horizontal flips."))
     # -- adapter ---------------------------------------------------------------------------------------------
-    adapter: Literal["gsoft", "double_gsoft", "lora", "boft", "oft"] = field(
+    adapter: Literal["gsoft", "double_gsoft", "lora", "boft", "oft", "full"] = field(
         default="gsoft",
         metadata=_help(
-            "gsoft / double_gsoft (this toolkit), boft (on the GS core, every butterfly factor), lora / oft (PEFT)."
+            "gsoft / double_gsoft (this toolkit), boft (on the GS core, every butterfly factor), lora / oft (PEFT), "
+            "full (baseline, no adapter: trains the --target_modules Linears' own weights and biases, the rest of "
+            "the UNet frozen)."
         ),
     )
     target_modules: list[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        metadata=_help("Linear modules to adapt (names or name suffixes)."),
+        metadata=_help("Linear modules to adapt, or with --adapter full to train (names or name suffixes)."),
     )
     gsoft_nblocks: int | None = field(default=None, metadata=_help("GSOFT blocks r (default 32)."))
     gsoft_block_size: int | None = field(default=None, metadata=_help("GSOFT block size instead of --gsoft_nblocks."))
@@ -114,7 +118,7 @@ class TrainingOptions:
         metadata=_help(
             "AdamW learning rate. Defaults by adapter: "
             + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items())
-            + "."
+            + " (full: the usual DreamBooth full fine-tuning rate, a literature default, not tuned)."
         ),
     )
     lr_scheduler: str = field(

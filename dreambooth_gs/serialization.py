@@ -2,7 +2,8 @@
 
 One folder shape for every method: the GSOFT family (keys ``<module path>.<parameter>``, e.g.
 ``mid_block.attentions.0.transformer_blocks.0.attn1.to_q.gsoft_L``; only trainable ``gsoft_`` parameters, never
-derived buffers) and the PEFT baselines (PEFT's own state-dict keys). ``adapter_config.json`` names the method.
+derived buffers), full fine-tuning of the projections (``<module path>.weight`` / ``.bias`` of the trained
+Linears) and the PEFT baselines (PEFT's own state-dict keys). ``adapter_config.json`` names the method.
 No pickle: user files are read with safetensors and json only.
 """
 
@@ -29,12 +30,20 @@ from .baselines import (
     peft_state_dict,
 )
 from .config import METHODS, GSOFTConfig
-from .injection import adapter_layers, inject_adapter, merge_adapter, remove_adapter, trainable_parameters
+from .full import FULL_METHOD, FullConfig, full_config, full_parameters
+from .injection import (
+    adapter_layers,
+    inject_adapter,
+    merge_adapter,
+    remove_adapter,
+    require_targets,
+    trainable_parameters,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_NAME = "dreambooth_gs"
-ALL_METHODS = METHODS + PEFT_METHODS
+ALL_METHODS = METHODS + PEFT_METHODS + (FULL_METHOD,)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -52,11 +61,15 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's trainable tensors by name (float32, detached, contiguous)."""
-    return {name: param.detach().float().contiguous().cpu() for name, param in trainable_parameters(model)}
+    return _plain_tensors(trainable_parameters(model))
+
+
+def _plain_tensors(params: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+    return {name: param.detach().float().contiguous().cpu() for name, param in params}
 
 
 def describe_adapter(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    """``(method, config dict, tensors)`` of the adapter injected into ``model`` (GSOFT family or PEFT baseline)."""
+    """``(method, config dict, tensors)`` of the adapter in ``model`` (GSOFT family, PEFT baseline or full)."""
     layers = adapter_layers(model)
     if layers:
         configs = {json.dumps(layer.config_dict, sort_keys=True) for _, layer in layers}
@@ -65,10 +78,15 @@ def describe_adapter(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, t
         config = layers[0][1].config_dict
         return config["method"], config, adapter_state_dict(model)
     found = peft_method(model)
-    if found is None:
-        raise ValueError("the model has no adapter to save; call inject_adapter() or load_adapter() first")
-    method, peft_config = found
-    return method, peft_config_to_dict(peft_config), peft_state_dict(model)
+    if found is not None:
+        method, peft_config = found
+        return method, peft_config_to_dict(peft_config), peft_state_dict(model)
+    full = full_config(model)
+    if full is not None:
+        return FULL_METHOD, full.to_dict(), _plain_tensors(full_parameters(model, full))
+    raise ValueError(
+        "the model has no adapter to save; call inject_adapter(), enable_full_finetuning() or load_adapter() first"
+    )
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
@@ -97,7 +115,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
 
 def _split_key(key: str, method: str) -> tuple[str, str]:
     """``(module path, parameter name)`` of a tensor key: ``a.b.to_q.gsoft_L`` or PEFT's ``a.b.to_q.lora_A.weight``."""
-    if method in METHODS:
+    if method in METHODS or method == FULL_METHOD:
         module, _, pname = key.rpartition(".")
         return module, pname
     parts = key.split(".")
@@ -146,9 +164,10 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors strictly.
 
     ``model`` is a torch model or a diffusers pipeline (the adapter goes into its ``unet``). Works for every
-    method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft). With ``merge=True`` (the
+    method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft, full). With ``merge=True`` (the
     default) the adapter is folded into the weights (plain layers, no inference overhead); with ``merge=False`` it
-    stays switchable (``disable_adapters``, ``merge_adapter`` later). On any error the model is left as it was.
+    stays switchable (``disable_adapters``, ``merge_adapter`` later). A ``full`` folder holds the projections'
+    weights themselves: they are copied in, whatever ``merge`` says. On any error the model is left as it was.
     Returns the adapted module names.
     """
     if not isinstance(model, nn.Module):
@@ -159,6 +178,8 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
     document = read_adapter_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME)
     method = document["method"]
+    if method == FULL_METHOD:
+        return _load_full(model, directory, document, tensors)
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
     if method in METHODS:
         names = inject_adapter(model, GSOFTConfig.from_dict(document["config"]))
@@ -184,9 +205,11 @@ def load_adapter_weights(
     weights = Path(directory) / WEIGHTS_NAME
     tensors = _read_tensors(weights) if tensors is None else tensors
     if adapter_layers(model):
-        _load_gsoft_tensors(model, weights, tensors)
+        _load_tensors(dict(trainable_parameters(model)), weights, tensors)
     elif peft_method(model) is not None:
         load_peft_state(model, tensors, str(weights))
+    elif (full := full_config(model)) is not None:
+        _load_tensors(dict(full_parameters(model, full)), weights, tensors)
     else:
         raise ValueError("the model has no adapter to load weights into; use load_adapter() to inject one")
 
@@ -201,8 +224,17 @@ def _check_modules(directory: Path, document: dict[str, Any], names: list[str]) 
         raise ValueError(f"the model's layers do not match the adapter in {directory}: {detail}")
 
 
-def _load_gsoft_tensors(model: nn.Module, weights: Path, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(trainable_parameters(model))
+def _load_full(model: nn.Module, directory: Path, document: dict[str, Any], tensors: dict) -> list[str]:
+    """Copy the saved projection weights into ``model``'s matching Linears (checked first: all or nothing)."""
+    config = FullConfig.from_dict(document["config"])
+    names = [name for name, _ in require_targets(model, config.target_modules)]
+    _check_modules(directory, document, names)
+    _load_tensors(dict(full_parameters(model, config)), directory / WEIGHTS_NAME, tensors)
+    return names
+
+
+def _load_tensors(params: dict[str, nn.Parameter], weights: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``params`` by name, strictly: the same keys and shapes, checked before any copy."""
     if set(tensors) != set(params):
         unexpected, absent = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
         raise ValueError(

@@ -351,6 +351,7 @@ METHOD_FLAGS = {  # trainer options of each method on the tiny model
     "boft": {},
     "lora": {"lora_rank": 2},
     "oft": {},
+    "full": {},
 }
 
 

@@ -10,8 +10,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dreambooth_gs import (
+    FullConfig,
     GSOFTConfig,
     adapter_layers,
+    enable_full_finetuning,
     inject_adapter,
     load_adapter,
     read_adapter_config,
@@ -244,3 +246,95 @@ def test_failed_load_keeps_requires_grad(tmp_path, make_mlp, randomize_adapter, 
     assert not adapter_layers(model)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen == [], f"a failed load_adapter left {frozen} frozen"
+
+
+# -- full fine-tuning of the projections: the same folder shape, the weights themselves -----------------------------
+
+
+def _perturb_trainable(model, seed=1, std=0.05):
+    """Stands in for training: move every trainable parameter away from its initial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(torch.randn(param.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+def test_full_unet_round_trip(tmp_path, make_unet, unet_inputs, unet_out, merge):
+    unet = make_unet()
+    names = enable_full_finetuning(unet, FullConfig())
+    _perturb_trainable(unet)
+    expected = unet_out(unet, unet_inputs)
+    save_adapter(unet, tmp_path, base_model="tiny/unet")
+
+    document = read_adapter_config(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    projections = {f"{n}.{p}": v for n in names for p, v in unet.get_submodule(n).named_parameters(recurse=False)}
+    assert document["method"] == "full" and document["config"] == FullConfig().to_dict()
+    assert tensors.keys() == projections.keys() and any(k.endswith("to_out.0.bias") for k in tensors)
+    assert all(torch.equal(tensors[k], v.detach()) for k, v in projections.items())
+    shapes = {f"{m}.{p}": tuple(s) for m, spec in document["modules"].items() for p, s in spec["parameters"].items()}
+    assert shapes == {k: tuple(v.shape) for k, v in tensors.items()}
+
+    fresh = make_unet()
+    assert not torch.allclose(unet_out(fresh, unet_inputs), expected, atol=1e-3)
+    assert sorted(load_adapter(fresh, tmp_path, merge=merge)) == sorted(names)
+    assert torch.equal(unet_out(fresh, unet_inputs), expected)
+    assert all(p.requires_grad for p in fresh.parameters())  # a plain model: loading changes values, not flags
+    with pytest.raises(ValueError, match="no adapter to save"):  # loaded = merged: nothing left to save
+        save_adapter(fresh, tmp_path / "again")
+
+
+def saved_full_mlp(make_mlp, directory):
+    """An MLP (fc1 16->32, fc2 32->24, with biases) whose trained projections are saved to ``directory``."""
+    model = make_mlp()
+    enable_full_finetuning(model, FullConfig(target_modules=MLP_TARGETS))
+    _perturb_trainable(model)
+    save_adapter(model, directory, base_model="tiny/mlp")
+    return model
+
+
+# (id, damage to the folder, the model loaded into, message pattern)
+FULL_BAD_LOADS = [
+    ("other-shapes", lambda d: None, lambda mlp: mlp(dims=(16, 32, 40)),
+     r"weight of fc2 has shape \(24, 32\) in the file but \(40, 32\) in the model"),
+    ("missing-tensor", lambda d: _drop_tensor(d / WEIGHTS_NAME), lambda mlp: mlp(),
+     r"does not match its adapter_config\.json .*missing tensors \['fc1\.bias'\]"),
+    ("no-bias-in-model", lambda d: None, lambda mlp: mlp(bias=False),
+     r"unexpected tensors \['fc1\.bias', 'fc2\.bias'\]"),
+    ("extra-module", lambda d: _edit_json(d / CONFIG_NAME, lambda j: j["modules"].update(fc3={})), lambda mlp: mlp(),
+     r"do not match the adapter .*saved but not in the model: \['fc3'\]"),
+    ("no-targets", lambda d: None, lambda mlp: nn.Sequential(nn.Linear(16, 16)),
+     r"no nn\.Linear matches target_modules=\['fc1', 'fc2'\]"),
+    ("unknown-config-field", lambda d: _edit_json(d / CONFIG_NAME, lambda j: j["config"].update(rank=4)),
+     lambda mlp: mlp(), r"unknown FullConfig fields \['rank'\]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("damage", "make_model", "match"), [c[1:] for c in FULL_BAD_LOADS], ids=[c[0] for c in FULL_BAD_LOADS]
+)
+def test_full_bad_load_raises_and_leaves_model_unchanged(tmp_path, make_mlp, damage, make_model, match):
+    saved_full_mlp(make_mlp, tmp_path)
+    damage(tmp_path)
+    model = make_model(make_mlp)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, tmp_path)
+    assert snapshot(model).keys() == before.keys()
+    for name, (value, trainable) in snapshot(model).items():
+        assert torch.equal(value, before[name][0]) and trainable == before[name][1], name
+
+
+def test_full_refuses_bad_targets_and_a_second_adapter(make_mlp):
+    model = make_mlp()
+    with pytest.raises(ValueError, match=r"no nn\.Linear matches target_modules=\['to_q'\]; .* include: fc1, fc2"):
+        enable_full_finetuning(model, FullConfig(target_modules=("to_q",)))
+    assert all(p.requires_grad for p in model.parameters())  # untouched
+    enable_full_finetuning(model, FullConfig(target_modules=("fc1",)))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc1.weight", "fc1.bias"]
+    with_gsoft = make_mlp()
+    inject_adapter(with_gsoft, GSOFTConfig(nblocks=4, target_modules=MLP_TARGETS))
+    for adapted in (model, with_gsoft):
+        with pytest.raises(ValueError, match="already has an adapter"):
+            enable_full_finetuning(adapted, FullConfig(target_modules=MLP_TARGETS))

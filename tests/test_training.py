@@ -1,5 +1,6 @@
-"""The DreamBooth trainer end to end on the tiny random-weight pipeline: every adapter, resume, checkpoints,
-validation, prior preservation, two processes, and the one-line errors for bad input."""
+"""The DreamBooth trainer end to end on the tiny random-weight pipeline: every adapter, full fine-tuning of the
+projections, resume, checkpoints, validation, prior preservation, two processes, and the one-line errors for bad
+input."""
 
 from __future__ import annotations
 
@@ -70,6 +71,66 @@ def test_resume_continues_exactly(tmp_path):
     resumed = load_file(resumed / "adapter_model.safetensors")
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-5
     assert max((straight[k] - other_seed[k]).abs().max().item() for k in straight) > 1e-3  # the check can fail
+
+
+@pytest.fixture
+def default_precision():
+    """A fresh accelerate state (one precision per process; another test may have set bf16 in this worker)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+def test_full_trains_only_the_projections_and_loads_back(tmp_path, monkeypatch, default_precision):
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_gs import find_targets, load_adapter, models
+
+    kept = {}
+    add_adapter = models.add_adapter
+
+    def keep_unet(unet, options):  # the trained UNet itself, to compare every parameter with the base model
+        kept["unet"], method = add_adapter(unet, options)
+        return kept["unet"], method
+
+    monkeypatch.setattr(models, "add_adapter", keep_unet)
+    out = run(tmp_path / "out", "--adapter", "full", "--max_train_steps", "2", "--learning_rate", "1e-3")
+    trained, info = kept["unet"], json.loads((out / "training_args.json").read_text())
+    assert info["steps"] == 2 and info["method"] == "full"
+    base = UNet2DConditionModel.from_pretrained(info["base_model"], subfolder="unet")
+    targets = find_targets(base, ("to_q", "to_k", "to_v", "to_out.0"))
+    projections = {f"{n}.{p}": v.numel() for n, linear in targets for p, v in linear.named_parameters(recurse=False)}
+    assert {n for n, p in trained.named_parameters() if p.requires_grad} == projections.keys()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["method"] == "full" and config["num_parameters"] == sum(projections.values()) == 53_568
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors.keys() == projections.keys()
+    for key, value in base.state_dict().items():
+        after = trained.state_dict()[key]
+        if key in projections:
+            assert not torch.equal(after, value) and torch.equal(tensors[key], after), key
+        else:
+            assert torch.equal(after, value), key  # frozen: bit-identical to the base model
+
+    load_adapter(base, out, merge=False)  # merge has no meaning for full: the weights are copied in
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 5, 32, generator=g))
+    with torch.no_grad():
+        assert torch.equal(base.eval()(*inputs).sample, trained.eval()(*inputs).sample)
+
+
+def test_full_resumes_exactly(tmp_path, default_precision):
+    common = ["--adapter", "full", "--checkpointing_steps", "1", "--learning_rate", "1e-3"]
+    straight = load_file(run(tmp_path / "straight", *common, "--max_train_steps", "2") / "adapter_model.safetensors")
+    run(tmp_path / "resumed", *common, "--max_train_steps", "1")
+    checkpoint = tmp_path / "resumed" / "checkpoint-1"
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["method"] == "full"
+    after_one = load_file(checkpoint / "adapter_model.safetensors")
+    resumed = run(tmp_path / "resumed", *common, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    resumed = load_file(resumed / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
+    assert max((after_one[k] - resumed[k]).abs().max().item() for k in straight) > 1e-4  # the check can fail
 
 
 def test_checkpoint_limit_and_validation_grid(tmp_path):
@@ -155,6 +216,7 @@ BAD_INPUTS = [
     (lambda t: ["--gsoft_nblocks", "3"], "valid block counts"),
     (lambda t: ["--target_modules", "to_qq"], "to_qq"),
     (lambda t: ["--adapter", "lora", "--target_modules", "to_qq"], "to_qq"),
+    (lambda t: ["--adapter", "full", "--target_modules", "to_qq"], "no nn.Linear matches"),
     (lambda t: ["--enable_xformers_memory_efficient_attention"], "xformers"),
     (lambda t: ["--adapter", "boft", "--boft_backend", "peft"], "butterfly"),
 ]
