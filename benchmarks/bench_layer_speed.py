@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import load_line, machine_line  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
 from dreambooth_gs import GSOFTConfig, inject_adapter  # noqa: E402
+from dreambooth_gs.functional import gs_apply  # noqa: E402
 
 CASES = [  # (tokens, in_features = out_features): SD's 64x64 latents at 320 channels, 16x16 at 1280
     (8192, 320),
@@ -52,8 +53,33 @@ def ours(linear: nn.Linear, forward_mode: str = "auto", **config) -> nn.Module:
     return model
 
 
+class CayleyPart(nn.Module):
+    """Part of a GSOFT layer's cost: its orthogonal blocks from its parameters (Cayley), forward + backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.layer = model[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(f.sum() for f in self.layer.orthogonal_factors().values())
+
+
+class RotationPart(nn.Module):
+    """Part of a GSOFT layer's cost: ``Q x`` from given orthogonal blocks (gradients for x and the blocks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        factors = model[0].orthogonal_factors()
+        self.left = nn.Parameter(factors["gsoft_L"].detach().clone())
+        self.right = nn.Parameter(factors["gsoft_R"].detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gs_apply(x, self.left, self.right)
+
+
 def methods_for(linear: nn.Linear) -> dict[str, nn.Module]:
     frozen = copy.deepcopy(linear).requires_grad_(False)
+    activation = ours(linear, "activation", nblocks=NBLOCKS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {
@@ -66,7 +92,12 @@ def methods_for(linear: nn.Linear) -> dict[str, nn.Module]:
                 linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"], use_cayley_neumann=True)
             ),
             f"GSOFT r={NBLOCKS} (auto)": ours(linear, nblocks=NBLOCKS),
-            f"GSOFT r={NBLOCKS} activation-side": ours(linear, "activation", nblocks=NBLOCKS),
+            f"GSOFT r={NBLOCKS} activation-side": activation,
+            f"GSOFT r={NBLOCKS} activation-side, no scale vector": ours(
+                linear, "activation", nblocks=NBLOCKS, scale=False
+            ),
+            f"part of GSOFT r={NBLOCKS}: Cayley of its {2 * NBLOCKS} blocks": CayleyPart(activation),
+            f"part of GSOFT r={NBLOCKS}: rotation Q x": RotationPart(activation),
             f"GSOFT r={NBLOCKS} weight-side": ours(linear, "weight", nblocks=NBLOCKS),
             f"Double GSOFT r={NBLOCKS} (auto)": ours(linear, method="double_gsoft", nblocks=NBLOCKS),
             f"BOFT ({NBLOCKS},4) on the GS core": ours(linear, method="boft", nblocks=NBLOCKS, n_butterfly_factor=4),
@@ -80,7 +111,8 @@ def step_time(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, repeat
         x.grad = None
         module.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        module(x).backward(grad_out)
+        out = module(x)
+        out.backward(grad_out if out.shape == grad_out.shape else torch.ones_like(out))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

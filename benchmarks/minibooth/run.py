@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +48,12 @@ class RunOptions:
     num_threads: int | None = field(default=None, metadata=_help("CPU threads of every process. Default: torch's."))
     methods: list[str] | None = field(default=None, metadata=_help("Only these methods of protocol.json."))
     until: Literal["pretrain", "sweep", "all"] = field(default="all", metadata=_help("Stop after this step."))
+    seeds: list[int] | None = field(
+        default=None, metadata=_help("Seeds of the main runs instead of the profile's (the report says which).")
+    )
+    max_subjects: int | None = field(
+        default=None, metadata=_help("Report only the first N held-out subjects instead of the profile's.")
+    )
     protocol_file: str = field(default=str(driver.PROTOCOL_FILE), metadata=_help("The protocol (methods, runs)."))
     subjects_file: str = field(default=str(SUBJECTS_FILE), metadata=_help("The held-out subjects."))
 
@@ -118,6 +124,10 @@ def sweep(protocol, sweep_subject: str, base_dir: Path, work_dir: Path, pretrain
 
 def main(args: RunOptions) -> Path:
     protocol = driver.load_protocol("smoke" if args.smoke else "full", args.protocol_file, args.methods)
+    if args.seeds:
+        protocol = replace(protocol, seeds=tuple(args.seeds))
+    if args.max_subjects:
+        protocol = replace(protocol, max_subjects=args.max_subjects)
     work_dir = Path(args.work_dir) if args.work_dir else cache_root() / f"work-{protocol.profile}"
     pretrain_args = list(protocol.pretrain_args) + (
         ["--num_threads", str(args.num_threads)] if args.num_threads else []
