@@ -239,9 +239,17 @@ def _layer_variants(linear: nn.Linear) -> dict[str, nn.Module]:
 
 
 def _backward_fn(fn: Callable[[], torch.Tensor], zero: Callable[[], None]) -> Callable[[], None]:
+    """Forward + backward of ``fn`` with a fixed dense random output gradient, as inside the UNet (``sum()`` would
+    hand every layer an expanded all-ones gradient, which makes copies of it look free)."""
+    grads: dict[torch.Size, torch.Tensor] = {}
+
     def run() -> None:
         zero()
-        fn().sum().backward()
+        out = fn()
+        if out.shape not in grads:
+            generator = torch.Generator().manual_seed(0)
+            grads[out.shape] = torch.randn(out.shape, generator=generator).to(out.dtype)
+        out.backward(grads[out.shape])
 
     return run
 
@@ -409,10 +417,10 @@ def run_profile(args: argparse.Namespace) -> None:
             f"batch {args.batch}, {machine_line()})",
             "",
             "Written by `benchmarks/bench_unet_step.py --profile`. First, every distinct projection shape of this "
-            "UNet at this resolution: forward + backward of one layer alone (input requires grad, loss = sum), "
-            "medians of interleaved rounds, and the sum over the UNet's 128 projection calls. The two "
-            "'GSOFT r=32:' columns time parts of the GSOFT layer alone: its Cayley solve and the activation-side "
-            "rotation. 'auto side' is what `forward_mode='auto'` chose (`layer.forward_side(x)`).",
+            "UNet at this resolution: forward + backward of one layer alone (input requires grad, a fixed dense "
+            "random output gradient), medians of interleaved rounds, and the sum over the UNet's 128 projection "
+            "calls. The two 'GSOFT r=32:' columns time parts of the GSOFT layer alone: its Cayley solve and the "
+            "activation-side rotation. 'auto side' is what `forward_mode='auto'` chose (`layer.forward_side(x)`).",
             "",
             layers,
             "",
@@ -422,7 +430,10 @@ def run_profile(args: argparse.Namespace) -> None:
             ops,
             "",
             "What autograd keeps for backward inside one projection (read from the graph's `_saved_*` "
-            "attributes; frozen weights and adapter parameters excluded):",
+            "attributes; frozen weights and adapter parameters excluded). Custom autograd Functions keep their "
+            "tensors where these attributes do not show them: GSOFT's activation-side rotation (`_GSRotation`) "
+            "also keeps its input and the shuffled `P R x`, one tokens x in_features tensor each, which the "
+            "whole-step saved-tensor column of the step table does count (through saved-tensor hooks):",
             "",
             saved,
             "",
