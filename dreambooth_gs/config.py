@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -16,6 +17,14 @@ DEFAULT_BOFT_FACTORS = 4  # the paper's BOFT (32 blocks, 4 factors) row of Table
 def divisors(n: int) -> list[int]:
     """Every positive divisor of ``n``, ascending: the valid block counts (or block sizes) for a dimension."""
     return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def target_module_names(target_modules: str | Sequence[str]) -> tuple[str, ...]:
+    """``target_modules`` as a tuple of names (one name may be given as a string); refuses empty ones."""
+    names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"target_modules must be non-empty module names, got {names!r}")
+    return names
 
 
 @dataclass
@@ -74,9 +83,7 @@ class GSOFTConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
-            self.target_modules = (self.target_modules,)
-        self.target_modules = tuple(self.target_modules)
+        self.target_modules = target_module_names(self.target_modules)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.nblocks is not None and self.block_size is not None:
@@ -104,8 +111,6 @@ class GSOFTConfig:
                 raise ValueError(f"BOFT with several butterfly factors needs an even block_size, got {self.block_size}")
         elif self.n_butterfly_factor is not None:
             raise ValueError(f"n_butterfly_factor only applies to method='boft', not {self.method!r}")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
         if self.parametrization not in PARAMETRIZATIONS:
             raise ValueError(
                 f"unknown parametrization {self.parametrization!r}; choose one of {', '.join(PARAMETRIZATIONS)}"

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .baselines import peft_layers
+from .config import target_module_names
 from .injection import adapter_layers, find_targets, require_targets
 
 FULL_METHOD = "full"
@@ -33,13 +34,9 @@ class FullConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
-            self.target_modules = (self.target_modules,)
-        self.target_modules = tuple(self.target_modules)
+        self.target_modules = target_module_names(self.target_modules)
         if self.method != FULL_METHOD:
             raise ValueError(f"FullConfig.method must be {FULL_METHOD!r}, got {self.method!r}")
-        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "target_modules": list(self.target_modules)}
