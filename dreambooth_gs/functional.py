@@ -17,6 +17,7 @@ Conventions (Gorbunov et al., NeurIPS 2024):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -178,12 +179,13 @@ def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose
     lead = x.shape[:-1]
     if not transpose:
         device_type = x.device.type
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+        if autocast:
             dtype = torch.get_autocast_dtype(device_type)  # what autocast would run the bmm's in
             x, left, right = x.to(dtype), left.to(dtype), right.to(dtype)
-            with torch.autocast(device_type, enabled=False):
-                return _GSRotation.apply(x.reshape(-1, d).contiguous(), left, right).view(*lead, d)
-        return _GSRotation.apply(x.reshape(-1, d).contiguous(), left, right).view(*lead, d)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            y = _GSRotation.apply(x.reshape(-1, d).contiguous(), left, right)
+        return y.view(*lead, d)
     # Q^T = R^T P^T L^T P: L^T on the strided groups of x, then R^T on contiguous blocks.
     xs = x.reshape(-1, b, r).permute(2, 0, 1)  # (r, N, b): x[n, m*r + j] -> [j, n, m]
     w = torch.bmm(xs, left)  # (r, N, b): row form of L_j^T x_j
