@@ -134,11 +134,12 @@ def _block_major_unshuffle(u: torch.Tensor, r: int, b: int) -> torch.Tensor:
 class _GSRotation(torch.autograd.Function):
     """``Q x = P^T L P R x`` for ``x`` of shape ``(N, d)``, computed on ``x^T`` ("feature-major").
 
-    On ``x^T`` (``(d, N)``) every block of a factor is a ``(b, N)`` slab, so both permutations are copies of whole
-    length-``N`` rows and the bmm's read ``x`` through its transposed strides (no copy at all). The token-major
-    layout instead needs element-wise transposes for each shuffle, which cost more than the matmuls on a CPU.
-    The result is returned as the transposed view of a ``(d, N)`` tensor; the backward needs one copy of the
-    incoming gradient and one row shuffle. Saves ``x`` and ``P R x`` (as the autograd graph of the plain ops would).
+    On ``x^T`` (``(d, N)``) every block of a factor is a ``(b, N)`` slab: the bmm's read ``x`` through its
+    transposed strides and ``R x^T`` through a strided view (:func:`_strided_groups`), so the forward copies only
+    once (``P^T``, whole length-``N`` rows). The token-major layout instead needs element-wise transposes for each
+    shuffle, which cost more than the matmuls on a CPU. The result is returned as the transposed view of a
+    ``(d, N)`` tensor; the backward needs one copy of the incoming gradient and one row shuffle. Saves ``x`` and
+    ``R x`` (as the autograd graph of the plain ops would save ``x`` and ``P R x``).
     """
 
     @staticmethod
@@ -146,23 +147,31 @@ class _GSRotation(torch.autograd.Function):
         n_tokens, d = x.shape
         r, b, _ = right.shape
         x_t = x.mT.view(r, b, n_tokens)  # (r, b, N): block q of x^T, a strided view (BLAS reads it as is)
-        z_t = torch.bmm(right, x_t)  # (r, b, N): R on contiguous blocks
-        u_t = z_t.view(b, r, n_tokens).transpose(0, 1).contiguous()  # (r, b, N): u_t[j, m] = z^T[m*r + j]
-        w_t = torch.bmm(left, u_t)  # (r, b, N): L on the strided groups
-        ctx.save_for_backward(x, u_t, left, right)
+        z_t = torch.bmm(right, x_t)  # (r, b, N) = (d, N) rows of R x^T in natural order
+        w_t = torch.bmm(left, _strided_groups(z_t, r, b))  # (r, b, N): w_t[j, m] = (L P R x^T)[j*b + m]
+        ctx.save_for_backward(x, z_t, left, right)
         return w_t.transpose(0, 1).reshape(d, n_tokens).mT  # P^T: (b, r, N) rows m*r + j -> (N, d) view
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, u_t, left, right = ctx.saved_tensors
+        x, z_t, left, right = ctx.saved_tensors
         n_tokens, d = x.shape
         r, b, _ = right.shape
         grad_w_t = grad_y.mT.reshape(b, r, n_tokens).transpose(0, 1).contiguous()  # (r, b, N)
-        grad_left = torch.bmm(grad_w_t, u_t.mT) if ctx.needs_input_grad[1] else None
+        grad_left = torch.bmm(grad_w_t, _strided_groups(z_t, r, b).mT) if ctx.needs_input_grad[1] else None
         grad_z_t = torch.bmm(left.mT, grad_w_t).transpose(0, 1).reshape(r, b, n_tokens)  # P^T on the rows
         grad_right = torch.bmm(grad_z_t, x.mT.view(r, b, n_tokens).mT) if ctx.needs_input_grad[2] else None
         grad_x = torch.bmm(right.mT, grad_z_t).view(d, n_tokens).mT if ctx.needs_input_grad[0] else None
         return grad_x, grad_left, grad_right
+
+
+def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
+    """``P`` as a view: ``(r, b, N)`` rows ``q*b + i`` in natural order -> group ``j`` = rows ``m*r + j``.
+
+    The view has strides ``(N, r*N, 1)``: every group is a matrix with leading dimension ``r*N`` that BLAS reads
+    in place, so the shuffle between the two factors costs no copy."""
+    n_tokens = rows.shape[-1]
+    return rows.view(b, r, n_tokens).transpose(0, 1)  # (r, b, N)
 
 
 def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose: bool = False) -> torch.Tensor:
