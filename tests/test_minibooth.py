@@ -264,3 +264,19 @@ def test_attention_projection_widths_suit_the_adapters(name):
     widths = {*unet["block_out_channels"], unet["cross_attention_dim"]}
     divisors = (4, 8, 32) if name == "full" else (4, 8)
     assert all(width % d == 0 for width in widths for d in divisors), widths
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_peak_rss_is_the_child_process_own_not_inherited_from_its_parent():
+    """``ru_maxrss`` survives exec on Linux: a run started by the (large) pretraining process reported the parent's
+    peak. The record's peak must be the child's own."""
+    import subprocess
+
+    from benchmarks.minibooth.train_one import peak_rss_mib
+
+    ballast = torch.ones(64 * 2**20, dtype=torch.uint8)  # keep the parent's peak at least 64 MiB above the child's
+    parent = peak_rss_mib()
+    code = "from benchmarks.minibooth.train_one import peak_rss_mib; print(peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout)
+    assert 0 < child < parent - 32, (child, parent)
+    del ballast

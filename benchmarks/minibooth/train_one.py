@@ -34,6 +34,19 @@ def current_rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux ``VmHWM``, which starts afresh at exec). ``ru_maxrss`` is the
+    fallback elsewhere: on Linux it survives exec, so a child started by a 2 GB parent reported 2 GB whatever it
+    used (the first full run's seed-0 records)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, IndexError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def summarize_steps(stamps: list[float]) -> dict:
     """Median / mean seconds per optimizer step from the step-end timestamps, warm-up steps left out."""
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # gap k: the time of step k + 2
@@ -70,7 +83,7 @@ def main(argv: list[str]) -> dict:
         "wall_seconds": time.perf_counter() - start,
         "steps": len(stamps),
         **summarize_steps(stamps),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+        "peak_rss_mib": peak_rss_mib(),
         "rss_at_first_step_mib": rss_at_first_step[0] if rss_at_first_step else None,
         "num_threads": torch.get_num_threads(),
     }
