@@ -280,3 +280,36 @@ def test_peak_rss_is_the_child_process_own_not_inherited_from_its_parent():
     child = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout)
     assert 0 < child < parent - 32, (child, parent)
     del ballast
+
+
+def test_instance_ceiling_is_the_mean_over_distinct_pairs():
+    from PIL import Image
+
+    from benchmarks.minibooth.fidelity import instance_ceiling
+    from dreambooth_gs.metrics import tiny_random_clip
+
+    model, preprocess, _ = tiny_random_clip()
+    model.eval()
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    assert instance_ceiling(model, preprocess, [pictures[0]] * 3) == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(
+            model.encode_image(torch.stack([preprocess(p) for p in pictures])), dim=-1
+        )
+    pairs = [float(features[i] @ features[j]) for i in range(3) for j in range(3) if i != j]
+    assert instance_ceiling(model, preprocess, pictures) == pytest.approx(sum(pairs) / len(pairs), abs=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        instance_ceiling(model, preprocess, pictures[:1])
+
+
+def test_report_shows_the_ceiling_rows():
+    from benchmarks.minibooth.report import MethodSummary, render_report
+
+    base = {"a": {"clip_i": 0.2, "clip_t": 0.5}, "b": {"clip_i": 0.3, "clip_t": 0.4}}
+    per_subject = {"lora": {"a": {"clip_i": 0.3, "clip_t": 0.45}, "b": {"clip_i": 0.4, "clip_t": 0.38}}}
+    summary = MethodSummary("lora", 1e-4, 10, 0.1, 100.0, [0.3, 0.4], [0.45, 0.38])
+    text = render_report([summary], base, per_subject, "lora", "header", {"a": 0.5, "b": 0.7})
+    assert "| instance pictures vs each other (CLIP-I ceiling) | – | – | – | – | – | 0.600 ± 0.141 | – | – |" in text
+    assert "| CLIP-I ceiling | 0.500 / – | 0.700 / – |" in text
+    assert "ceiling" not in render_report([summary], base, per_subject, "lora", "header")

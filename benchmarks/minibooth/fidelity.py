@@ -68,3 +68,30 @@ def prompt_fidelity(pipeline_dir, clip_dir, scenes: Sequence[Scene], real: np.nd
         "real": attribute_accuracy(model, preprocess, tokenizer, real_images, scenes, world),
         "chance": {a: 1 / len(attribute_values(world, a)) for a in TESTED},
     }
+
+
+@torch.no_grad()
+def instance_ceiling(model, preprocess, images: Sequence[Image.Image]) -> float:
+    """CLIP-I of the subject's own instance pictures against each other (distinct pairs): what a model whose
+    pictures were as close to the subject as the real ones are to each other would score."""
+    if len(images) < 2:
+        raise ValueError(f"the ceiling needs at least 2 instance pictures, got {len(images)}")
+    pixels = torch.stack([preprocess(image.convert("RGB")) for image in images])  # (M, 3, R, R)
+    features = F.normalize(model.encode_image(pixels), dim=-1)  # (M, D)
+    similarity = features @ features.T  # (M, M)
+    count = len(images)
+    return float((similarity.sum() - similarity.diagonal().sum()) / (count * count - count))
+
+
+def subject_ceilings(clip_dir, subjects_dir, names: Sequence[str]) -> dict[str, float]:
+    """``{subject: instance_ceiling}`` under the MiniBooth CLIP for the instance pictures in ``subjects_dir/<name>``."""
+    from pathlib import Path
+
+    from .clip_training import load_clip
+
+    model, preprocess, _ = load_clip(clip_dir)
+    ceilings = {}
+    for name in names:
+        paths = sorted(Path(subjects_dir, name).glob("*.png"))
+        ceilings[name] = instance_ceiling(model, preprocess, [Image.open(p) for p in paths])
+    return ceilings

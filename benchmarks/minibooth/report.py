@@ -110,8 +110,10 @@ def render_report(
     per_subject: dict[str, dict[str, dict[str, float]]],
     reference: str,
     header: str,
+    ceilings: dict[str, float] | None = None,
 ) -> str:
-    """The Markdown report: the main table, the per-subject table and the noise lines."""
+    """The Markdown report: the main table, the per-subject table and the noise lines. ``ceilings`` (subject ->
+    CLIP-I of its instance pictures against each other) adds a reference row to both tables."""
     base = MethodSummary(
         "base",
         0.0,
@@ -130,6 +132,9 @@ def render_report(
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base_cells = f"{_cell(base.clip_i)} | {_cell(base.clip_t)} | {len(base.clip_i)}"
     lines.append(f"| base (no fine-tuning) | – | 0 | – | – | – | {base_cells} |")
+    if ceilings:
+        ceiling_cells = f"{_cell([ceilings[x] for x in sorted(base_scores)])} | – | –"
+        lines.append(f"| instance pictures vs each other (CLIP-I ceiling) | – | – | – | – | – | {ceiling_cells} |")
     for s in summaries:
         step = f"{s.step_seconds:.3f}" if s.step_seconds else "–"
         ratio = f"{s.step_seconds / ref_step:.2f}" if s.step_seconds and ref_step else "–"
@@ -150,6 +155,8 @@ def render_report(
     for method, table in per_subject.items():
         cells = [f"{table[x]['clip_i']:.3f} / {table[x]['clip_t']:.3f}" if x in table else "–" for x in subjects]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if ceilings:
+        lines.append("| CLIP-I ceiling | " + " | ".join(f"{ceilings[x]:.3f} / –" for x in subjects) + " |")
     lines += [
         "",
         "Differences, paired over subjects (mean ± 95% confidence half-width; within noise: the interval "

@@ -30,6 +30,7 @@ from transformers import HfArgumentParser  # noqa: E402
 from benchmarks.minibooth import driver  # noqa: E402
 from benchmarks.minibooth import pretrain as pretraining_script  # noqa: E402
 from benchmarks.minibooth.cache import cache_root  # noqa: E402
+from benchmarks.minibooth.fidelity import subject_ceilings  # noqa: E402
 from benchmarks.minibooth.report import per_subject_means, render_report, summarize  # noqa: E402
 from benchmarks.minibooth.subjects import SUBJECTS_FILE, load_subjects, write_subject_images  # noqa: E402
 from benchmarks.minibooth.world import load_world  # noqa: E402
@@ -166,6 +167,7 @@ def main(args: RunOptions) -> Path:
         per_subject_means(plans, scores),
         protocol.reference_method,
         header,
+        subject_ceilings(pretrained.clip_dir, work_dir / "subjects", [s.name for s in reported]),
     )
     report = work_dir / "report.md"
     report.write_text(text)
