@@ -272,11 +272,11 @@ def test_peak_rss_is_the_child_process_own_not_inherited_from_its_parent():
     peak. The record's peak must be the child's own."""
     import subprocess
 
-    from benchmarks.minibooth.train_one import peak_rss_mib
+    from benchmarks.minibooth.memory import peak_rss_mib
 
     ballast = torch.ones(64 * 2**20, dtype=torch.uint8)  # keep the parent's peak at least 64 MiB above the child's
     parent = peak_rss_mib()
-    code = "from benchmarks.minibooth.train_one import peak_rss_mib; print(peak_rss_mib())"
+    code = "from benchmarks.minibooth.memory import peak_rss_mib; print(peak_rss_mib())"
     child = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout)
     assert 0 < child < parent - 32, (child, parent)
     del ballast
@@ -286,21 +286,21 @@ def test_instance_ceiling_is_the_mean_over_distinct_pairs():
     from PIL import Image
 
     from benchmarks.minibooth.fidelity import instance_ceiling
-    from dreambooth_gs.metrics import tiny_random_clip
+    from dreambooth_gs.metrics import ClipScorer, tiny_random_clip
 
-    model, preprocess, _ = tiny_random_clip()
-    model.eval()
+    model, preprocess, tokenizer = tiny_random_clip()
+    scorer = ClipScorer(model, preprocess, tokenizer)
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
-    assert instance_ceiling(model, preprocess, [pictures[0]] * 3) == pytest.approx(1.0, abs=1e-5)
+    assert instance_ceiling(scorer, [pictures[0]] * 3) == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
         features = torch.nn.functional.normalize(
             model.encode_image(torch.stack([preprocess(p) for p in pictures])), dim=-1
         )
     pairs = [float(features[i] @ features[j]) for i in range(3) for j in range(3) if i != j]
-    assert instance_ceiling(model, preprocess, pictures) == pytest.approx(sum(pairs) / len(pairs), abs=1e-5)
+    assert instance_ceiling(scorer, pictures) == pytest.approx(sum(pairs) / len(pairs), abs=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
-        instance_ceiling(model, preprocess, pictures[:1])
+        instance_ceiling(scorer, pictures[:1])
 
 
 def test_report_shows_the_ceiling_rows():

@@ -70,14 +70,13 @@ def prompt_fidelity(pipeline_dir, clip_dir, scenes: Sequence[Scene], real: np.nd
     }
 
 
-@torch.no_grad()
-def instance_ceiling(model, preprocess, images: Sequence[Image.Image]) -> float:
-    """CLIP-I of the subject's own instance pictures against each other (distinct pairs): what a model whose
-    pictures were as close to the subject as the real ones are to each other would score."""
+def instance_ceiling(scorer, images: Sequence[Image.Image]) -> float:
+    """CLIP-I of the subject's own instance pictures against each other (distinct pairs), embedded as the evaluator
+    embeds them (``scorer``: a :class:`dreambooth_gs.metrics.ClipScorer`): what a model whose pictures were as close
+    to the subject as the real ones are to each other would score."""
     if len(images) < 2:
         raise ValueError(f"the ceiling needs at least 2 instance pictures, got {len(images)}")
-    pixels = torch.stack([preprocess(image.convert("RGB")) for image in images])  # (M, 3, R, R)
-    features = F.normalize(model.encode_image(pixels), dim=-1)  # (M, D)
+    features = scorer.image_embeddings(images)  # (M, D), unit norm
     similarity = features @ features.T  # (M, M)
     count = len(images)
     return float((similarity.sum() - similarity.diagonal().sum()) / (count * count - count))
@@ -87,11 +86,13 @@ def subject_ceilings(clip_dir, subjects_dir, names: Sequence[str]) -> dict[str, 
     """``{subject: instance_ceiling}`` under the MiniBooth CLIP for the instance pictures in ``subjects_dir/<name>``."""
     from pathlib import Path
 
+    from dreambooth_gs.metrics import ClipScorer
+
     from .clip_training import load_clip
 
-    model, preprocess, _ = load_clip(clip_dir)
+    scorer = ClipScorer(*load_clip(clip_dir))
     ceilings = {}
     for name in names:
         paths = sorted(Path(subjects_dir, name).glob("*.png"))
-        ceilings[name] = instance_ceiling(model, preprocess, [Image.open(p) for p in paths])
+        ceilings[name] = instance_ceiling(scorer, [Image.open(p) for p in paths])
     return ceilings

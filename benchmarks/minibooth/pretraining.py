@@ -8,7 +8,6 @@ arguments give the same models on the same machine.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .memory import resident_mib
 from .world import Scene, World, random_caption
 
 Log = Callable[[str], None]
@@ -40,18 +40,8 @@ def _log_progress(log: Log, name: str, step: int, total: int, losses: list[float
     recent = losses[-50:]
     log(
         f"{name} step {step}/{total}: loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - start:.0f}s, "
-        f"resident {_resident_gib():.1f} GiB)"
+        f"resident {resident_mib() / 1024:.1f} GiB)"
     )
-
-
-def _resident_gib() -> float:
-    """This process's resident memory now (Linux /proc; 0 where unavailable): the first full run's pretraining
-    grew to 23 GiB during the CLIP stage and thrashed, so every progress line reports it."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def train_vae(

@@ -124,6 +124,7 @@ def render_report(
         [s["clip_t"] for s in base_scores.values()],
     )
     ref_step = next((s.step_seconds for s in summaries if s.method == reference), None)
+    subjects = sorted(base_scores)
     lines = [
         header,
         "",
@@ -133,7 +134,7 @@ def render_report(
     base_cells = f"{_cell(base.clip_i)} | {_cell(base.clip_t)} | {len(base.clip_i)}"
     lines.append(f"| base (no fine-tuning) | – | 0 | – | – | – | {base_cells} |")
     if ceilings:
-        ceiling_cells = f"{_cell([ceilings[x] for x in sorted(base_scores)])} | – | –"
+        ceiling_cells = f"{_cell([ceilings[x] for x in subjects])} | – | –"
         lines.append(f"| instance pictures vs each other (CLIP-I ceiling) | – | – | – | – | – | {ceiling_cells} |")
     for s in summaries:
         step = f"{s.step_seconds:.3f}" if s.step_seconds else "–"
@@ -143,7 +144,6 @@ def render_report(
             f"| {s.method} | {s.learning_rate:g} | {s.parameters:,} | {step} | {ratio} | {rss} | {_cell(s.clip_i)} | "
             f"{_cell(s.clip_t)} | {len(s.clip_i)} |"
         )
-    subjects = sorted(base_scores)
     lines += ["", "Per subject, CLIP-I / CLIP-T (mean over seeds):", ""]
     lines.append("| method | " + " | ".join(subjects) + " |")
     lines.append("|---|" + "---:|" * len(subjects))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -21,30 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.minibooth.memory import peak_rss_mib, resident_mib  # noqa: E402
+
 RECORD_FILE = "minibooth_run.json"
 WARMUP_STEPS = 3  # the first steps pay for lazy initialisation; their times are not in the median
-
-
-def current_rss_mib() -> float:
-    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (Linux ``VmHWM``, which starts afresh at exec). ``ru_maxrss`` is the
-    fallback elsewhere: on Linux it survives exec, so a child started by a 2 GB parent reported 2 GB whatever it
-    used (the first full run's seed-0 records)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except (OSError, IndexError, ValueError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def summarize_steps(stamps: list[float]) -> dict:
@@ -70,7 +49,7 @@ def main(argv: list[str]) -> dict:
     def on_step(optimizer, args, kwargs) -> None:
         stamps.append(time.perf_counter())
         if not rss_at_first_step:
-            rss_at_first_step.append(current_rss_mib())
+            rss_at_first_step.append(resident_mib())
 
     handle = register_optimizer_step_post_hook(on_step)
     start = time.perf_counter()
