@@ -81,17 +81,63 @@ def skew(params: torch.Tensor) -> torch.Tensor:
 def cayley(params: torch.Tensor) -> torch.Tensor:
     """``Cayley(K) = (I + K)(I - K)^-1`` with ``K = skew(A)``, for a batch ``(..., b, b)`` in one batched inverse.
 
-    Uses ``(I + K)(I - K)^-1 = 2 (I - K)^-1 - I``: one inverse forward and two matmuls backward, cheaper than a
-    solve with a right-hand side. ``I - K`` is always invertible (``K`` is skew, its eigenvalues are imaginary), so
-    ``inv_ex`` skips the per-matrix singularity check. Computed in float32 whatever the input dtype (there are no
+    Uses ``(I + K)(I - K)^-1 = 2 (I - K)^-1 - I``: one inverse forward (:func:`inverse_positive_real`) and two
+    matmuls backward (:class:`_Cayley`). Computed in float32 whatever the input dtype (there are no
     half-precision inverses, and orthogonality would suffer); the result is float32 (float64 for float64 input),
     callers cast it where they use it.
     """
     work_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
-    k = skew(params.to(work_dtype))
-    eye = torch.eye(k.shape[-1], dtype=work_dtype, device=k.device)
-    inverse, _ = torch.linalg.inv_ex(eye - k)
-    return 2 * inverse - eye
+    return _Cayley.apply(params.to(work_dtype))
+
+
+class _Cayley(torch.autograd.Function):
+    """``Q = 2 M - I`` with ``M = (I - K)^-1``, ``K = (A - A^T) / 2``; backward ``dA = skew(2 M^T G M^T)``.
+
+    ``dM = M dK M``, so ``<G, dQ> = <2 M^T G M^T, dK>``, and ``dK = skew(dA)`` gives the skew part of that.
+    One custom node instead of autograd's chain of small ops (skew, subtract, inverse, scale)."""
+
+    @staticmethod
+    def forward(ctx, params: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(params.shape[-1], dtype=params.dtype, device=params.device)
+        inverse = inverse_positive_real(eye - skew(params))
+        ctx.save_for_backward(inverse)
+        return 2 * inverse - eye
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor) -> torch.Tensor:
+        (inverse,) = ctx.saved_tensors
+        grad_k = 2 * (inverse.mT @ grad_q @ inverse.mT)
+        return skew(grad_k)
+
+
+# Below this size the CPU's batched LAPACK inverse is cheap; above it, splitting into halves is faster.
+_BLOCK_INVERSE_LEAF = 16
+
+
+def inverse_positive_real(matrices: torch.Tensor) -> torch.Tensor:
+    """Batched inverse of matrices whose symmetric part is positive definite (such as ``I - K``, ``K`` skew).
+
+    On the CPU, LAPACK's batched inverse spends most of its time in per-matrix triangular inversion (4-8x the LU
+    factorisation for 16-80 wide blocks), so larger blocks are inverted by 2 x 2 block elimination, recursively:
+    ``M = [[A, B], [C, D]]``, ``S = D - C A^-1 B``, every step a batched matmul. Without pivoting this is stable
+    here: the leading block and the Schur complement of such a matrix again have a positive definite symmetric
+    part (``x^T M x >= |x|^2`` for ``I - K``), so nothing is ever singular. Other devices use ``inv_ex``.
+    """
+    n = matrices.shape[-1]
+    if matrices.device.type != "cpu" or n <= _BLOCK_INVERSE_LEAF:
+        inverse, _ = torch.linalg.inv_ex(matrices)  # no singularity check: these never are
+        return inverse
+    half = n // 2
+    a, b = matrices[..., :half, :half], matrices[..., :half, half:]
+    c, d = matrices[..., half:, :half], matrices[..., half:, half:]
+    a_inv = inverse_positive_real(a)
+    a_inv_b = a_inv @ b  # (..., half, n - half)
+    c_a_inv = c @ a_inv  # (..., n - half, half)
+    s_inv = inverse_positive_real(d - c @ a_inv_b)  # inverse of the Schur complement
+    s_inv_c_a_inv = s_inv @ c_a_inv
+    top = torch.cat([a_inv + a_inv_b @ s_inv_c_a_inv, -(a_inv_b @ s_inv)], dim=-1)
+    bottom = torch.cat([-s_inv_c_a_inv, s_inv], dim=-1)
+    return torch.cat([top, bottom], dim=-2)
 
 
 def orthogonal_blocks(params: torch.Tensor, parametrization: str = "cayley") -> torch.Tensor:
@@ -131,38 +177,84 @@ def _block_major_unshuffle(u: torch.Tensor, r: int, b: int) -> torch.Tensor:
     return flat.view(n_tokens, r, b).transpose(0, 1).contiguous()  # (r, N, b)
 
 
-class _GSRotation(torch.autograd.Function):
-    """``Q x = P^T L P R x`` for ``x`` of shape ``(N, d)``, computed on ``x^T`` ("feature-major").
+def _rotation_forward(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R x^T, (Q x)^T)`` for ``x`` ``(N, d)``: the saved intermediate ``(r, b, N)`` and the result ``(d, N)``.
 
     On ``x^T`` (``(d, N)``) every block of a factor is a ``(b, N)`` slab: the bmm's read ``x`` through its
-    transposed strides and ``R x^T`` through a strided view (:func:`_strided_groups`), so the forward copies only
-    once (``P^T``, whole length-``N`` rows). The token-major layout instead needs element-wise transposes for each
-    shuffle, which cost more than the matmuls on a CPU. The result is returned as the transposed view of a
-    ``(d, N)`` tensor; the backward needs one copy of the incoming gradient and one row shuffle. Saves ``x`` and
-    ``R x`` (as the autograd graph of the plain ops would save ``x`` and ``P R x``).
+    transposed strides and ``R x^T`` through a strided view (:func:`_strided_groups`), so the only copy is the
+    final ``P^T`` (whole length-``N`` rows). The token-major layout instead needs element-wise transposes for each
+    shuffle, which cost more than the matmuls on a CPU."""
+    n_tokens, d = x.shape
+    r, b, _ = right.shape
+    x_t = x.mT.view(r, b, n_tokens)  # (r, b, N): block q of x^T, a strided view (BLAS reads it as is)
+    z_t = torch.bmm(right, x_t)  # (r, b, N) = (d, N) rows of R x^T in natural order
+    w_t = torch.bmm(left, _strided_groups(z_t, r, b))  # (r, b, N): w_t[j, m] = (L P R x^T)[j*b + m]
+    return z_t, w_t.transpose(0, 1).reshape(d, n_tokens)  # P^T: (b, r, N) rows m*r + j -> (d, N)
+
+
+def _rotation_backward(
+    grad_w_t: torch.Tensor,
+    x: torch.Tensor,
+    z_t: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    needs_input_grad: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(x, left, right)`` of :func:`_rotation_forward` from ``grad_w_t`` ``(r, b, N)``, the gradient
+    of ``L P R x^T`` group by group (``P`` already applied to the gradient of ``(Q x)^T``; any strides)."""
+    n_tokens, d = x.shape
+    r, b, _ = right.shape
+    grad_left = torch.bmm(grad_w_t, _strided_groups(z_t, r, b).mT) if needs_input_grad[1] else None
+    grad_z_t = torch.bmm(left.mT, grad_w_t).transpose(0, 1).reshape(r, b, n_tokens)  # P^T on the rows
+    grad_right = torch.bmm(grad_z_t, x.mT.view(r, b, n_tokens).mT) if needs_input_grad[2] else None
+    grad_x = torch.bmm(right.mT, grad_z_t).view(d, n_tokens).mT if needs_input_grad[0] else None
+    return grad_x, grad_left, grad_right
+
+
+class _GSRotation(torch.autograd.Function):
+    """``Q x = P^T L P R x`` for ``x`` of shape ``(N, d)``, computed on ``x^T`` (see :func:`_rotation_forward`).
+
+    The result is returned as the transposed view of a ``(d, N)`` tensor; the backward needs one copy of the
+    incoming gradient (token-major to feature-major) and one row shuffle. Saves ``x`` and ``R x`` (as the
+    autograd graph of the plain ops would save ``x`` and ``P R x``).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        n_tokens, d = x.shape
-        r, b, _ = right.shape
-        x_t = x.mT.view(r, b, n_tokens)  # (r, b, N): block q of x^T, a strided view (BLAS reads it as is)
-        z_t = torch.bmm(right, x_t)  # (r, b, N) = (d, N) rows of R x^T in natural order
-        w_t = torch.bmm(left, _strided_groups(z_t, r, b))  # (r, b, N): w_t[j, m] = (L P R x^T)[j*b + m]
+        z_t, y_t = _rotation_forward(x, left, right)
         ctx.save_for_backward(x, z_t, left, right)
-        return w_t.transpose(0, 1).reshape(d, n_tokens).mT  # P^T: (b, r, N) rows m*r + j -> (N, d) view
+        return y_t.mT
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, z_t, left, right = ctx.saved_tensors
-        n_tokens, d = x.shape
         r, b, _ = right.shape
-        grad_w_t = grad_y.mT.reshape(b, r, n_tokens).transpose(0, 1).contiguous()  # (r, b, N)
-        grad_left = torch.bmm(grad_w_t, _strided_groups(z_t, r, b).mT) if ctx.needs_input_grad[1] else None
-        grad_z_t = torch.bmm(left.mT, grad_w_t).transpose(0, 1).reshape(r, b, n_tokens)  # P^T on the rows
-        grad_right = torch.bmm(grad_z_t, x.mT.view(r, b, n_tokens).mT) if ctx.needs_input_grad[2] else None
-        grad_x = torch.bmm(right.mT, grad_z_t).view(d, n_tokens).mT if ctx.needs_input_grad[0] else None
-        return grad_x, grad_left, grad_right
+        grad_w_t = grad_y.mT.reshape(b, r, x.shape[0]).transpose(0, 1).contiguous()  # (r, b, N)
+        return _rotation_backward(grad_w_t, x, z_t, left, right, ctx.needs_input_grad)
+
+
+class _GSRotatedLinear(torch.autograd.Function):
+    """``W Q x`` (``F.linear(Q x, W)``) for ``x`` ``(N, d)``, ``W`` ``(out, d)``: the rotation and the matmul in one
+    node, so that the backward's matmul writes the gradient of ``(Q x)^T`` feature-major (``W^T grad_y^T``, the
+    same GEMM as ``grad_y W`` with its operands swapped) and the rotation's backward reads it in place: the
+    token-major to feature-major copy of :class:`_GSRotation` disappears."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        z_t, u_t = _rotation_forward(x, left, right)
+        ctx.save_for_backward(x, z_t, left, right, weight, u_t if ctx.needs_input_grad[3] else None)
+        return torch.mm(u_t.mT, weight.mT)  # (N, out)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, z_t, left, right, weight, u_t = ctx.saved_tensors
+        r, b, _ = right.shape
+        grad_weight = torch.mm(grad_y.mT, u_t.mT) if ctx.needs_input_grad[3] else None
+        if not any(ctx.needs_input_grad[:3]):
+            return None, None, None, grad_weight
+        grad_u_t = torch.mm(weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
+        grad_w_t = _strided_groups(grad_u_t, r, b)  # P on the rows, a view
+        return (*_rotation_backward(grad_w_t, x, z_t, left, right, ctx.needs_input_grad), grad_weight)
 
 
 def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
@@ -172,6 +264,14 @@ def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
     in place, so the shuffle between the two factors costs no copy."""
     n_tokens = rows.shape[-1]
     return rows.view(b, r, n_tokens).transpose(0, 1)  # (r, b, N)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul on ``x`` in, or None when autocast is off for its device."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -187,12 +287,10 @@ def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose
     assert x.shape[-1] == d and left.shape == right.shape, (x.shape, left.shape, right.shape)
     lead = x.shape[:-1]
     if not transpose:
-        device_type = x.device.type
-        autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-        if autocast:
-            dtype = torch.get_autocast_dtype(device_type)  # what autocast would run the bmm's in
+        dtype = _autocast_dtype(x)
+        if dtype is not None:  # run the bmm's in the dtype autocast would have used
             x, left, right = x.to(dtype), left.to(dtype), right.to(dtype)
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
             y = _GSRotation.apply(x.reshape(-1, d).contiguous(), left, right)
         return y.view(*lead, d)
     # Q^T = R^T P^T L^T P: L^T on the strided groups of x, then R^T on contiguous blocks.
@@ -200,6 +298,25 @@ def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose
     w = torch.bmm(xs, left)  # (r, N, b): row form of L_j^T x_j
     z = torch.bmm(_block_major_unshuffle(w, r, b), right)  # (r, N, b)
     return z.transpose(0, 1).reshape(*lead, d)
+
+
+def gs_linear(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(Q x, W)`` (no bias) with GSOFT's ``Q = P^T L P R`` on the last dimension of ``x``, in one node.
+
+    Same result as ``F.linear(gs_apply(x, left, right), weight)``, with a cheaper backward
+    (:class:`_GSRotatedLinear`). ``weight`` is ``(out, r * b)``; under autocast everything runs in the autocast
+    dtype, as ``F.linear`` would.
+    """
+    r, b, _ = right.shape
+    d = r * b
+    assert x.shape[-1] == d == weight.shape[-1] and left.shape == right.shape, (x.shape, left.shape, weight.shape)
+    lead = x.shape[:-1]
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        x, left, right, weight = x.to(dtype), left.to(dtype), right.to(dtype), weight.to(dtype)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        y = _GSRotatedLinear.apply(x.reshape(-1, d).contiguous(), left, right, weight)
+    return y.view(*lead, weight.shape[0])
 
 
 def gs_matrix(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

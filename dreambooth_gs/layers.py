@@ -182,7 +182,12 @@ class GSOFTLinear(nn.Module):
         if self.forward_side(x) == "weight":
             return F.linear(x, self._transform_weight(weight).to(x.dtype), bias)
         factors = self.orthogonal_factors()
-        y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
+        if self.method == "boft":
+            y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
+        else:  # W Q_in x in one node (its backward skips a transpose of the gradient)
+            prefix = "gsoft_" if self.method == "gsoft" else "gsoft_in_"
+            left, right = (factors[prefix + k].to(x.dtype) for k in ("L", "R"))
+            y = gsf.gs_linear(x, left, right, weight)
         if self.method == "double_gsoft":
             y = self._rotate(y, factors, "out", transpose=False).contiguous()  # gs_apply may return x^T's view
         if self.gsoft_s is not None and bias is not None:
