@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import load_line, machine_line  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
 from dreambooth_gs import GSOFTConfig, inject_adapter  # noqa: E402
-from dreambooth_gs.functional import gs_apply  # noqa: E402
+from dreambooth_gs.functional import gs_linear  # noqa: E402
 
 CASES = [  # (tokens, in_features = out_features): SD's 64x64 latents at 320 channels, 16x16 at 1280
     (8192, 320),
@@ -64,17 +64,20 @@ class CayleyPart(nn.Module):
         return sum(f.sum() for f in self.layer.orthogonal_factors().values())
 
 
-class RotationPart(nn.Module):
-    """Part of a GSOFT layer's cost: ``Q x`` from given orthogonal blocks (gradients for x and the blocks)."""
+class RotatedMatmulPart(nn.Module):
+    """Part of a GSOFT layer's cost: the frozen matmul of the rotated input, ``W Q x`` (``gs_linear``), from given
+    orthogonal blocks (gradients for x and the blocks); minus the floor row, what the rotation costs."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        factors = model[0].orthogonal_factors()
+        layer = model[0]
+        factors = layer.orthogonal_factors()
         self.left = nn.Parameter(factors["gsoft_L"].detach().clone())
         self.right = nn.Parameter(factors["gsoft_R"].detach().clone())
+        self.weight = layer.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gs_apply(x, self.left, self.right)
+        return gs_linear(x, self.left, self.right, self.weight)
 
 
 def methods_for(linear: nn.Linear) -> dict[str, nn.Module]:
@@ -97,7 +100,7 @@ def methods_for(linear: nn.Linear) -> dict[str, nn.Module]:
                 linear, "activation", nblocks=NBLOCKS, scale=False
             ),
             f"part of GSOFT r={NBLOCKS}: Cayley of its {2 * NBLOCKS} blocks": CayleyPart(activation),
-            f"part of GSOFT r={NBLOCKS}: rotation Q x": RotationPart(activation),
+            f"part of GSOFT r={NBLOCKS}: frozen matmul of the rotated input, W Q x": RotatedMatmulPart(activation),
             f"GSOFT r={NBLOCKS} weight-side": ours(linear, "weight", nblocks=NBLOCKS),
             f"Double GSOFT r={NBLOCKS} (auto)": ours(linear, method="double_gsoft", nblocks=NBLOCKS),
             f"BOFT ({NBLOCKS},4) on the GS core": ours(linear, method="boft", nblocks=NBLOCKS, n_butterfly_factor=4),

@@ -207,7 +207,9 @@ def _rotation_backward(
     grad_left = torch.bmm(grad_w_t, _strided_groups(z_t, r, b).mT) if needs_input_grad[1] else None
     grad_z_t = torch.bmm(left.mT, grad_w_t).transpose(0, 1).reshape(r, b, n_tokens)  # P^T on the rows
     grad_right = torch.bmm(grad_z_t, x.mT.view(r, b, n_tokens).mT) if needs_input_grad[2] else None
-    grad_x = torch.bmm(right.mT, grad_z_t).view(d, n_tokens).mT if needs_input_grad[0] else None
+    grad_x = None
+    if needs_input_grad[0]:  # token-major like x: R_q^T per block in row form, then whole b-wide runs moved
+        grad_x = torch.bmm(grad_z_t.mT, right).transpose(0, 1).reshape(n_tokens, d)  # (r, N, b) -> (N, d)
     return grad_x, grad_left, grad_right
 
 
