@@ -17,9 +17,8 @@ Conventions (Gorbunov et al., NeurIPS 2024):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -268,12 +267,15 @@ def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
     return rows.view(b, r, n_tokens).transpose(0, 1)  # (r, b, N)
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a matmul on ``x`` in, or None when autocast is off for its device."""
-    device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+def _in_autocast_dtype(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """``function(*tensors)``, with the tensors first cast to the dtype autocast would run a matmul on them in and
+    autocast off inside (a custom node then sees one dtype); as it is when autocast is off for their device."""
+    device_type = tensors[0].device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return function(*tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False):
+        return function(*(t.to(dtype) for t in tensors))
 
 
 def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -289,11 +291,7 @@ def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose
     assert x.shape[-1] == d and left.shape == right.shape, (x.shape, left.shape, right.shape)
     lead = x.shape[:-1]
     if not transpose:
-        dtype = _autocast_dtype(x)
-        if dtype is not None:  # run the bmm's in the dtype autocast would have used
-            x, left, right = x.to(dtype), left.to(dtype), right.to(dtype)
-        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-            y = _GSRotation.apply(x.reshape(-1, d).contiguous(), left, right)
+        y = _in_autocast_dtype(_GSRotation.apply, x.reshape(-1, d).contiguous(), left, right)
         return y.view(*lead, d)
     # Q^T = R^T P^T L^T P: L^T on the strided groups of x, then R^T on contiguous blocks.
     xs = x.reshape(-1, b, r).permute(2, 0, 1)  # (r, N, b): x[n, m*r + j] -> [j, n, m]
@@ -313,11 +311,7 @@ def gs_linear(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weight: 
     d = r * b
     assert x.shape[-1] == d == weight.shape[-1] and left.shape == right.shape, (x.shape, left.shape, weight.shape)
     lead = x.shape[:-1]
-    dtype = _autocast_dtype(x)
-    if dtype is not None:
-        x, left, right, weight = x.to(dtype), left.to(dtype), right.to(dtype), weight.to(dtype)
-    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
-        y = _GSRotatedLinear.apply(x.reshape(-1, d).contiguous(), left, right, weight)
+    y = _in_autocast_dtype(_GSRotatedLinear.apply, x.reshape(-1, d).contiguous(), left, right, weight)
     return y.view(*lead, weight.shape[0])
 
 

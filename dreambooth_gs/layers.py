@@ -134,12 +134,17 @@ class GSOFTLinear(nn.Module):
 
     def _rotate(self, x: torch.Tensor, factors: dict[str, torch.Tensor], side: str, transpose: bool) -> torch.Tensor:
         """``Q_side x`` (or its transpose) on the last dimension of ``x``, in ``x``'s dtype."""
-        cast = {k: v.to(x.dtype) for k, v in factors.items()}
         if self.method == "boft":
             apply = gsf.boft_apply_transposed if transpose else gsf.boft_apply
-            return apply(x, cast["gsoft_butterfly"], self._boft_gathers())
+            return apply(x, factors["gsoft_butterfly"].to(x.dtype), self._boft_gathers())
+        return gsf.gs_apply(x, *self._gs_blocks(factors, side, x.dtype), transpose=transpose)
+
+    def _gs_blocks(
+        self, factors: dict[str, torch.Tensor], side: str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(L, R)`` blocks of GSOFT's ``Q`` (Double GSOFT: of ``Q_side``, ``side`` 'in' or 'out') in ``dtype``."""
         prefix = "gsoft_" if self.method == "gsoft" else f"gsoft_{side}_"
-        return gsf.gs_apply(x, cast[prefix + "L"], cast[prefix + "R"], transpose=transpose)
+        return factors[prefix + "L"].to(dtype), factors[prefix + "R"].to(dtype)
 
     def _transform_weight(self, weight: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """``diag(s) Q_out W Q_in`` (or its inverse) computed in float32."""
@@ -185,9 +190,7 @@ class GSOFTLinear(nn.Module):
         if self.method == "boft":
             y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
         else:  # W Q_in x in one node (its backward skips a transpose of the gradient)
-            prefix = "gsoft_" if self.method == "gsoft" else "gsoft_in_"
-            left, right = (factors[prefix + k].to(x.dtype) for k in ("L", "R"))
-            y = gsf.gs_linear(x, left, right, weight)
+            y = gsf.gs_linear(x, *self._gs_blocks(factors, "in", x.dtype), weight)
         if self.method == "double_gsoft":
             y = self._rotate(y, factors, "out", transpose=False).contiguous()  # gs_apply may return x^T's view
         if self.gsoft_s is not None and bias is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,8 +85,6 @@ def instance_ceiling(scorer, images: Sequence[Image.Image]) -> float:
 
 def subject_ceilings(clip_dir, subjects_dir, names: Sequence[str]) -> dict[str, float]:
     """``{subject: instance_ceiling}`` under the MiniBooth CLIP for the instance pictures in ``subjects_dir/<name>``."""
-    from pathlib import Path
-
     from dreambooth_gs.metrics import ClipScorer
 
     from .clip_training import load_clip
