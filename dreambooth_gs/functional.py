@@ -163,19 +163,6 @@ def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return yb.transpose(0, 1).reshape(*lead, k * b_out)
 
 
-def _block_major_unshuffle(u: torch.Tensor, r: int, b: int) -> torch.Tensor:
-    """``P^T`` block-major: ``(r, N, b)`` strided groups ``u[j, :, m] = x[:, m*r + j]`` back to contiguous blocks."""
-    n_tokens = u.shape[1]
-    if b % r == 0:
-        k = b // r
-        return u.view(r, n_tokens, r, k).permute(2, 1, 3, 0).reshape(r, n_tokens, b)
-    if r % b == 0:
-        k = r // b
-        return u.view(k, b, n_tokens, b).permute(3, 0, 2, 1).reshape(r, n_tokens, b)
-    flat = u.permute(1, 2, 0).reshape(n_tokens, r * b)  # (N, d)
-    return flat.view(n_tokens, r, b).transpose(0, 1).contiguous()  # (r, N, b)
-
-
 def _rotation_forward(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R x^T, (Q x)^T)`` for ``x`` ``(N, d)``: the saved intermediate ``(r, b, N)`` and the result ``(d, N)``.
 
@@ -234,28 +221,82 @@ class _GSRotation(torch.autograd.Function):
         return _rotation_backward(grad_w_t, x, z_t, left, right, ctx.needs_input_grad)
 
 
-class _GSRotatedLinear(torch.autograd.Function):
-    """``W Q x`` (``F.linear(Q x, W)``) for ``x`` ``(N, d)``, ``W`` ``(out, d)``: the rotation and the matmul in one
-    node, so that the backward's matmul writes the gradient of ``(Q x)^T`` feature-major (``W^T grad_y^T``, the
-    same GEMM as ``grad_y W`` with its operands swapped) and the rotation's backward reads it in place: the
-    token-major to feature-major copy of :class:`_GSRotation` disappears."""
+class _GSRotationTransposed(torch.autograd.Function):
+    """``Q^T x = R^T P^T L^T P x`` for ``x`` ``(N, d)`` (``W Q`` for a weight ``W``: its rows are rotated by ``Q^T``),
+    token-major: ``L^T`` on the strided groups ``x[:, j::r]``, then ``R^T`` on contiguous ``b``-wide runs, each as
+    one bmm in row form. Three copies (the grouping of ``x``, the shuffle between the factors, the result back in
+    token order) and no per-block Python loop; every bmm operand is a view BLAS reads in place."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        z_t, u_t = _rotation_forward(x, left, right)
-        ctx.save_for_backward(x, z_t, left, right, weight, u_t if ctx.needs_input_grad[3] else None)
-        return torch.mm(u_t.mT, weight.mT)  # (N, out)
+    def forward(ctx, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        n_rows, d = x.shape
+        r, b, _ = right.shape
+        x_groups = x.unflatten(-1, (b, r)).permute(2, 0, 1).contiguous()  # (r, N, b): [j, n, m] = x[n, m*r + j]
+        w = torch.bmm(x_groups, left)  # (r, N, b): row form of L_j^T on group j
+        t = w.permute(1, 2, 0).reshape(n_rows, d)  # P^T: t[n, m*r + j] = w[j, n, m]
+        z = torch.bmm(_row_blocks(t, r, b), right)  # (r, N, b): row form of R_q^T on block q
+        ctx.save_for_backward(x_groups, t, left, right)
+        return z.transpose(0, 1).reshape(n_rows, d)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, z_t, left, right, weight, u_t = ctx.saved_tensors
+        x_groups, t, left, right = ctx.saved_tensors
+        n_rows, d = t.shape
         r, b, _ = right.shape
-        grad_weight = torch.mm(grad_y.mT, u_t.mT) if ctx.needs_input_grad[3] else None
-        if not any(ctx.needs_input_grad[:3]):
-            return None, None, None, grad_weight
+        grad_z = _row_blocks(grad_y, r, b)  # (r, N, b)
+        grad_right = torch.bmm(_row_blocks(t, r, b).mT, grad_z) if ctx.needs_input_grad[2] else None
+        grad_t = torch.bmm(grad_z, right.mT).transpose(0, 1).reshape(n_rows, d)  # (r, N, b) -> token order
+        grad_w = grad_t.unflatten(-1, (b, r)).permute(2, 0, 1).contiguous()  # (r, N, b), as x_groups
+        grad_left = torch.bmm(x_groups.mT, grad_w) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # L_j on group j, then back to token order
+            grad_x = torch.bmm(grad_w, left.mT).permute(1, 2, 0).reshape(n_rows, d)
+        return grad_x, grad_left, grad_right
+
+
+def _row_blocks(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
+    """``(N, r*b)`` token-major -> ``(r, N, b)``: block ``q`` is columns ``q*b .. q*b + b - 1``, a view BLAS reads in
+    place (row stride ``r*b``) when the last dimension is contiguous."""
+    return rows.unflatten(-1, (r, b)).transpose(0, 1)
+
+
+class _GSRotatedLinear(torch.autograd.Function):
+    """``s * (W Q x) + bias`` for ``x`` ``(N, d)``, ``W`` ``(out, d)``; ``s`` and ``bias`` ``(out,)`` or None.
+
+    The rotation, the matmul and the output scale in one node: the backward's matmul writes the gradient of
+    ``(Q x)^T`` feature-major (``W^T grad_y^T``, the same GEMM as ``grad_y W`` with its operands swapped) so the
+    rotation's backward reads it in place (no token-major to feature-major copy), and the scale's two products
+    with the output gradient share one buffer (no autograd nodes, one activation-sized allocation fewer)."""
+
+    @staticmethod
+    def forward(ctx, x, left, right, weight, scale, bias):
+        z_t, u_t = _rotation_forward(x, left, right)
+        if scale is None:
+            y0 = None
+            y = torch.mm(u_t.mT, weight.mT) if bias is None else torch.addmm(bias, u_t.mT, weight.mT)  # (N, out)
+        else:
+            y0 = torch.mm(u_t.mT, weight.mT)  # (N, out), W Q x before the scale (its gradient needs it)
+            y = y0 * scale if bias is None else torch.addcmul(bias, y0, scale)
+        ctx.save_for_backward(x, z_t, left, right, weight, u_t if ctx.needs_input_grad[3] else None, scale, y0)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, z_t, left, right, weight, u_t, scale, y0 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        r, b, _ = right.shape
+        grad_bias = grad_y.sum(0) if needs[5] else None
+        grad_scale = None
+        if scale is not None:  # grad_s = sum_n grad_y * y0, then grad_y0 = grad_y * s, in one buffer
+            buffer = torch.mul(grad_y, y0)
+            grad_scale = buffer.sum(0) if needs[4] else None
+            grad_y = torch.mul(grad_y, scale, out=buffer)
+        grad_weight = torch.mm(grad_y.mT, u_t.mT) if needs[3] else None
+        if not any(needs[:3]):
+            return None, None, None, grad_weight, grad_scale, grad_bias
         grad_u_t = torch.mm(weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
         grad_w_t = _strided_groups(grad_u_t, r, b)  # P on the rows, a view
-        return (*_rotation_backward(grad_w_t, x, z_t, left, right, ctx.needs_input_grad), grad_weight)
+        return (*_rotation_backward(grad_w_t, x, z_t, left, right, needs), grad_weight, grad_scale, grad_bias)
 
 
 def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
@@ -267,15 +308,16 @@ def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
     return rows.view(b, r, n_tokens).transpose(0, 1)  # (r, b, N)
 
 
-def _in_autocast_dtype(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    """``function(*tensors)``, with the tensors first cast to the dtype autocast would run a matmul on them in and
-    autocast off inside (a custom node then sees one dtype); as it is when autocast is off for their device."""
+def _in_autocast_dtype(function: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
+    """``function(*tensors)``, with the tensors (None passes through) first cast to the dtype autocast would run a
+    matmul on them in and autocast off inside (a custom node then sees one dtype); as it is when autocast is off
+    for their device."""
     device_type = tensors[0].device.type
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return function(*tensors)
     dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type, enabled=False):
-        return function(*(t.to(dtype) for t in tensors))
+        return function(*(None if t is None else t.to(dtype) for t in tensors))
 
 
 def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -284,7 +326,8 @@ def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose
     ``left`` / ``right`` are the ``(r, b, b)`` blocks of ``L`` / ``R``. Two batched matmuls over ``r`` and one
     shuffle between them, no Python loop over blocks and no dense ``d x d`` matrix. ``Q x`` (the activation path)
     runs feature-major through :class:`_GSRotation` and may return a non-contiguous view; ``Q^T x`` (weights,
-    merging) stays block-major. Under autocast the product runs in the autocast dtype, as a bmm would.
+    merging) runs token-major through :class:`_GSRotationTransposed`. Under autocast the product runs in the
+    autocast dtype, as a bmm would.
     """
     r, b, _ = right.shape
     d = r * b
@@ -293,25 +336,29 @@ def gs_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, transpose
     if not transpose:
         y = _in_autocast_dtype(_GSRotation.apply, x.reshape(-1, d).contiguous(), left, right)
         return y.view(*lead, d)
-    # Q^T = R^T P^T L^T P: L^T on the strided groups of x, then R^T on contiguous blocks.
-    xs = x.reshape(-1, b, r).permute(2, 0, 1)  # (r, N, b): x[n, m*r + j] -> [j, n, m]
-    w = torch.bmm(xs, left)  # (r, N, b): row form of L_j^T x_j
-    z = torch.bmm(_block_major_unshuffle(w, r, b), right)  # (r, N, b)
-    return z.transpose(0, 1).reshape(*lead, d)
+    y = _in_autocast_dtype(_GSRotationTransposed.apply, x.reshape(-1, d), left, right)
+    return y.view(*lead, d)
 
 
-def gs_linear(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(Q x, W)`` (no bias) with GSOFT's ``Q = P^T L P R`` on the last dimension of ``x``, in one node.
+def gs_linear(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``s * F.linear(Q x, W) + bias`` with GSOFT's ``Q = P^T L P R`` on the last dimension of ``x``, in one node.
 
-    Same result as ``F.linear(gs_apply(x, left, right), weight)``, with a cheaper backward
-    (:class:`_GSRotatedLinear`). ``weight`` is ``(out, r * b)``; under autocast everything runs in the autocast
-    dtype, as ``F.linear`` would.
+    Same result as ``F.linear(gs_apply(x, left, right), weight) * scale + bias`` (``scale`` / ``bias``: ``(out,)``
+    or None), with a cheaper backward (:class:`_GSRotatedLinear`). ``weight`` is ``(out, r * b)``; under autocast
+    everything runs in the autocast dtype, as ``F.linear`` would.
     """
     r, b, _ = right.shape
     d = r * b
     assert x.shape[-1] == d == weight.shape[-1] and left.shape == right.shape, (x.shape, left.shape, weight.shape)
     lead = x.shape[:-1]
-    y = _in_autocast_dtype(_GSRotatedLinear.apply, x.reshape(-1, d).contiguous(), left, right, weight)
+    y = _in_autocast_dtype(_GSRotatedLinear.apply, x.reshape(-1, d).contiguous(), left, right, weight, scale, bias)
     return y.view(*lead, weight.shape[0])
 
 

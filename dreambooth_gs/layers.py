@@ -187,9 +187,13 @@ class GSOFTLinear(nn.Module):
         if self.forward_side(x) == "weight":
             return F.linear(x, self._transform_weight(weight).to(x.dtype), bias)
         factors = self.orthogonal_factors()
+        if self.method == "gsoft":  # s * (W Q x) + bias in one node (its backward skips a transpose of the gradient)
+            scale = None if self.gsoft_s is None else self.gsoft_s.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+            return gsf.gs_linear(x, *self._gs_blocks(factors, "in", x.dtype), weight, scale, bias)
         if self.method == "boft":
             y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
-        else:  # W Q_in x in one node (its backward skips a transpose of the gradient)
+        else:  # W Q_in x in one node, then Q_out
             y = gsf.gs_linear(x, *self._gs_blocks(factors, "in", x.dtype), weight)
         if self.method == "double_gsoft":
             y = self._rotate(y, factors, "out", transpose=False).contiguous()  # gs_apply may return x^T's view

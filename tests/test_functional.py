@@ -239,28 +239,34 @@ def test_gs_apply_matches_dense(ref, assert_close, r, b, transpose):
 
 
 @pytest.mark.parametrize(("r", "b"), GS_CASES)
-def test_gs_apply_backward_matches_dense(ref, r, b):
-    # Q x runs through a hand-written backward (_GSRotation): its gradients must be those of the dense product,
-    # for x and both block tensors, with a non-trivial upstream gradient (float64, so the match is tight).
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gs_apply_backward_matches_dense(ref, r, b, transpose):
+    # Q x and Q^T x run through hand-written backwards (_GSRotation, _GSRotationTransposed): their gradients must
+    # be those of the dense product, for x and both block tensors, with a non-trivial upstream gradient (float64,
+    # so the match is tight).
     left, right = (random_blocks(r, b, b, seed=s).double().requires_grad_() for s in (7, 8))
     x = torch.randn(5, r * b, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(5, r * b, dtype=torch.float64)
-    fast = torch.autograd.grad(gsf.gs_apply(x, left, right), (x, left, right), upstream)
-    dense = torch.autograd.grad(row_apply(ref.gsoft_matrix(left, right), x), (x, left, right), upstream)
+    q = ref.gsoft_matrix(left, right)
+    fast = torch.autograd.grad(gsf.gs_apply(x, left, right, transpose=transpose), (x, left, right), upstream)
+    dense = torch.autograd.grad(row_apply(q.T if transpose else q, x), (x, left, right), upstream)
     for got, want in zip(fast, dense):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_gs_apply_gradcheck():
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gs_apply_gradcheck(transpose):
     left, right = (random_blocks(3, 4, 4, seed=s).double().requires_grad_() for s in (9, 10))
     x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: gsf.gs_apply(*t), (x, left, right))
+    assert torch.autograd.gradcheck(lambda *t: gsf.gs_apply(*t, transpose=transpose), (x, left, right))
 
 
-def test_gs_apply_accepts_non_contiguous_input(assert_close):
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gs_apply_accepts_non_contiguous_input(assert_close, transpose):
     left, right = random_blocks(4, 5, 5, seed=11), random_blocks(4, 5, 5, seed=12)
     x = torch.randn(20, 7).T  # (7, 20), a transposed view
-    assert_close(gsf.gs_apply(x, left, right), gsf.gs_apply(x.contiguous(), left, right))
+    expected = gsf.gs_apply(x.contiguous(), left, right, transpose=transpose)
+    assert_close(gsf.gs_apply(x, left, right, transpose=transpose), expected)
 
 
 def test_gs_apply_under_autocast_runs_in_the_autocast_dtype():
@@ -277,21 +283,38 @@ def test_gs_apply_under_autocast_runs_in_the_autocast_dtype():
 
 @pytest.mark.parametrize(("r", "b"), GS_CASES)
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_gs_linear_matches_dense(ref, r, b, weight_grad):
-    # gs_linear is F.linear(Q x, W) in one node with its own backward: values and the gradients of x, both
-    # block tensors and (when asked) W must be the dense product's (float64, tight).
+@pytest.mark.parametrize("affine", [False, True])
+def test_gs_linear_matches_dense(ref, r, b, weight_grad, affine):
+    # gs_linear is s * F.linear(Q x, W) + bias in one node with its own backward: values and the gradients of x,
+    # both block tensors, (when asked) W, and the scale and bias must be the dense product's (float64, tight).
     left, right = (random_blocks(r, b, b, seed=s).double().requires_grad_() for s in (30, 31))
     weight = random_blocks(7, r * b, seed=32).double().requires_grad_(weight_grad)
+    scale, bias = (random_blocks(7, seed=s).double().requires_grad_() if affine else None for s in (40, 41))
     x = torch.randn(2, 3, r * b, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 3, 7, dtype=torch.float64)
-    inputs = (x, left, right, weight) if weight_grad else (x, left, right)
-    y = gsf.gs_linear(x, left, right, weight)
+    inputs = [x, left, right] + [t for t in (weight, scale, bias) if t is not None and t.requires_grad]
+    y = gsf.gs_linear(x, left, right, weight, scale, bias)
     dense_y = torch.nn.functional.linear(row_apply(ref.gsoft_matrix(left, right), x), weight)
+    if affine:
+        dense_y = dense_y * scale + bias
     torch.testing.assert_close(y, dense_y, rtol=1e-10, atol=1e-10)
     fast = torch.autograd.grad(y, inputs, upstream)
     dense = torch.autograd.grad(dense_y, inputs, upstream)
     for got, want in zip(fast, dense):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("use_scale", "use_bias"), [(True, False), (False, True), (True, True)])
+def test_gs_linear_gradcheck_with_scale_and_bias(use_scale, use_bias):
+    left, right = (random_blocks(3, 4, 4, seed=s).double().requires_grad_() for s in (42, 43))
+    weight = random_blocks(5, 12, seed=44).double()
+    scale, bias = (random_blocks(5, seed=s).double().requires_grad_() for s in (45, 46))
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, left, right, scale, bias):
+        return gsf.gs_linear(x, left, right, weight, scale if use_scale else None, bias if use_bias else None)
+
+    assert torch.autograd.gradcheck(fn, (x, left, right, scale, bias))
 
 
 def test_gs_linear_gradcheck():
