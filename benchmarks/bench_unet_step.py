@@ -258,8 +258,10 @@ def layer_profile(base: nn.Module, batch: Batch, rounds: int) -> str:
     """Forward + backward of one projection per distinct (tokens, in, out): LoRA r=4 vs GSOFT, and GSOFT's parts.
 
     Parts of the GSOFT r=32 layer, each forward + backward alone: the Cayley solve of its blocks
-    (``orthogonal_factors``) and the rotation of the activations (``gs_apply`` on x); the rest of the layer's extra
-    time over the frozen layer is the weight side's transform and weight gradient, the scale vector and glue.
+    (``orthogonal_factors``) and the frozen matmul of the rotated activations (``gs_linear``, the node the
+    activation side runs, without the scale vector; minus the frozen column, what the rotation costs); the rest of
+    the layer's extra time over the frozen layer is the weight side's transform and weight gradient, the scale
+    vector and glue.
     """
     from dreambooth_gs import functional as gsf
 
@@ -289,8 +291,8 @@ def layer_profile(base: nn.Module, batch: Batch, rounds: int) -> str:
         fns["GSOFT r=32: Cayley"] = _backward_fn(
             lambda g=gsoft: torch.cat([f.flatten() for f in g.orthogonal_factors().values()]), zero_all
         )
-        fns["GSOFT r=32: rotation of x"] = _backward_fn(
-            lambda f=factors, x=x: gsf.gs_apply(x, f["gsoft_L"], f["gsoft_R"]), zero_all
+        fns["GSOFT r=32: W Q x"] = _backward_fn(
+            lambda f=factors, x=x, w=linear.weight: gsf.gs_linear(x, f["gsoft_L"], f["gsoft_R"], w), zero_all
         )
         samples, _ = interleaved(fns, rounds=rounds, warmup=2, log=None)
         medians = {label: statistics.median(s.wall) * 1e3 for label, s in samples.items()}
@@ -431,9 +433,10 @@ def run_profile(args: argparse.Namespace) -> None:
             "",
             "What autograd keeps for backward inside one projection (read from the graph's `_saved_*` "
             "attributes; frozen weights and adapter parameters excluded). Custom autograd Functions keep their "
-            "tensors where these attributes do not show them: GSOFT's activation-side rotation (`_GSRotation`) "
-            "also keeps its input and the shuffled `P R x`, one tokens x in_features tensor each, which the "
-            "whole-step saved-tensor column of the step table does count (through saved-tensor hooks):",
+            "tensors where these attributes do not show them: GSOFT's activation-side node (`_GSRotatedLinear`) "
+            "keeps its input and `R x` (tokens x in_features each) and, with the scale vector, the unscaled "
+            "output (tokens x out_features), which the whole-step saved-tensor column of the step table does "
+            "count (through saved-tensor hooks):",
             "",
             saved,
             "",
