@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,6 +192,52 @@ def test_a_run_is_complete_only_with_every_file_and_the_same_flags(tmp_path):
     (tmp_path / driver.RECORD_FILE).write_text(json.dumps({"argv": argv}))
     assert driver.is_complete(tmp_path, argv)
     assert not driver.is_complete(tmp_path, [*argv[:-1], "2e-4"])
+
+
+def _fake_trainer(calls: list, fail_on: str | None = None, pause: float = 0.05):
+    """A stand-in for run_logged: records each run (and how many ran at once), writes a finished run folder."""
+    running = []
+
+    def run(command, log_file, env):
+        argv = command[2:]
+        output_dir = Path(argv[argv.index("--output_dir") + 1])
+        running.append(output_dir)
+        calls.append((output_dir, len(running), env["MINIBOOTH_CONCURRENT_RUNS"]))
+        time.sleep(pause)
+        running.remove(output_dir)
+        if fail_on and fail_on in str(output_dir):
+            raise RuntimeError(f"train_one.py failed (exit 1); see {log_file}")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name in driver.RUN_FILES:
+            (output_dir / name).write_text(json.dumps({"argv": argv}))
+
+    return run
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_runs_train_jobs_at_a_time_and_finished_ones_are_skipped(tmp_path, monkeypatch, jobs):
+    protocol = driver.load_protocol("smoke")
+    plans = driver.sweep_plans(protocol, "crowned_triangle", tmp_path)
+    calls: list = []
+    monkeypatch.setattr(driver, "run_logged", _fake_trainer(calls, pause=0.2))
+    first = plans[:3]
+    driver.train_runs(first, protocol, tmp_path / "sd", tmp_path / "subjects", 1, lambda message: None, jobs)
+    assert sorted(c[0] for c in calls) == sorted(p.output_dir for p in first)
+    assert max(c[1] for c in calls) == jobs and {c[2] for c in calls} == {str(jobs)}
+    calls.clear()
+    driver.train_runs(plans, protocol, tmp_path / "sd", tmp_path / "subjects", 1, lambda message: None, jobs)
+    assert sorted(c[0] for c in calls) == sorted(p.output_dir for p in plans[3:])  # the first three: skipped
+
+
+def test_a_failed_run_stops_the_others_from_starting(tmp_path, monkeypatch):
+    protocol = driver.load_protocol("smoke")
+    plans = driver.sweep_plans(protocol, "crowned_triangle", tmp_path)
+    assert len(plans) >= 6
+    calls: list = []
+    monkeypatch.setattr(driver, "run_logged", _fake_trainer(calls, fail_on=str(plans[0].output_dir), pause=0.2))
+    with pytest.raises(RuntimeError, match="train_one.py failed"):
+        driver.train_runs(plans, protocol, tmp_path / "sd", tmp_path / "subjects", 1, lambda message: None, 2)
+    assert len(calls) < len(plans)
 
 
 @pytest.mark.parametrize(

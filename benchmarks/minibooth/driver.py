@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,11 +151,12 @@ def is_complete(output_dir: Path, argv: Sequence[str]) -> bool:
         return False
 
 
-def child_env(num_threads: int | None) -> dict[str, str]:
+def child_env(num_threads: int | None, concurrent_runs: int = 1) -> dict[str, str]:
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        MINIBOOTH_CONCURRENT_RUNS=str(concurrent_runs),  # train_one.py records it beside its step times
     )
     if num_threads:
         env["OMP_NUM_THREADS"] = str(num_threads)
@@ -180,20 +182,38 @@ def train_runs(
     subjects_dir: Path,
     num_threads: int | None,
     log: Log,
+    jobs: int = 1,
 ) -> None:
-    """Train every planned run whose folder is not complete yet (each in its own process, logged beside it)."""
-    env = child_env(num_threads)
+    """Train every planned run whose folder is not complete yet, each in its own process (logged beside it),
+    ``jobs`` at a time. A failed run stops new ones from starting; the ones already running finish, then it raises."""
+    env = child_env(num_threads, jobs)
+    pending = []
     for number, plan in enumerate(plans, 1):
         argv = trainer_argv(plan, protocol, pipeline_dir, subjects_dir / plan.subject)
         what = f"[{number}/{len(plans)}] {plan.kind} {plan.method} {plan.subject} seed {plan.seed}"
         what += f" lr {plan.learning_rate:g}"
         if is_complete(plan.output_dir, argv):
             log(f"{what}: done before, skipped")
-            continue
+        else:
+            pending.append((what, plan, argv))
+
+    def train(what: str, plan: RunPlan, argv: list[str]) -> None:
         start = time.perf_counter()
         log_file = plan.output_dir.parent / f"{plan.output_dir.name}.log"
         run_logged([sys.executable, str(HERE / "train_one.py"), *argv], log_file, env)
         log(f"{what}: {time.perf_counter() - start:.0f}s")
+
+    if jobs <= 1:
+        for item in pending:
+            train(*item)
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(train, *item) for item in pending]
+        for future in futures:
+            if future.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise future.exception()
 
 
 def write_base_run(pipeline_dir: Path, subject_dir: Path, class_name: str, instance_prompt: str, output_dir: Path):

@@ -52,6 +52,15 @@ def summarize(plans: Sequence[RunPlan], scores: dict[Path, dict[str, float]]) ->
     return summaries
 
 
+def timing_conditions(plans: Sequence[RunPlan]) -> str:
+    """How the runs' step times were taken: threads per run and runs sharing the CPU, from their records."""
+    seen = set()
+    for plan in plans:
+        record = json.loads((plan.output_dir / RECORD_FILE).read_text())
+        seen.add((record.get("num_threads"), record.get("concurrent_runs", 1)))
+    return "; ".join(f"{threads} thread(s) per run, {runs} run(s) at a time" for threads, runs in sorted(seen, key=str))
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

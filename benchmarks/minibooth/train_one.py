@@ -65,6 +65,7 @@ def main(argv: list[str]) -> dict:
         "peak_rss_mib": peak_rss_mib(),
         "rss_at_first_step_mib": rss_at_first_step[0] if rss_at_first_step else None,
         "num_threads": torch.get_num_threads(),
+        "concurrent_runs": int(os.environ.get("MINIBOOTH_CONCURRENT_RUNS", "1")),  # other runs sharing the CPU
     }
     (output_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
