@@ -50,9 +50,9 @@ class RunOptions:
     jobs: int = field(
         default=1,
         metadata=_help(
-            "Fine-tuning runs trained at once (each a process with --num_threads threads). On 2 cores, --jobs 2 "
-            "--num_threads 1 gets through the runs faster; seconds per step are then measured under that load "
-            "(the report says so)."
+            "Fine-tuning runs trained at once (each a process with --num_threads threads; the evaluation, which "
+            "runs alone, gets jobs x num_threads). On 2 cores, --jobs 2 --num_threads 1 gets through the runs "
+            "faster; seconds per step are then measured under that load (the report says so)."
         ),
     )
     methods: list[str] | None = field(default=None, metadata=_help("Only these methods of protocol.json."))
@@ -104,9 +104,9 @@ def evaluate(entries: dict[str, Path], eval_dir: Path, pretrained, protocol, opt
     subjects_file = Path(options.subjects_file)
     folders = list(entries.values())
     drop_stale_images(eval_dir, folders, subjects_file, protocol.eval_args)
-    results = driver.evaluate(
-        list(entries), eval_dir, pretrained.clip_dir, protocol, subjects_file, options.num_threads, log
-    )
+    # The evaluation runs alone: it gets the threads of every training job.
+    threads = options.num_threads * options.jobs if options.num_threads else None
+    results = driver.evaluate(list(entries), eval_dir, pretrained.clip_dir, protocol, subjects_file, threads, log)
     return driver.run_scores(results, folders, subjects_file)
 
 
