@@ -360,3 +360,16 @@ def test_report_shows_the_ceiling_rows():
     assert "| instance pictures vs each other (CLIP-I ceiling) | – | – | – | – | – | 0.600 ± 0.141 | – | – |" in text
     assert "| CLIP-I ceiling | 0.500 / – | 0.700 / – |" in text
     assert "ceiling" not in render_report([summary], base, per_subject, "lora", "header")
+
+
+def test_report_header_says_how_step_times_were_taken(tmp_path):
+    from benchmarks.minibooth.report import timing_conditions
+
+    protocol = driver.load_protocol("smoke")
+    plans = driver.sweep_plans(protocol, "crowned_triangle", tmp_path)[:3]
+    for plan, (threads, runs) in zip(plans, [(1, 2), (1, 2), (2, None)]):
+        plan.output_dir.mkdir(parents=True)
+        record = {"num_threads": threads} | ({"concurrent_runs": runs} if runs else {})  # older records: no key
+        (plan.output_dir / driver.RECORD_FILE).write_text(json.dumps(record))
+    expected = "1 thread(s) per run, 2 run(s) at a time; 2 thread(s) per run, 1 run(s) at a time"
+    assert timing_conditions(plans) == expected
