@@ -2,7 +2,8 @@
 method's learning rate on the sweep subject, train every method x subject x seed, evaluate everything with
 evaluate_clip.py and the MiniBooth CLIP, and write report.md.
 
-    python benchmarks/minibooth/run.py            # the full comparison (see docs/minibooth.md for times)
+    python benchmarks/minibooth/run.py --jobs 2 --num_threads 1   # the full comparison, two runs at a time
+    python benchmarks/minibooth/run.py            # the same, one run at a time (see docs/minibooth.md for times)
     python benchmarks/minibooth/run.py --smoke    # the same steps with tiny models and runs: plumbing only
     python benchmarks/minibooth/run.py --until sweep --methods gsoft lora   # part of it
 
