@@ -22,8 +22,9 @@ from .config import GSOFTConfig, divisors
 ADAPTER_PREFIX = "gsoft_"
 
 # How many matmul FLOPs cost as much as streaming one activation element through memory once, by device type.
-# Measured on the CPUs here (~190 GFLOP/s fp32 matmul, ~1.7 G element-passes/s); GPUs favour matmuls more.
-FLOPS_PER_ELEMENT_PASS = {"cpu": 100.0, "cuda": 600.0}
+# CPU: fitted to forward + backward timings of both sides at the SD UNet's attention shapes (1 and 2 threads; 100,
+# from ~190 GFLOP/s matmul over ~1.7 G element-passes/s, chose the slower side at 1024 x 320). GPUs favour matmuls.
+FLOPS_PER_ELEMENT_PASS = {"cpu": 70.0, "cuda": 600.0}
 # Memory passes over the activations that one rotation costs: forward + backward (inputs, blocks, gradients).
 ROTATION_PASSES = {True: 13, False: 4}  # keyed by "adapter gradients needed"
 

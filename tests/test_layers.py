@@ -238,6 +238,16 @@ def test_choose_forward_side_extremes(n_tokens, d_in, d_out, double, needs_grad,
     assert choose_forward_side(n_tokens, d_in, d_out, double, needs_grad, "cpu") == expected
 
 
+@pytest.mark.parametrize(("n_tokens", "dim", "expected"), [
+    (8192, 320, "weight"), (4096, 320, "weight"), (1024, 320, "activation"),
+    (2048, 640, "activation"), (512, 1280, "activation"), (256, 1280, "activation"),
+])  # fmt: skip
+def test_choose_forward_side_matches_the_faster_side_measured_at_sd_shapes(n_tokens, dim, expected):
+    # GSOFT training at the SD UNet's self-attention shapes: the side that was faster, forward + backward, with 1
+    # and with 2 threads on the CPUs here (fifth session; docs/benchmarks.md). Pins the cost model's constants.
+    assert choose_forward_side(n_tokens, dim, dim, False, True, "cpu") == expected
+
+
 def test_extra_repr_describes_the_adapter():
     text = repr(make_layer({"method": "boft", "nblocks": 4, "n_butterfly_factor": 2}, 32, 24))
     for part in ("method=boft", "in_features=32", "out_features=24", "nblocks=4, block_size=8",
