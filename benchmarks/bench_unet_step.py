@@ -60,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     save_figure,
     shared_copy,
 )
+from benchmarks.memory import status_kib  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
 
 QUICK_METHODS = [FLOOR, LORA[0], GSOFT[0], DOUBLE[0], BOFT[0], PEFT_OFT, PEFT_BOFT]
@@ -155,24 +156,17 @@ def adapter_state_bytes(params: list[nn.Parameter]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _vm_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
 def rss_child(args: argparse.Namespace) -> None:
     """Build the UNet, reset the RSS high-water mark, run two steps of one method; print JSON."""
     method = BY_LABEL[args.rss_child]
     unet = build_unet(args.size, seed=0, fill="constant")
     params = apply_method(unet, method)
     runner = StepRunner(unet, params, make_batch(args.batch, args.latent, "cpu"), args.bf16)
-    before = _vm_kib("VmRSS")
+    before = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     for _ in range(2):  # the second step runs with AdamW's moments allocated
         runner()
-    print(json.dumps({"rss_before_kib": before, "peak_kib": _vm_kib("VmHWM")}))
+    print(json.dumps({"rss_before_kib": before, "peak_kib": status_kib("VmHWM")}))
 
 
 def peak_rss(method: Method, args: argparse.Namespace) -> dict[str, int]:

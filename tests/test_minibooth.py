@@ -319,11 +319,11 @@ def test_peak_rss_is_the_child_process_own_not_inherited_from_its_parent():
     peak. The record's peak must be the child's own."""
     import subprocess
 
-    from benchmarks.minibooth.memory import peak_rss_mib
+    from benchmarks.memory import peak_rss_mib
 
     ballast = torch.ones(64 * 2**20, dtype=torch.uint8)  # keep the parent's peak at least 64 MiB above the child's
     parent = peak_rss_mib()
-    code = "from benchmarks.minibooth.memory import peak_rss_mib; print(peak_rss_mib())"
+    code = "from benchmarks.memory import peak_rss_mib; print(peak_rss_mib())"
     child = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout)
     assert 0 < child < parent - 32, (child, parent)
     del ballast

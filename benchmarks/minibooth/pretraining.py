@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .memory import resident_mib
+from benchmarks.memory import resident_mib
+
 from .world import Scene, World, random_caption
 
 Log = Callable[[str], None]

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.minibooth.memory import peak_rss_mib, resident_mib  # noqa: E402
+from benchmarks.memory import peak_rss_mib, resident_mib  # noqa: E402
 
 RECORD_FILE = "minibooth_run.json"
 WARMUP_STEPS = 3  # the first steps pay for lazy initialisation; their times are not in the median

@@ -1,4 +1,5 @@
-"""This process's memory, for MiniBooth's progress lines and run records (Linux /proc; fallbacks elsewhere)."""
+"""This process's memory, for the benchmarks: MiniBooth's progress lines and run records, the UNet step's peak-RSS
+child processes (Linux /proc; fallbacks elsewhere)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import resource
 from pathlib import Path
 
 
-def _status_kib(field_name: str) -> int | None:
+def status_kib(field_name: str) -> int | None:
     """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -19,14 +20,14 @@ def _status_kib(field_name: str) -> int | None:
 
 def resident_mib() -> float:
     """Resident memory now (0 where unavailable)."""
-    return (_status_kib("VmRSS") or 0) / 1024
+    return (status_kib("VmRSS") or 0) / 1024
 
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process (Linux ``VmHWM``, which starts afresh at exec). ``ru_maxrss`` is the
     fallback elsewhere: on Linux it survives exec, so a child started by a 2 GB parent reported 2 GB whatever it
     used (the first full run's seed-0 records)."""
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return peak / 1024
