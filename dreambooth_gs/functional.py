@@ -154,11 +154,17 @@ def orthogonal_blocks(params: torch.Tensor, parametrization: str = "cayley") -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _row_blocks(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
+    """``(N, r*b)`` token-major -> ``(r, N, b)``: block ``q`` is columns ``q*b .. q*b + b - 1``, a view BLAS reads in
+    place (row stride ``r*b``) when the last dimension is contiguous."""
+    return rows.unflatten(-1, (r, b)).transpose(0, 1)
+
+
 def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``B x`` for block-diagonal ``B`` with blocks ``(k, b_out, b_in)`` (rectangular allowed): ``(..., k*b_in)``."""
     k, b_out, b_in = blocks.shape
     lead = x.shape[:-1]
-    xb = x.reshape(-1, k, b_in).transpose(0, 1)  # (k, N, b_in), a view
+    xb = _row_blocks(x.reshape(-1, k * b_in), k, b_in)  # (k, N, b_in)
     yb = torch.bmm(xb, blocks.mT)  # (k, N, b_out): row form of B_j x_j
     return yb.transpose(0, 1).reshape(*lead, k * b_out)
 
@@ -252,12 +258,6 @@ class _GSRotationTransposed(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # L_j on group j, then back to token order
             grad_x = torch.bmm(grad_w, left.mT).permute(1, 2, 0).reshape(n_rows, d)
         return grad_x, grad_left, grad_right
-
-
-def _row_blocks(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
-    """``(N, r*b)`` token-major -> ``(r, N, b)``: block ``q`` is columns ``q*b .. q*b + b - 1``, a view BLAS reads in
-    place (row stride ``r*b``) when the last dimension is contiguous."""
-    return rows.unflatten(-1, (r, b)).transpose(0, 1)
 
 
 class _GSRotatedLinear(torch.autograd.Function):

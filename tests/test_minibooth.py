@@ -363,7 +363,7 @@ def test_report_shows_the_ceiling_rows():
 
 
 def test_report_header_says_how_step_times_were_taken(tmp_path):
-    from benchmarks.minibooth.report import timing_conditions
+    from benchmarks.minibooth.report import summarize, timing_conditions
 
     protocol = driver.load_protocol("smoke")
     plans = driver.sweep_plans(protocol, "crowned_triangle", tmp_path)[:3]
@@ -371,5 +371,7 @@ def test_report_header_says_how_step_times_were_taken(tmp_path):
         plan.output_dir.mkdir(parents=True)
         record = {"num_threads": threads} | ({"concurrent_runs": runs} if runs else {})  # older records: no key
         (plan.output_dir / driver.RECORD_FILE).write_text(json.dumps(record))
+        (plan.output_dir / "adapter_config.json").write_text("{}")
+    summaries = summarize(plans, {p.output_dir: {"clip_i": 0.2, "clip_t": 0.4} for p in plans})
     expected = "1 thread(s) per run, 2 run(s) at a time; 2 thread(s) per run, 1 run(s) at a time"
-    assert timing_conditions(plans) == expected
+    assert timing_conditions(summaries) == expected

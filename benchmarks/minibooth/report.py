@@ -22,6 +22,7 @@ class MethodSummary:
     peak_rss_mib: float | None
     clip_i: list[float]
     clip_t: list[float]
+    timing: frozenset[tuple] = frozenset()  # (threads per run, runs sharing the CPU) of its runs' step times
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -47,17 +48,15 @@ def summarize(plans: Sequence[RunPlan], scores: dict[Path, dict[str, float]]) ->
                 peak_rss_mib=_median([r.get("peak_rss_mib") for r in records]),
                 clip_i=[scores[p.output_dir]["clip_i"] for p in runs],
                 clip_t=[scores[p.output_dir]["clip_t"] for p in runs],
+                timing=frozenset((r.get("num_threads"), r.get("concurrent_runs", 1)) for r in records),
             )
         )
     return summaries
 
 
-def timing_conditions(plans: Sequence[RunPlan]) -> str:
+def timing_conditions(summaries: Sequence[MethodSummary]) -> str:
     """How the runs' step times were taken: threads per run and runs sharing the CPU, from their records."""
-    seen = set()
-    for plan in plans:
-        record = json.loads((plan.output_dir / RECORD_FILE).read_text())
-        seen.add((record.get("num_threads"), record.get("concurrent_runs", 1)))
+    seen = set().union(*(s.timing for s in summaries))
     return "; ".join(f"{threads} thread(s) per run, {runs} run(s) at a time" for threads, runs in sorted(seen, key=str))
 
 

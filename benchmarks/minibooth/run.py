@@ -168,13 +168,14 @@ def main(args: RunOptions) -> Path:
     entries = {f"{driver.BASE_LABEL}={base_dirs[s.name]}": base_dirs[s.name] for s in reported}
     entries |= {f"{p.label}={p.output_dir}": p.output_dir for p in plans}
     scores = evaluate(entries, work_dir / "eval" / "main", pretrained, protocol, args)
+    summaries = summarize(plans, scores)
     header = (
         f"MiniBooth ({protocol.profile} profile): {len(reported)} subjects x {len(protocol.seeds)} seeds; "
         f"base model {pretrained.pipeline_dir.name}, CLIP {pretrained.clip_dir.name}; "
-        f"step times: {timing_conditions(plans)}"
+        f"step times: {timing_conditions(summaries)}"
     )
     text = render_report(
-        summarize(plans, scores),
+        summaries,
         {s.name: scores[base_dirs[s.name]] for s in reported},
         per_subject_means(plans, scores),
         protocol.reference_method,
