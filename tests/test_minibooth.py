@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.minibooth import driver  # noqa: E402
-from benchmarks.minibooth.fidelity import TESTED  # noqa: E402
+from benchmarks.minibooth.fidelity import TESTED, attribute_values  # noqa: E402
 from benchmarks.minibooth.report import paired_difference  # noqa: E402
 from benchmarks.minibooth.subjects import (  # noqa: E402
     SUBJECT_PATTERNS,
@@ -375,3 +375,41 @@ def test_report_header_says_how_step_times_were_taken(tmp_path):
     summaries = summarize(plans, {p.output_dir: {"clip_i": 0.2, "clip_t": 0.4} for p in plans})
     expected = "1 thread(s) per run, 2 run(s) at a time; 2 thread(s) per run, 1 run(s) at a time"
     assert timing_conditions(summaries) == expected
+
+
+class _AttributeScorer:
+    """A stand-in ClipScorer whose embedding of a scene (a "picture") or of a caption is the normalised sum of one
+    fixed random vector per (attribute, value) it shows: the candidate caption that shares most values wins."""
+
+    def __init__(self, world, dim=512):
+        generator = torch.Generator().manual_seed(0)
+        self.world = world
+        self.vectors = {}
+        for attribute in TESTED:
+            for value in attribute_values(world, attribute):
+                self.vectors[attribute, value] = torch.randn(dim, generator=generator)
+
+    def _embed(self, values: dict) -> torch.Tensor:
+        total = sum(self.vectors[a, values[a]] for a in TESTED)
+        return torch.nn.functional.normalize(total, dim=0)
+
+    def image_embeddings(self, scenes):
+        return torch.stack([self._embed({a: getattr(s, a) for a in TESTED}) for s in scenes])
+
+    def text_embeddings(self, texts):
+        parsed = [{"pattern": "plain", **parse_caption(t, self.world)} for t in texts]
+        return torch.stack([self._embed(p) for p in parsed])
+
+
+def test_attribute_accuracy_ranks_the_candidate_captions_of_each_attribute():
+    from benchmarks.minibooth.fidelity import attribute_accuracy
+
+    world = load_world()
+    scorer = _AttributeScorer(world)
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, world) for _ in range(12)]
+    assert attribute_accuracy(scorer, scenes, scenes, world) == dict.fromkeys(TESTED, 1.0)
+    # pictures whose colour is not the caption's: colour is always wrong, every other attribute still right
+    recoloured = [replace(s, color=next(c for c in sorted(world.colors) if c != s.color)) for s in scenes]
+    expected = {**dict.fromkeys(TESTED, 1.0), "color": 0.0}
+    assert attribute_accuracy(scorer, recoloured, scenes, world) == expected

@@ -12,8 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .world import Scene, World, caption
@@ -33,20 +31,17 @@ def attribute_values(world: World, attribute: str) -> list[str]:
     }[attribute]
 
 
-@torch.no_grad()
-def attribute_accuracy(
-    model, preprocess, tokenizer, images: Sequence[Image.Image], scenes: Sequence[Scene], world: World
-) -> dict[str, float]:
-    """``{attribute: fraction of pictures whose true value CLIP ranks first}`` over ``images`` of ``scenes``."""
-    pixels = torch.stack([preprocess(image.convert("RGB")) for image in images])  # (N, 3, R, R)
-    image_features = F.normalize(model.encode_image(pixels), dim=-1)  # (N, D)
+def attribute_accuracy(scorer, images: Sequence, scenes: Sequence[Scene], world: World) -> dict[str, float]:
+    """``{attribute: fraction of pictures whose true value CLIP ranks first}`` over ``images`` of ``scenes``, embedded
+    as the evaluator embeds them (``scorer``: a :class:`dreambooth_gs.metrics.ClipScorer`)."""
+    image_features = scorer.image_embeddings(images)  # (N, D), unit norm
     accuracy = {}
     for attribute in TESTED:
         values = attribute_values(world, attribute)
         correct = 0
         for feature, scene in zip(image_features, scenes):
             candidates = [caption(replace(scene, **{attribute: value})) for value in values]
-            text_features = F.normalize(model.encode_text(tokenizer(candidates)), dim=-1)  # (V, D)
+            text_features = scorer.text_embeddings(candidates)  # (V, D), unit norm
             correct += int(values[int((text_features @ feature).argmax())] == getattr(scene, attribute))
         accuracy[attribute] = correct / len(scenes)
     return accuracy
@@ -54,19 +49,20 @@ def attribute_accuracy(
 
 def prompt_fidelity(pipeline_dir, clip_dir, scenes: Sequence[Scene], real: np.ndarray, world: World, steps, guidance):
     """``{"generated": accuracy, "real": accuracy, "chance": ...}`` for the base model at ``pipeline_dir``."""
+    from dreambooth_gs.metrics import ClipScorer
     from dreambooth_gs.sampling import generate_images, load_pipeline
 
     from .clip_training import load_clip
 
-    model, preprocess, tokenizer = load_clip(clip_dir)
+    scorer = ClipScorer(*load_clip(clip_dir))
     pipeline = load_pipeline(str(pipeline_dir))
     prompts = [caption(scene) for scene in scenes]
     generated = generate_images(pipeline, prompts, list(range(len(prompts))), steps, guidance, batch_size=8)
     real_images = [Image.fromarray(picture) for picture in real]
     return {
         "pictures": len(scenes),
-        "generated": attribute_accuracy(model, preprocess, tokenizer, generated, scenes, world),
-        "real": attribute_accuracy(model, preprocess, tokenizer, real_images, scenes, world),
+        "generated": attribute_accuracy(scorer, generated, scenes, world),
+        "real": attribute_accuracy(scorer, real_images, scenes, world),
         "chance": {a: 1 / len(attribute_values(world, a)) for a in TESTED},
     }
 
