@@ -413,3 +413,17 @@ def test_attribute_accuracy_ranks_the_candidate_captions_of_each_attribute():
     recoloured = [replace(s, color=next(c for c in sorted(world.colors) if c != s.color)) for s in scenes]
     expected = {**dict.fromkeys(TESTED, 1.0), "color": 0.0}
     assert attribute_accuracy(scorer, recoloured, scenes, world) == expected
+
+
+def test_tradeoff_takes_the_grid_neighbours_and_interpolates_along_the_curve():
+    from benchmarks.minibooth.tradeoff import neighbour_rates, value_at
+
+    grid = [1e-4, 3e-4, 1e-3, 3e-3]
+    assert neighbour_rates(grid, 3e-4) == [1e-4, 3e-4, 1e-3]
+    assert neighbour_rates(grid, 1e-4) == [1e-4, 3e-4]
+    assert neighbour_rates(grid, 3e-3) == [1e-3, 3e-3]
+    curve = [(0.47, 0.25), (0.43, 0.35), (0.45, 0.31)]  # (CLIP-T, CLIP-I), in any order
+    assert value_at(curve, 0.46) == pytest.approx(0.28)
+    assert value_at(curve, 0.44) == pytest.approx(0.33)
+    assert value_at(curve, 0.47) == pytest.approx(0.25)
+    assert value_at(curve, 0.48) is None and value_at(curve, 0.42) is None

@@ -1,0 +1,158 @@
+"""MiniBooth trade-off probe: is a method behind LoRA, or only at another point of the same CLIP-I / CLIP-T curve?
+
+The comparison's rule gives each method one learning rate, so two methods can differ in CLIP-I only because one
+moved further (and paid in CLIP-T). This probe trains each named method one grid step below and one above its
+chosen rate (protocol.json's grid), on every reported subject with one seed, reuses that seed's main runs at the
+chosen rate, evaluates them all like the main runs and writes, in <work>/tradeoff.md and tradeoff.png, each
+method's curve (CLIP-I and CLIP-T, means over subjects) and each method's CLIP-I at the reference method's CLIP-T,
+interpolated along its curve. Needs a finished run.py in the same work folder.
+
+    python benchmarks/minibooth/tradeoff.py --jobs 2 --num_threads 1              # every method (84 runs, ~40 min)
+    python benchmarks/minibooth/tradeoff.py --methods lora gsoft --jobs 2 --num_threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from benchmarks.minibooth import driver  # noqa: E402
+from benchmarks.minibooth import pretrain as pretraining_script  # noqa: E402
+from benchmarks.minibooth import run as comparison  # noqa: E402
+from benchmarks.minibooth.cache import cache_root  # noqa: E402
+from benchmarks.minibooth.subjects import SUBJECTS_FILE, load_subjects  # noqa: E402
+
+
+@dataclass
+class TradeoffOptions:
+    methods: list[str] | None = field(
+        default=None, metadata={"help": "Methods to probe (default: every method of protocol.json)."}
+    )
+    seed: int = field(default=0, metadata={"help": "The seed of every probe run (its main runs are reused)."})
+    work_dir: str | None = field(default=None, metadata={"help": "run.py's work folder (default: the full one)."})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads of every process."})
+    jobs: int = field(default=1, metadata={"help": "Runs trained at once (as run.py --jobs)."})
+    subjects_file: str = field(default=str(SUBJECTS_FILE), metadata={"help": "The held-out subjects."})
+
+
+def neighbour_rates(grid: list[float], chosen: float) -> list[float]:
+    """The chosen rate and its neighbours in the method's grid (one or two of them at the grid's ends)."""
+    index = grid.index(chosen)
+    return grid[max(index - 1, 0) : index + 2]
+
+
+def value_at(curve: list[tuple[float, float]], clip_t: float) -> float | None:
+    """CLIP-I at ``clip_t`` by linear interpolation along ``curve`` ((CLIP-T, CLIP-I) points); None outside it."""
+    points = sorted(curve)
+    for (t0, i0), (t1, i1) in zip(points, points[1:]):
+        if t0 <= clip_t <= t1:
+            return i0 if t1 == t0 else i0 + (i1 - i0) * (clip_t - t0) / (t1 - t0)
+    return None
+
+
+def main(options: TradeoffOptions) -> Path:
+    protocol = driver.load_protocol("full", methods=options.methods)
+    work_dir = Path(options.work_dir) if options.work_dir else cache_root() / "work-full"
+    if not (work_dir / "sweep.json").is_file():
+        raise FileNotFoundError(f"{work_dir / 'sweep.json'} not found: run benchmarks/minibooth/run.py first")
+    sweep = json.loads((work_dir / "sweep.json").read_text())
+    pretrained = pretraining_script.pretrain(pretraining_script.parse_args([]), comparison.log)
+    subjects, _ = load_subjects(options.subjects_file)
+    reported = [s.name for s in subjects if not s.sweep]
+
+    plans = []  # (method, learning rate, subject, run folder)
+    for name, method in protocol.methods.items():
+        chosen = sweep["methods"][name]["chosen"]
+        for rate in neighbour_rates(list(method.learning_rates), chosen):
+            for subject in reported:
+                if rate == chosen:
+                    folder = work_dir / "runs" / "main" / name / subject / f"seed-{options.seed}"
+                else:
+                    folder = work_dir / "runs" / "tradeoff" / name / f"lr-{rate:g}" / subject / f"seed-{options.seed}"
+                plans.append(driver.RunPlan("tradeoff", name, subject, options.seed, rate, folder, name))
+    driver.train_runs(
+        plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", options.num_threads, comparison.log,
+        options.jobs,
+    )  # fmt: skip
+    base_dirs = {s: work_dir / "runs" / "base" / s for s in reported}
+    entries = {f"{driver.BASE_LABEL}={d}": d for d in base_dirs.values()}
+    entries |= {f"{p.label}@{p.learning_rate:g}={p.output_dir}": p.output_dir for p in plans}
+    run_options = comparison.RunOptions(
+        num_threads=options.num_threads, jobs=options.jobs, subjects_file=options.subjects_file
+    )
+    scores = comparison.evaluate(entries, work_dir / "eval" / "tradeoff", pretrained, protocol, run_options)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    curves: dict[str, list[tuple[float, float, float]]] = {}  # method -> [(rate, CLIP-T, CLIP-I)]
+    for name in protocol.methods:
+        for rate in sorted({p.learning_rate for p in plans if p.method == name}):
+            runs = [scores[p.output_dir] for p in plans if p.method == name and p.learning_rate == rate]
+            curves.setdefault(name, []).append(
+                (rate, mean([s["clip_t"] for s in runs]), mean([s["clip_i"] for s in runs]))
+            )
+    base_t = mean([scores[d]["clip_t"] for d in base_dirs.values()])
+    base_i = mean([scores[d]["clip_i"] for d in base_dirs.values()])
+    reference = protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
+    reference_t = next(t for rate, t, _ in curves[reference] if rate == sweep["methods"][reference]["chosen"])
+
+    lines = [
+        f"MiniBooth trade-off probe: {len(reported)} subjects, seed {options.seed}; CLIP-I / CLIP-T means over "
+        f"subjects (base model {base_i:.3f} / {base_t:.3f}); chosen rates in bold.",
+        "",
+        "| method | learning rate | CLIP-I | CLIP-T |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, curve in curves.items():
+        chosen = sweep["methods"][name]["chosen"]
+        for rate, clip_t, clip_i in curve:
+            cell = f"**{rate:g}**" if rate == chosen else f"{rate:g}"
+            lines.append(f"| {name} | {cell} | {clip_i:.3f} | {clip_t:.3f} |")
+    lines += ["", f"CLIP-I at {reference}'s CLIP-T ({reference_t:.3f}), interpolated along each curve:", ""]
+    for name, curve in curves.items():
+        at = value_at([(t, i) for _, t, i in curve], reference_t)
+        lines.append(f"- {name}: " + (f"{at:.3f}" if at is not None else "outside its curve"))
+    text = "\n".join(lines) + "\n"
+    (work_dir / "tradeoff.md").write_text(text)
+    print(text)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4.2))
+    for name, curve in curves.items():
+        axes.plot([t for _, t, _ in curve], [i for _, _, i in curve], marker="o", label=name)
+        for rate, clip_t, clip_i in curve:
+            axes.annotate(f"{rate:g}", (clip_t, clip_i), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.scatter([base_t], [base_i], marker="*", s=120, color="black", label="base model", zorder=3)
+    axes.set_xlabel("CLIP-T (prompt fidelity)")
+    axes.set_ylabel("CLIP-I (subject fidelity)")
+    axes.set_title(f"MiniBooth: CLIP-I vs CLIP-T along each learning-rate grid ({len(reported)} subjects)", fontsize=9)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(work_dir / "tradeoff.png", dpi=120)
+    comparison.log(f"trade-off: {work_dir / 'tradeoff.md'}, {work_dir / 'tradeoff.png'}")
+    return work_dir / "tradeoff.md"
+
+
+if __name__ == "__main__":
+    from dreambooth_gs.cli import run_cli
+
+    parser = HfArgumentParser(
+        TradeoffOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    (parsed,) = parser.parse_args_into_dataclasses()
+    run_cli(main, parsed, "tradeoff.py")
