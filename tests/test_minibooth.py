@@ -427,3 +427,21 @@ def test_tradeoff_takes_the_grid_neighbours_and_interpolates_along_the_curve():
     assert value_at(curve, 0.44) == pytest.approx(0.33)
     assert value_at(curve, 0.47) == pytest.approx(0.25)
     assert value_at(curve, 0.48) is None and value_at(curve, 0.42) is None
+
+
+def test_tradeoff_curves_average_over_subjects_and_report_clip_i_at_the_reference_clip_t(tmp_path):
+    from benchmarks.minibooth.tradeoff import method_curves, render_tradeoff
+
+    plans, scores = [], {}
+    points = {("lora", 1e-4): [(0.47, 0.26), (0.47, 0.28)], ("lora", 3e-4): [(0.45, 0.33), (0.45, 0.31)],
+              ("gsoft", 2e-4): [(0.46, 0.30), (0.46, 0.30)], ("gsoft", 6e-4): [(0.44, 0.34), (0.44, 0.36)]}  # fmt: skip
+    for (method, rate), runs in points.items():
+        for subject, (clip_t, clip_i) in zip("ab", runs):
+            folder = tmp_path / method / f"{rate:g}" / subject
+            plans.append(driver.RunPlan("tradeoff", method, subject, 0, rate, folder, method))
+            scores[folder] = {"clip_t": clip_t, "clip_i": clip_i}
+    curves = method_curves(plans, scores)
+    assert curves["lora"] == [(1e-4, pytest.approx(0.47), pytest.approx(0.27)), (3e-4, 0.45, pytest.approx(0.32))]
+    text = render_tradeoff(curves, {"lora": 3e-4, "gsoft": 2e-4}, "lora", (0.2, 0.5), "probe")
+    assert "| lora | **0.0003** | 0.320 | 0.450 |" in text and "| gsoft | 0.0006 | 0.350 | 0.440 |" in text
+    assert "- lora: 0.320" in text and "- gsoft: 0.325" in text  # gsoft halfway between 0.44 and 0.46

@@ -60,73 +60,61 @@ def value_at(curve: list[tuple[float, float]], clip_t: float) -> float | None:
     return None
 
 
-def main(options: TradeoffOptions) -> Path:
-    protocol = driver.load_protocol("full", methods=options.methods)
-    work_dir = Path(options.work_dir) if options.work_dir else cache_root() / "work-full"
-    if not (work_dir / "sweep.json").is_file():
-        raise FileNotFoundError(f"{work_dir / 'sweep.json'} not found: run benchmarks/minibooth/run.py first")
-    sweep = json.loads((work_dir / "sweep.json").read_text())
-    pretrained = pretraining_script.pretrain(pretraining_script.parse_args([]), comparison.log)
-    subjects, _ = load_subjects(options.subjects_file)
-    reported = [s.name for s in subjects if not s.sweep]
-
-    plans = []  # (method, learning rate, subject, run folder)
+def probe_plans(protocol, sweep: dict, subjects: list[str], seed: int, work_dir: Path) -> list[driver.RunPlan]:
+    """Every method at its chosen rate and the grid neighbours, on every subject; the chosen rate's runs are the
+    main runs of ``seed`` (reused when run.py made them), the others go to ``runs/tradeoff/``."""
+    plans = []
     for name, method in protocol.methods.items():
         chosen = sweep["methods"][name]["chosen"]
         for rate in neighbour_rates(list(method.learning_rates), chosen):
-            for subject in reported:
+            for subject in subjects:
                 if rate == chosen:
-                    folder = work_dir / "runs" / "main" / name / subject / f"seed-{options.seed}"
+                    folder = work_dir / "runs" / "main" / name / subject / f"seed-{seed}"
                 else:
-                    folder = work_dir / "runs" / "tradeoff" / name / f"lr-{rate:g}" / subject / f"seed-{options.seed}"
-                plans.append(driver.RunPlan("tradeoff", name, subject, options.seed, rate, folder, name))
-    driver.train_runs(
-        plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", options.num_threads, comparison.log,
-        options.jobs,
-    )  # fmt: skip
-    base_dirs = {s: work_dir / "runs" / "base" / s for s in reported}
-    entries = {f"{driver.BASE_LABEL}={d}": d for d in base_dirs.values()}
-    entries |= {f"{p.label}@{p.learning_rate:g}={p.output_dir}": p.output_dir for p in plans}
-    run_options = comparison.RunOptions(
-        num_threads=options.num_threads, jobs=options.jobs, subjects_file=options.subjects_file
-    )
-    scores = comparison.evaluate(entries, work_dir / "eval" / "tradeoff", pretrained, protocol, run_options)
+                    folder = work_dir / "runs" / "tradeoff" / name / f"lr-{rate:g}" / subject / f"seed-{seed}"
+                plans.append(driver.RunPlan("tradeoff", name, subject, seed, rate, folder, name))
+    return plans
 
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
 
-    curves: dict[str, list[tuple[float, float, float]]] = {}  # method -> [(rate, CLIP-T, CLIP-I)]
-    for name in protocol.methods:
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def method_curves(plans: list[driver.RunPlan], scores: dict[Path, dict[str, float]]):
+    """``{method: [(rate, CLIP-T, CLIP-I)]}``, means over subjects, rates in increasing order."""
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for plan in plans:
+        curves.setdefault(plan.method, [])
+    for name, curve in curves.items():
         for rate in sorted({p.learning_rate for p in plans if p.method == name}):
             runs = [scores[p.output_dir] for p in plans if p.method == name and p.learning_rate == rate]
-            curves.setdefault(name, []).append(
-                (rate, mean([s["clip_t"] for s in runs]), mean([s["clip_i"] for s in runs]))
-            )
-    base_t = mean([scores[d]["clip_t"] for d in base_dirs.values()])
-    base_i = mean([scores[d]["clip_i"] for d in base_dirs.values()])
-    reference = protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
-    reference_t = next(t for rate, t, _ in curves[reference] if rate == sweep["methods"][reference]["chosen"])
+            curve.append((rate, _mean([s["clip_t"] for s in runs]), _mean([s["clip_i"] for s in runs])))
+    return curves
 
+
+def render_tradeoff(curves, chosen: dict[str, float], reference: str, base: tuple[float, float], header: str) -> str:
+    """The markdown table of every curve and each method's CLIP-I at ``reference``'s CLIP-T (``base``: the base
+    model's CLIP-I, CLIP-T)."""
+    reference_t = next(t for rate, t, _ in curves[reference] if rate == chosen[reference])
     lines = [
-        f"MiniBooth trade-off probe: {len(reported)} subjects, seed {options.seed}; CLIP-I / CLIP-T means over "
-        f"subjects (base model {base_i:.3f} / {base_t:.3f}); chosen rates in bold.",
+        f"{header}; CLIP-I / CLIP-T means over subjects (base model {base[0]:.3f} / {base[1]:.3f}); chosen rates in "
+        "bold.",
         "",
         "| method | learning rate | CLIP-I | CLIP-T |",
         "|---|---:|---:|---:|",
     ]
     for name, curve in curves.items():
-        chosen = sweep["methods"][name]["chosen"]
         for rate, clip_t, clip_i in curve:
-            cell = f"**{rate:g}**" if rate == chosen else f"{rate:g}"
+            cell = f"**{rate:g}**" if rate == chosen[name] else f"{rate:g}"
             lines.append(f"| {name} | {cell} | {clip_i:.3f} | {clip_t:.3f} |")
     lines += ["", f"CLIP-I at {reference}'s CLIP-T ({reference_t:.3f}), interpolated along each curve:", ""]
     for name, curve in curves.items():
         at = value_at([(t, i) for _, t, i in curve], reference_t)
         lines.append(f"- {name}: " + (f"{at:.3f}" if at is not None else "outside its curve"))
-    text = "\n".join(lines) + "\n"
-    (work_dir / "tradeoff.md").write_text(text)
-    print(text)
+    return "\n".join(lines) + "\n"
 
+
+def plot_tradeoff(curves, base: tuple[float, float], title: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,13 +125,49 @@ def main(options: TradeoffOptions) -> Path:
         axes.plot([t for _, t, _ in curve], [i for _, _, i in curve], marker="o", label=name)
         for rate, clip_t, clip_i in curve:
             axes.annotate(f"{rate:g}", (clip_t, clip_i), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axes.scatter([base_t], [base_i], marker="*", s=120, color="black", label="base model", zorder=3)
+    axes.scatter([base[1]], [base[0]], marker="*", s=120, color="black", label="base model", zorder=3)
     axes.set_xlabel("CLIP-T (prompt fidelity)")
     axes.set_ylabel("CLIP-I (subject fidelity)")
-    axes.set_title(f"MiniBooth: CLIP-I vs CLIP-T along each learning-rate grid ({len(reported)} subjects)", fontsize=9)
+    axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(work_dir / "tradeoff.png", dpi=120)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(options: TradeoffOptions) -> Path:
+    protocol = driver.load_protocol("full", methods=options.methods)
+    work_dir = Path(options.work_dir) if options.work_dir else cache_root() / "work-full"
+    if not (work_dir / "sweep.json").is_file():
+        raise FileNotFoundError(f"{work_dir / 'sweep.json'} not found: run benchmarks/minibooth/run.py first")
+    sweep = json.loads((work_dir / "sweep.json").read_text())
+    pretrained = pretraining_script.pretrain(pretraining_script.parse_args([]), comparison.log)
+    subjects, _ = load_subjects(options.subjects_file)
+    reported = [s.name for s in subjects if not s.sweep]
+
+    plans = probe_plans(protocol, sweep, reported, options.seed, work_dir)
+    driver.train_runs(
+        plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", options.num_threads, comparison.log,
+        options.jobs,
+    )  # fmt: skip
+    base_dirs = [work_dir / "runs" / "base" / s for s in reported]
+    entries = {f"{driver.BASE_LABEL}={d}": d for d in base_dirs}
+    entries |= {f"{p.label}@{p.learning_rate:g}={p.output_dir}": p.output_dir for p in plans}
+    run_options = comparison.RunOptions(
+        num_threads=options.num_threads, jobs=options.jobs, subjects_file=options.subjects_file
+    )
+    scores = comparison.evaluate(entries, work_dir / "eval" / "tradeoff", pretrained, protocol, run_options)
+
+    curves = method_curves(plans, scores)
+    base = (_mean([scores[d]["clip_i"] for d in base_dirs]), _mean([scores[d]["clip_t"] for d in base_dirs]))
+    chosen = {name: sweep["methods"][name]["chosen"] for name in curves}
+    reference = protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
+    header = f"MiniBooth trade-off probe: {len(reported)} subjects, seed {options.seed}"
+    text = render_tradeoff(curves, chosen, reference, base, header)
+    (work_dir / "tradeoff.md").write_text(text)
+    print(text)
+    title = f"MiniBooth: CLIP-I vs CLIP-T along each learning-rate grid ({len(reported)} subjects)"
+    plot_tradeoff(curves, base, title, work_dir / "tradeoff.png")
     comparison.log(f"trade-off: {work_dir / 'tradeoff.md'}, {work_dir / 'tradeoff.png'}")
     return work_dir / "tradeoff.md"
 
