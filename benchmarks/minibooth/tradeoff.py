@@ -7,7 +7,7 @@ chosen rate, evaluates them all like the main runs and writes, in <work>/tradeof
 method's curve (CLIP-I and CLIP-T, means over subjects) and each method's CLIP-I at the reference method's CLIP-T,
 interpolated along its curve. Needs a finished run.py in the same work folder.
 
-    python benchmarks/minibooth/tradeoff.py --jobs 2 --num_threads 1              # every method (84 runs, ~40 min)
+    python benchmarks/minibooth/tradeoff.py --jobs 2 --num_threads 1              # every method (84 runs, ~30 min)
     python benchmarks/minibooth/tradeoff.py --methods lora gsoft --jobs 2 --num_threads 1
 """
 
