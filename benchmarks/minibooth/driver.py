@@ -113,6 +113,11 @@ def sweep_plans(protocol: Protocol, subject: str, work_dir: Path) -> list[RunPla
     return plans
 
 
+def base_run_dir(work_dir: Path, subject: str) -> Path:
+    """The folder of ``subject``'s base run (:func:`write_base_run`)."""
+    return work_dir / "runs" / "base" / subject
+
+
 def main_plans(
     protocol: Protocol, subjects: Sequence[str], learning_rates: dict[str, float], work_dir: Path
 ) -> list[RunPlan]:

@@ -155,7 +155,7 @@ def main(args: RunOptions) -> Path:
     base_dirs = {
         s.name: driver.write_base_run(
             pretrained.pipeline_dir, work_dir / "subjects" / s.name, s.class_name, protocol.instance_prompt,
-            work_dir / "runs" / "base" / s.name,
+            driver.base_run_dir(work_dir, s.name),
         )
         for s in [sweep_subject, *reported]
     }  # fmt: skip

@@ -17,8 +17,9 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from statistics import fmean
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
@@ -61,23 +62,18 @@ def value_at(curve: list[tuple[float, float]], clip_t: float) -> float | None:
 
 
 def probe_plans(protocol, sweep: dict, subjects: list[str], seed: int, work_dir: Path) -> list[driver.RunPlan]:
-    """Every method at its chosen rate and the grid neighbours, on every subject; the chosen rate's runs are the
-    main runs of ``seed`` (reused when run.py made them), the others go to ``runs/tradeoff/``."""
-    plans = []
+    """Every method at its chosen rate and the grid neighbours, on every subject; the chosen rate's runs are
+    run.py's main runs of ``seed`` (reused when it made them), the others go to ``runs/tradeoff/``."""
+    chosen = {name: sweep["methods"][name]["chosen"] for name in protocol.methods}
+    plans = driver.main_plans(replace(protocol, seeds=(seed,)), subjects, chosen, work_dir)
     for name, method in protocol.methods.items():
-        chosen = sweep["methods"][name]["chosen"]
-        for rate in neighbour_rates(list(method.learning_rates), chosen):
+        for rate in neighbour_rates(list(method.learning_rates), chosen[name]):
+            if rate == chosen[name]:
+                continue
             for subject in subjects:
-                if rate == chosen:
-                    folder = work_dir / "runs" / "main" / name / subject / f"seed-{seed}"
-                else:
-                    folder = work_dir / "runs" / "tradeoff" / name / f"lr-{rate:g}" / subject / f"seed-{seed}"
+                folder = work_dir / "runs" / "tradeoff" / name / f"lr-{rate:g}" / subject / f"seed-{seed}"
                 plans.append(driver.RunPlan("tradeoff", name, subject, seed, rate, folder, name))
     return plans
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def method_curves(plans: list[driver.RunPlan], scores: dict[Path, dict[str, float]]):
@@ -88,7 +84,7 @@ def method_curves(plans: list[driver.RunPlan], scores: dict[Path, dict[str, floa
     for name, curve in curves.items():
         for rate in sorted({p.learning_rate for p in plans if p.method == name}):
             runs = [scores[p.output_dir] for p in plans if p.method == name and p.learning_rate == rate]
-            curve.append((rate, _mean([s["clip_t"] for s in runs]), _mean([s["clip_i"] for s in runs])))
+            curve.append((rate, fmean([s["clip_t"] for s in runs]), fmean([s["clip_i"] for s in runs])))
     return curves
 
 
@@ -150,7 +146,7 @@ def main(options: TradeoffOptions) -> Path:
         plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", options.num_threads, comparison.log,
         options.jobs,
     )  # fmt: skip
-    base_dirs = [work_dir / "runs" / "base" / s for s in reported]
+    base_dirs = [driver.base_run_dir(work_dir, s) for s in reported]
     entries = {f"{driver.BASE_LABEL}={d}": d for d in base_dirs}
     entries |= {f"{p.label}@{p.learning_rate:g}={p.output_dir}": p.output_dir for p in plans}
     run_options = comparison.RunOptions(
@@ -159,7 +155,7 @@ def main(options: TradeoffOptions) -> Path:
     scores = comparison.evaluate(entries, work_dir / "eval" / "tradeoff", pretrained, protocol, run_options)
 
     curves = method_curves(plans, scores)
-    base = (_mean([scores[d]["clip_i"] for d in base_dirs]), _mean([scores[d]["clip_t"] for d in base_dirs]))
+    base = (fmean([scores[d]["clip_i"] for d in base_dirs]), fmean([scores[d]["clip_t"] for d in base_dirs]))
     chosen = {name: sweep["methods"][name]["chosen"] for name in curves}
     reference = protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
     header = f"MiniBooth trade-off probe: {len(reported)} subjects, seed {options.seed}"
