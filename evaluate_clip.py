@@ -12,25 +12,14 @@ grids/ (one image grid per subject, a row per method). See docs/evaluation.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from transformers import HfArgumentParser
-
-from dreambooth_gs.cli import run_cli
+from dreambooth_gs.cli import parse_options, run_cli
 from dreambooth_gs.evaluation import EvaluationOptions, evaluate
 
 
 def parse_args(input_args: list[str] | None = None) -> EvaluationOptions:
-    parser = HfArgumentParser(
-        EvaluationOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.prog = "evaluate_clip.py"
-    try:
-        (options,) = parser.parse_args_into_dataclasses(args=input_args)
-    except ValueError as err:
-        parser.error(str(err))
-    return options
+    return parse_options(EvaluationOptions, input_args, "evaluate_clip.py", __doc__)
 
 
 def main(args: EvaluationOptions):

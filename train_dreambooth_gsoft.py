@@ -12,26 +12,15 @@ dreambooth_gs.load_adapter(pipeline.unet, folder, merge=True).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from transformers import HfArgumentParser
-
-from dreambooth_gs.cli import run_cli
+from dreambooth_gs.cli import parse_options, run_cli
 from dreambooth_gs.options import TrainingOptions
 from dreambooth_gs.training import train
 
 
 def parse_args(input_args: list[str] | None = None) -> TrainingOptions:
-    parser = HfArgumentParser(
-        TrainingOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.prog = "train_dreambooth_gsoft.py"
-    try:
-        (options,) = parser.parse_args_into_dataclasses(args=input_args)
-    except ValueError as err:
-        parser.error(str(err))
-    return options
+    return parse_options(TrainingOptions, input_args, "train_dreambooth_gsoft.py", __doc__)
 
 
 def main(args: TrainingOptions):

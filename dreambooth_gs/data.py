@@ -96,19 +96,26 @@ def image_to_tensor(
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
 
 
-def tokenize_prompt(tokenizer, prompt: str) -> torch.Tensor:
-    """Prompt -> (model_max_length,) ids, padded to and truncated at ``tokenizer.model_max_length``."""
-    return tokenizer(
-        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids[0]
+def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt -> ``(ids, attention_mask)``, each (L,): padded to and truncated at ``max_length`` (default: the
+    tokenizer's ``model_max_length``)."""
+    tokens = tokenizer(
+        prompt,
+        padding="max_length",
+        truncation=True,
+        max_length=max_length or tokenizer.model_max_length,
+        return_tensors="pt",
+    )
+    return tokens.input_ids[0], tokens.attention_mask[0]
 
 
 class DreamBoothDataset(Dataset):
     """Instance images of the subject (and, for prior preservation, class images) with their prompt ids.
 
-    Items are dicts: ``instance_images`` (3, R, R) in [-1, 1] and ``instance_prompt_ids`` (L,), plus
-    ``class_images`` and ``class_prompt_ids`` when ``class_data_dir`` is given. With class images the length is
-    max(#instance, #class) and the shorter list cycles. Images are decoded when an item is read.
+    Items are dicts: ``instance_images`` (3, R, R) in [-1, 1], ``instance_prompt_ids`` and
+    ``instance_attention_mask`` (L,), plus ``class_images``, ``class_prompt_ids`` and ``class_attention_mask`` when
+    ``class_data_dir`` is given (L: ``tokenizer_max_length``, default the tokenizer's maximum). With class images
+    the length is max(#instance, #class) and the shorter list cycles. Images are decoded when an item is read.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class DreamBoothDataset(Dataset):
         class_data_dir: str | os.PathLike | None = None,
         class_prompt: str | None = None,
         num_class_images: int | None = None,
+        tokenizer_max_length: int | None = None,
     ):
         if not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
             raise ValueError(
@@ -138,12 +146,16 @@ class DreamBoothDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.instance_images = find_images(instance_data_dir)
-        self.instance_prompt_ids = tokenize_prompt(tokenizer, instance_prompt)  # (L,)
+        self.instance_prompt_ids, self.instance_attention_mask = tokenize_prompt(
+            tokenizer, instance_prompt, tokenizer_max_length
+        )  # (L,), (L,)
         self.class_images: list[Path] = []
-        self.class_prompt_ids = None
+        self.class_prompt_ids = self.class_attention_mask = None
         if class_data_dir is not None:
             self.class_images = find_images(class_data_dir)[:num_class_images]
-            self.class_prompt_ids = tokenize_prompt(tokenizer, class_prompt)  # (L,)
+            self.class_prompt_ids, self.class_attention_mask = tokenize_prompt(
+                tokenizer, class_prompt, tokenizer_max_length
+            )  # (L,), (L,)
 
     @property
     def with_prior_preservation(self) -> bool:
@@ -159,15 +171,17 @@ class DreamBoothDataset(Dataset):
         example = {
             "instance_images": self._tensor(self.instance_images[index % len(self.instance_images)]),
             "instance_prompt_ids": self.instance_prompt_ids,
+            "instance_attention_mask": self.instance_attention_mask,
         }
         if self.with_prior_preservation:
             example["class_images"] = self._tensor(self.class_images[index % len(self.class_images)])
             example["class_prompt_ids"] = self.class_prompt_ids
+            example["class_attention_mask"] = self.class_attention_mask
         return example
 
 
 def collate_examples(examples: list[dict[str, torch.Tensor]], with_prior_preservation: bool) -> dict[str, torch.Tensor]:
-    """Batch dataset items: ``pixel_values`` (B or 2B, 3, R, R) and ``input_ids`` (B or 2B, L).
+    """Batch dataset items: ``pixel_values`` (B or 2B, 3, R, R), ``input_ids`` and ``attention_mask`` (B or 2B, L).
 
     With prior preservation the B instance examples come first, then the B class examples, so the loss can
     ``chunk(2)`` the model output into instance and prior halves (as diffusers' DreamBooth does).
@@ -176,12 +190,15 @@ def collate_examples(examples: list[dict[str, torch.Tensor]], with_prior_preserv
         raise ValueError("with_prior_preservation=True but the examples have no class_images; pass class_data_dir")
     pixel_values = [e["instance_images"] for e in examples]
     input_ids = [e["instance_prompt_ids"] for e in examples]
+    masks = [e.get("instance_attention_mask", torch.ones_like(e["instance_prompt_ids"])) for e in examples]
     if with_prior_preservation:
         pixel_values += [e["class_images"] for e in examples]
         input_ids += [e["class_prompt_ids"] for e in examples]
+        masks += [e.get("class_attention_mask", torch.ones_like(e["class_prompt_ids"])) for e in examples]
     return {
         "pixel_values": torch.stack(pixel_values).to(memory_format=torch.contiguous_format).float(),  # (B', 3, R, R)
         "input_ids": torch.stack(input_ids),  # (B', L)
+        "attention_mask": torch.stack(masks),  # (B', L)
     }
 
 

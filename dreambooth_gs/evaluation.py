@@ -37,10 +37,10 @@ from .eval_plan import (
     shard,
 )
 from .eval_report import write_reports
+from .fileio import first_line
 from .metrics import (
     TINY_RANDOM,
     ReferenceEmbeddings,
-    first_line,
     load_clip_scorer,
     load_dino_scorer,
     mean_cosine_to,

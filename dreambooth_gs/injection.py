@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .baselines import merge_peft_layers, remove_peft_adapter
+from .baselines import merge_peft_layers, peft_layers, remove_peft_adapter
 from .config import GSOFTConfig
 from .layers import ADAPTER_PREFIX, GSOFTLinear, dimension_error
 
@@ -121,16 +121,23 @@ def remove_adapter(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the base model inside the ``with`` block (merged layers are unmerged and merged back afterwards)."""
+    """Run the base model inside the ``with`` block: GSOFT-family layers (merged ones are unmerged and merged back
+    afterwards) and PEFT baselines alike."""
     layers = [layer for _, layer in adapter_layers(model)]
     states = [(layer.adapter_enabled, layer.merged) for layer in layers]
+    peft = [layer for _, layer in peft_layers(model)]
+    peft_disabled = [layer.disable_adapters for layer in peft]
     try:
         for layer in layers:
             layer.unmerge()
             layer.adapter_enabled = False
+        for layer in peft:
+            layer.enable_adapters(False)
         yield
     finally:
         for layer, (enabled, merged) in zip(layers, states):
             layer.adapter_enabled = enabled
             if merged:
                 layer.merge()
+        for layer, disabled in zip(peft, peft_disabled):
+            layer.enable_adapters(not disabled)

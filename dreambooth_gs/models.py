@@ -1,5 +1,6 @@
 """Stable Diffusion components for training: loading (hub id, local folder, single file or the offline demo),
-the adapter for each method, and a pipeline around the trained UNet."""
+the data checks that come before it, prompt encoding, the adapter for each method, and a pipeline around the
+trained UNet."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from accelerate import Accelerator
 
 from .baselines import inject_peft_adapter, make_peft_config
 from .config import GSOFTConfig
+from .data import find_images, tokenize_prompt
+from .fileio import first_line
 from .full import FULL_METHOD, FullConfig, enable_full_finetuning
 from .injection import inject_adapter
 from .options import TrainingOptions
@@ -65,9 +68,8 @@ def _load_parts(model_id: str, revision: str | None, variant: str | None):
             DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs),
         )
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"cannot load Stable Diffusion from {model_id!r}: {first_line} (give a local diffusers folder, a "
+            f"cannot load Stable Diffusion from {model_id!r}: {first_line(err)} (give a local diffusers folder, a "
             "single-file .safetensors, or a hub id with network access)"
         ) from err
 
@@ -89,9 +91,18 @@ def _fill_class(template: str, class_name: str | None, flag: str) -> str:
     return template.replace("{class}", class_name or "")
 
 
-def load_components(options: TrainingOptions, accelerator: Accelerator, weight_dtype: torch.dtype) -> Components:
-    """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) and resolve the data."""
-    model_id, is_demo = _resolve_model(options, accelerator)
+@dataclass(frozen=True)
+class SubjectData:
+    """The checked instance folder and the prompts filled in with the class noun."""
+
+    instance_data_dir: Path
+    class_name: str | None
+    instance_prompt: str
+    class_prompt: str
+
+
+def check_subject_data(options: TrainingOptions, accelerator: Accelerator) -> SubjectData:
+    """Check the instance folder (it exists and holds readable images) and the prompts, before any model loads."""
     instance_dir = Path(options.instance_data_dir) if options.instance_data_dir else DEMO_SUBJECT_DIR
     if options.instance_data_dir is None and not instance_dir.is_dir():
         from .demo_data import make_demo_subject
@@ -102,11 +113,24 @@ def load_components(options: TrainingOptions, accelerator: Accelerator, weight_d
             make_demo_subject(instance_dir)
     if not instance_dir.is_dir():
         raise ValueError(f"--instance_data_dir {instance_dir} does not exist; pass the folder of subject photos")
+    find_images(instance_dir)  # empty or unreadable folders are refused here, not after minutes of loading
     class_name = _subject_class(options, instance_dir)
     instance_prompt = _fill_class(options.instance_prompt, class_name, "--instance_prompt")
     class_prompt = options.class_prompt
     if options.with_prior_preservation:
+        if options.class_data_dir is None:
+            raise ValueError(
+                "--with_prior_preservation needs --class_data_dir (a folder; missing images are generated)"
+            )
         class_prompt = _fill_class(options.class_prompt, class_name, "--class_prompt")
+    return SubjectData(instance_dir, class_name, instance_prompt, class_prompt)
+
+
+def load_components(
+    options: TrainingOptions, accelerator: Accelerator, weight_dtype: torch.dtype, subject: SubjectData
+) -> Components:
+    """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) for the checked ``subject``."""
+    model_id, is_demo = _resolve_model(options, accelerator)
     tokenizer, text_encoder, vae, unet, scheduler = _load_parts(model_id, options.revision, options.variant)
     if options.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
@@ -131,10 +155,10 @@ def load_components(options: TrainingOptions, accelerator: Accelerator, weight_d
         noise_scheduler=scheduler,
         model_id=model_id,
         is_demo=is_demo,
-        instance_data_dir=instance_dir,
-        class_name=class_name,
-        instance_prompt=instance_prompt,
-        class_prompt=class_prompt,
+        instance_data_dir=subject.instance_data_dir,
+        class_name=subject.class_name,
+        instance_prompt=subject.instance_prompt,
+        class_prompt=subject.class_prompt,
         resolution=options.resolution or unet.config.sample_size * vae_scale,
     )
 
@@ -172,7 +196,7 @@ def adapter_config_for(options: TrainingOptions) -> tuple[str, GSOFTConfig | Ful
             target_modules=targets,
         )
     if options.adapter == "lora":
-        return "lora", make_peft_config("lora", targets, rank=options.lora_rank)
+        return "lora", make_peft_config("lora", targets, rank=options.rank)
     return "oft", make_peft_config("oft", targets, block_size=options.oft_block_size or 32)
 
 
@@ -210,3 +234,56 @@ def make_pipeline(parts: Components, unet: torch.nn.Module):
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+class TextConditioning:
+    """Prompts -> the text encoder's hidden states (B, L, C) as the UNet's cross-attention input.
+
+    ``max_length`` pads / truncates every prompt (default: the tokenizer's maximum); ``use_attention_mask`` hands
+    the encoder the padding mask. After :meth:`precompute` the encoder is freed and only the prompts given there
+    can be encoded (from a table keyed by their token ids), as diffusers' ``--pre_compute_text_embeddings`` does.
+    """
+
+    def __init__(self, tokenizer, text_encoder, max_length: int | None = None, use_attention_mask: bool = False):
+        limit = getattr(text_encoder.config, "max_position_embeddings", None)
+        if max_length is not None and limit is not None and max_length > limit:
+            raise ValueError(
+                f"--tokenizer_max_length {max_length} exceeds the text encoder's {limit} positions; use {limit} or less"
+            )
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_length = max_length
+        self.use_attention_mask = use_attention_mask
+        self._table: dict[tuple[int, ...], torch.Tensor] | None = None
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, attention_mask)``, each (N, L)."""
+        pairs = [tokenize_prompt(self.tokenizer, prompt, self.max_length) for prompt in prompts]
+        return torch.stack([ids for ids, _ in pairs]), torch.stack([mask for _, mask in pairs])
+
+    @torch.no_grad()
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, C) hidden states."""
+        if self._table is not None:
+            try:
+                return torch.stack([self._table[tuple(row.tolist())] for row in input_ids])
+            except KeyError:
+                raise ValueError("a prompt outside the precomputed ones reached the text encoder") from None
+        device = self.text_encoder.device
+        mask = attention_mask.to(device) if self.use_attention_mask and attention_mask is not None else None
+        return self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(N,) prompts -> (N, L, C) hidden states."""
+        return self.encode_ids(*self.tokenize(prompts))
+
+    def precompute(self, prompts: list[str]) -> None:
+        """Encode ``prompts`` once, keep their embeddings and drop the text encoder (its memory is freed)."""
+        ids, _ = self.tokenize(prompts)
+        embeddings = self.encode(prompts)  # (N, L, C)
+        self._table = {tuple(row.tolist()): embedding for row, embedding in zip(ids, embeddings)}
+        self.text_encoder = None
+
+    @property
+    def encoder_freed(self) -> bool:
+        return self.text_encoder is None

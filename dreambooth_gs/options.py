@@ -65,7 +65,11 @@ class TrainingOptions:
     sample_batch_size: int = field(default=4, metadata=_help("Batch size when generating class images."))
     output_dir: str = field(default="dreambooth-gsoft-out", metadata=_help("Where the adapter and checkpoints go."))
     overwrite_output_dir: bool = field(
-        default=False, metadata=_help("Start afresh even if output_dir holds checkpoints of an earlier run.")
+        default=False,
+        metadata=_help(
+            "Start afresh even if output_dir holds an earlier run; its files are moved aside once the new run has "
+            "passed every check and deleted when the new run writes its first checkpoint or adapter."
+        ),
     )
     seed: int = field(default=0, metadata=_help("Random seed (data order, noise, timesteps)."))
     resolution: int | None = field(
@@ -89,7 +93,10 @@ class TrainingOptions:
     gsoft_nblocks: int | None = field(default=None, metadata=_help("GSOFT blocks r (default 32)."))
     gsoft_block_size: int | None = field(default=None, metadata=_help("GSOFT block size instead of --gsoft_nblocks."))
     gsoft_no_scale: bool = field(default=False, metadata=_help("Do not train GSOFT's output scale vector."))
-    lora_rank: int = field(default=4, metadata=_help("LoRA rank (lora_alpha = rank)."))
+    rank: int = field(
+        default=4,
+        metadata={"help": "LoRA rank (lora_alpha = rank); --lora_rank is the same flag.", "aliases": ["--lora_rank"]},
+    )
     boft_block_num: int | None = field(default=None, metadata=_help("BOFT blocks (default 32)."))
     boft_block_size: int | None = field(default=None, metadata=_help("BOFT block size instead of --boft_block_num."))
     boft_n_butterfly_factor: int = field(default=4, metadata=_help("BOFT butterfly factors."))
@@ -113,6 +120,24 @@ class TrainingOptions:
     )
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute UNet activations to save memory."))
+    scale_lr: bool = field(
+        default=False,
+        metadata=_help("Multiply the learning rate by batch size x accumulation steps x processes (diffusers')."),
+    )
+    use_8bit_adam: bool = field(
+        default=False,
+        metadata=_help("bitsandbytes' 8-bit AdamW (CUDA; pip install bitsandbytes): less optimizer memory."),
+    )
+    snr_gamma: float | None = field(
+        default=None,
+        metadata=_help(
+            "Min-SNR loss weighting min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction), on the instance "
+            "loss as in diffusers; 5.0 is the paper's value (arXiv 2303.09556). Default: unweighted."
+        ),
+    )
+    noise_offset: float = field(
+        default=0.0, metadata=_help("Offset noise: add this times one N(0, 1) value per latent channel to the noise.")
+    )
     learning_rate: float | None = field(
         default=None,
         metadata=_help(
@@ -135,7 +160,11 @@ class TrainingOptions:
     checkpointing_steps: int = field(default=500, metadata=_help("Save a resumable checkpoint every N steps."))
     checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep at most this many checkpoints."))
     resume_from_checkpoint: str | None = field(
-        default=None, metadata=_help("A checkpoint folder, or 'latest' (the newest in output_dir).")
+        default=None,
+        metadata=_help(
+            "'latest' (the newest complete checkpoint in output_dir), a checkpoint name in output_dir "
+            "(checkpoint-500) or a checkpoint folder's path."
+        ),
     )
     validation_prompt: str | None = field(
         default=None, metadata=_help("Prompt for validation images ({class} allowed); none: no validation.")
@@ -144,11 +173,36 @@ class TrainingOptions:
     validation_steps: int = field(default=100, metadata=_help("Validate every N steps (and at the end)."))
     validation_inference_steps: int = field(default=25, metadata=_help("Denoising steps of validation images."))
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
-        default=None, metadata=_help("no, fp16 or bf16 (adapter parameters stay fp32). Default: accelerate's.")
+        default=None,
+        metadata=_help(
+            "no, fp16 (CUDA only) or bf16 (CPU or GPU); adapter parameters stay fp32. Default: accelerate's config."
+        ),
     )
     allow_tf32: bool = field(default=False, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
     report_to: str = field(default="tensorboard", metadata=_help("tensorboard, wandb, all or none."))
     logging_dir: str = field(default="logs", metadata=_help("Tracker folder, relative to output_dir."))
+    pre_compute_text_embeddings: bool = field(
+        default=False,
+        metadata=_help(
+            "Encode the instance, class and validation prompts once, then free the text encoder (less memory)."
+        ),
+    )
+    tokenizer_max_length: int | None = field(
+        default=None, metadata=_help("Pad / truncate prompts to this many tokens. Default: the tokenizer's maximum.")
+    )
+    text_encoder_use_attention_mask: bool = field(
+        default=False, metadata=_help("Pass the prompt's attention mask to the text encoder (padding ignored).")
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata=_help("Upload the final adapter folder with a model card (checked before training starts)."),
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata=_help("Hub repository for --push_to_hub. Default: the output folder's name.")
+    )
+    hub_token: str | None = field(
+        default=None, metadata=_help("Hub token for --push_to_hub. Default: the one `hf auth login` saved.")
+    )
     dataloader_num_workers: int = field(default=0, metadata=_help("Data-loading worker processes."))
     enable_xformers_memory_efficient_attention: bool = field(
         default=False, metadata=_help("Use xformers attention (CUDA only; must be installed).")
@@ -168,6 +222,16 @@ class TrainingOptions:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        if self.rank < 1:
+            raise ValueError(f"--rank must be at least 1, got {self.rank}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"--snr_gamma must be positive (5.0 is the usual value), got {self.snr_gamma}")
+        if self.noise_offset < 0:
+            raise ValueError(f"--noise_offset must be 0 or more (0.05-0.1 is usual), got {self.noise_offset}")
+        if self.tokenizer_max_length is not None and self.tokenizer_max_length < 2:
+            raise ValueError(f"--tokenizer_max_length must be at least 2, got {self.tokenizer_max_length}")
+        if self.hub_model_id is not None and not self.push_to_hub:
+            raise ValueError("--hub_model_id is only used with --push_to_hub; add --push_to_hub or drop it")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
 

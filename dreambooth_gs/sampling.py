@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .fileio import first_line
+
 
 @contextlib.contextmanager
 def quiet_loading():
@@ -51,10 +53,9 @@ def load_pipeline(
             else:
                 pipeline = StableDiffusionPipeline.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"cannot load Stable Diffusion from {base_model!r}: {reason} (give a local diffusers folder, a single-file "
-            ".safetensors, or a hub id with network access)"
+            f"cannot load Stable Diffusion from {base_model!r}: {first_line(err)} (give a local diffusers folder, a "
+            "single-file .safetensors, or a hub id with network access)"
         ) from err
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
@@ -74,19 +75,26 @@ def generate_images(
     height: int | None = None,
     width: int | None = None,
     output_type: str = "pil",
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
 ) -> list:
     """One image per (prompt, seed) pair, in order; each image's noise comes from its own seed (batch-independent).
 
     ``output_type="latent"`` returns the final latents, one (C, h, w) tensor per image, for exact comparisons.
+    ``prompt_embeds`` / ``negative_prompt_embeds`` (N, L, C), one row per image, replace the pipeline's own prompt
+    encoding (for a pipeline whose text encoder was freed); ``prompts`` then only count the images.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
     images: list = []
     for start in range(0, len(prompts), batch_size):
-        chunk_prompts = list(prompts[start : start + batch_size])
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[chunk]]
+        text = {"prompt": list(prompts[chunk])}
+        if prompt_embeds is not None:
+            text = {"prompt_embeds": prompt_embeds[chunk], "negative_prompt_embeds": negative_prompt_embeds[chunk]}
         result = pipeline(
-            chunk_prompts,
+            **text,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,

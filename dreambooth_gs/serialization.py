@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .baselines import (
     peft_state_dict,
 )
 from .config import METHODS, GSOFTConfig
+from .fileio import atomic_write
 from .full import FULL_METHOD, FullConfig, full_config, full_parameters
 from .injection import (
     adapter_layers,
@@ -44,19 +44,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_NAME = "dreambooth_gs"
 ALL_METHODS = METHODS + PEFT_METHODS + (FULL_METHOD,)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,8 +95,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "library": LIBRARY_NAME, "method": method}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
     return directory
 
 

@@ -1,12 +1,14 @@
-"""The DreamBooth training run: models, adapter, data, the diffusion loss and the accelerate loop.
+"""The DreamBooth training run: every check first, then models, adapter, data and the accelerate loop.
 
 Everything takes explicit arguments (a :class:`TrainingOptions`); the script only parses flags and calls
-:func:`train`. Checkpoints hold the adapter (not the frozen UNet), the optimizer, the schedule, accelerate's RNG
-states and our own noise generator, so a resumed run continues exactly where it stopped.
+:func:`train`. The order matters: options, the instance folder, the output folder, the hardware, the model and its
+targets are all checked before anything is written, so a refused run changes no file. Checkpoints are atomic
+(:mod:`.checkpoints`) and hold every process's state, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -15,7 +17,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
@@ -23,74 +24,57 @@ from tqdm.auto import tqdm
 
 from . import models
 from .checkpoints import (
-    CHECKPOINT_PREFIX,
     GeneratorState,
-    checkpoint_step,
-    list_checkpoints,
+    disk_full_error,
+    load_checkpoint,
+    newest_complete,
+    partial_saves,
     prune_checkpoints,
     register_adapter_hooks,
     resolve_resume,
+    save_checkpoint,
 )
 from .data import DreamBoothDataset, collate_examples, generate_class_images
+from .fileio import atomic_write, atomic_write_text, is_disk_full
+from .injection import disable_adapters
+from .objectives import diffusion_loss
 from .options import DEFAULT_MAX_TRAIN_STEPS, TrainingOptions, with_demo_defaults
+from .run_folder import check_fresh_start, discard_set_aside, set_aside
 from .sampling import generate_images, image_grid
 from .serialization import save_adapter
 
 
-def diffusion_loss(
-    batch: dict[str, torch.Tensor],
-    parts: models.Components,
-    unet: torch.nn.Module,
-    generator: torch.Generator,
-    weight_dtype: torch.dtype,
-    prior_loss_weight: float | None,
-) -> torch.Tensor:
-    """DreamBooth's denoising loss (plus the prior-preservation term when ``prior_loss_weight`` is given)."""
-    pixel_values = batch["pixel_values"].to(device=unet.device, dtype=weight_dtype)  # (B', 3, R, R)
-    with torch.no_grad():
-        latents = parts.vae.encode(pixel_values).latent_dist.sample(generator=generator)
-        latents = latents * parts.vae.config.scaling_factor  # (B', 4, R/8, R/8)
-        encoder_hidden_states = parts.text_encoder(batch["input_ids"].to(unet.device))[0]  # (B', L, C)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    scheduler = parts.noise_scheduler
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-    )
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-    if prior_loss_weight is None:
-        return F.mse_loss(model_pred.float(), target.float())
-    pred_instance, pred_prior = model_pred.float().chunk(2)  # instance examples first, then class examples
-    target_instance, target_prior = target.float().chunk(2)
-    return F.mse_loss(pred_instance, target_instance) + prior_loss_weight * F.mse_loss(pred_prior, target_prior)
-
-
 def validate(
-    options: TrainingOptions, parts: models.Components, unet, accelerator: Accelerator, step: int, output_dir: Path
+    options: TrainingOptions,
+    parts: models.Components,
+    text: models.TextConditioning,
+    unet,
+    accelerator: Accelerator,
+    step: int,
+    output_dir: Path,
 ) -> Path | None:
     """Draw validation images, save them as one PNG grid and log them to the trackers."""
     if not options.validation_prompt or not accelerator.is_main_process:
         return None
     pipeline = models.make_pipeline(parts, accelerator.unwrap_model(unet))
-    prompt = options.validation_prompt.format(**{"class": parts.class_name or ""})
+    prompt = _validation_prompt(options, parts)
     n = options.num_validation_images
     was_training = unet.training
     unet.eval()
     with torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
         images = generate_images(
-            pipeline, [prompt] * n, [options.seed + i for i in range(n)], options.validation_inference_steps
+            pipeline,
+            [prompt] * n,
+            [options.seed + i for i in range(n)],
+            options.validation_inference_steps,
+            prompt_embeds=text.encode([prompt] * n),  # (n, L, C): the training run's own prompt encoding
+            negative_prompt_embeds=text.encode([""] * n),
         )
     unet.train(was_training)
     folder = output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.png"
-    image_grid(images).save(path)
+    atomic_write(path, lambda tmp: image_grid(images).save(tmp, format="PNG"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -100,16 +84,14 @@ def validate(
     return path
 
 
-def train(options: TrainingOptions) -> Path:
-    """Run DreamBooth fine-tuning as ``options`` says; returns the folder with the final adapter."""
-    output_dir = Path(options.output_dir)
-    resume_path = resolve_resume(options, output_dir)
-    if options.overwrite_output_dir and resume_path is None and int(os.environ.get("RANK", "0")) == 0:
-        for stale in list_checkpoints(output_dir):  # a fresh run must not later resume an old run's state
-            shutil.rmtree(stale)
+def _validation_prompt(options: TrainingOptions, parts: models.Components) -> str:
+    return options.validation_prompt.format(**{"class": parts.class_name or ""})
+
+
+def _make_accelerator(options: TrainingOptions, output_dir: Path) -> Accelerator:
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on CPU machines): DDP over gloo.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=multi_process_cpu,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         mixed_precision=options.mixed_precision,
@@ -119,17 +101,104 @@ def train(options: TrainingOptions) -> Path:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def check_hardware(options: TrainingOptions, accelerator: Accelerator) -> None:
+    """Refuse settings this machine cannot run, before anything loads or is written."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise ValueError(
+            f"--mixed_precision fp16 needs a CUDA GPU (this run is on {accelerator.device.type}); on a CPU use "
+            "--mixed_precision bf16 or no (check `accelerate config` if you did not pass the flag)"
+        )
+    if options.use_8bit_adam:
+        if accelerator.device.type != "cuda":
+            raise ValueError("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit AdamW); drop it on this machine")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def make_optimizer(options: TrainingOptions, params: list[torch.nn.Parameter], learning_rate: float):
+    """AdamW, or bitsandbytes' AdamW8bit with ``--use_8bit_adam`` (checked by :func:`check_hardware`)."""
+    optimizer_class = torch.optim.AdamW
+    if options.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(
+        params,
+        lr=learning_rate,
+        betas=(options.adam_beta1, options.adam_beta2),
+        weight_decay=options.adam_weight_decay,
+        eps=options.adam_epsilon,
+    )
+
+
+def requested_learning_rate(options: TrainingOptions, num_processes: int) -> float:
+    """The rate the flags ask for; ``--scale_lr`` multiplies it by the samples per optimizer step (diffusers')."""
+    rate = options.resolved_learning_rate
+    if options.scale_lr:
+        rate *= options.train_batch_size * options.gradient_accumulation_steps * num_processes
+    return rate
+
+
+def _prepare_output_dir(accelerator: Accelerator, output_dir: Path, earlier: list[Path]) -> None:
+    """Move an earlier run aside (recoverable until this run saves) and drop leftovers of killed saves."""
+    if accelerator.is_main_process:
+        moved = set_aside(output_dir, earlier)
+        if moved is not None:
+            accelerator.print(
+                f"moved the earlier run in {output_dir} aside to {moved.name}; it is deleted once this run saves"
+            )
+        for leftover in partial_saves(output_dir):
+            shutil.rmtree(leftover)
+    accelerator.wait_for_everyone()
+
+
+def train(options: TrainingOptions) -> Path:
+    """Run DreamBooth fine-tuning as ``options`` says; returns the folder with the final adapter."""
+    output_dir = Path(options.output_dir)
+    accelerator = _make_accelerator(options, output_dir)
+    check_hardware(options, accelerator)
+    checkpoint = resolve_resume(options.resume_from_checkpoint, output_dir, accelerator.print)
+    earlier = []
+    if checkpoint is None:  # 'latest' with nothing complete to resume starts afresh, keeping the old files aside
+        start_afresh = options.overwrite_output_dir or options.resume_from_checkpoint == "latest"
+        earlier = check_fresh_start(output_dir, options.logging_dir, start_afresh)
+    subject = models.check_subject_data(options, accelerator)
+    repo_id = None
+    if options.push_to_hub and accelerator.is_main_process:
+        from .hub import create_hub_repo
+
+        repo_id = create_hub_repo(options.hub_model_id or output_dir.resolve().name, options.hub_token)
+
     set_seed(options.seed)
     if options.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    parts = models.load_components(options, accelerator, weight_dtype)
+    parts = models.load_components(options, accelerator, weight_dtype, subject)
     if parts.is_demo:
         options = with_demo_defaults(options)
+    unet, method = models.add_adapter(parts.unet, options)  # refuses bad targets and block counts
+    text = models.TextConditioning(
+        parts.tokenizer, parts.text_encoder, options.tokenizer_max_length, options.text_encoder_use_attention_mask
+    )
+
+    # -- every check passed: from here on the run writes ------------------------------------------------------------
+    _prepare_output_dir(accelerator, output_dir, earlier)
     if options.with_prior_preservation:
-        _ensure_class_images(options, parts, accelerator)
-    unet, method = models.add_adapter(parts.unet, options)
+        with disable_adapters(unet):  # the class images come from the base model
+            _ensure_class_images(options, parts, unet, accelerator)
+    if options.pre_compute_text_embeddings:
+        prompts = [parts.instance_prompt, ""]
+        prompts += [parts.class_prompt] if options.with_prior_preservation else []
+        prompts += [_validation_prompt(options, parts)] if options.validation_prompt else []
+        text.precompute(prompts)
+        parts.text_encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     params = [p for p in unet.parameters() if p.requires_grad]
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -144,6 +213,7 @@ def train(options: TrainingOptions) -> Path:
         class_data_dir=options.class_data_dir if options.with_prior_preservation else None,
         class_prompt=parts.class_prompt if options.with_prior_preservation else None,
         num_class_images=options.num_class_images if options.with_prior_preservation else None,
+        tokenizer_max_length=options.tokenizer_max_length,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -153,13 +223,8 @@ def train(options: TrainingOptions) -> Path:
         num_workers=options.dataloader_num_workers,
     )
     max_steps = options.max_train_steps or DEFAULT_MAX_TRAIN_STEPS
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=options.resolved_learning_rate,
-        betas=(options.adam_beta1, options.adam_beta2),
-        weight_decay=options.adam_weight_decay,
-        eps=options.adam_epsilon,
-    )
+    learning_rate = requested_learning_rate(options, accelerator.num_processes)
+    optimizer = make_optimizer(options, params, learning_rate)
     lr_scheduler = get_scheduler(
         options.lr_scheduler,
         optimizer=optimizer,
@@ -168,22 +233,21 @@ def train(options: TrainingOptions) -> Path:
     )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     noise = GeneratorState(options.seed + accelerator.process_index, accelerator.device)
-    accelerator.register_for_checkpointing(noise)
     register_adapter_hooks(accelerator, parts.model_id)
 
     steps_per_epoch = math.ceil(len(dataloader) / options.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     global_step = 0
-    if resume_path is not None:
-        accelerator.print(f"resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        global_step = checkpoint_step(resume_path) if resume_path.name.startswith(CHECKPOINT_PREFIX) else 0
+    if checkpoint is not None:
+        accelerator.print(f"resuming from {checkpoint.path} at step {checkpoint.step}")
+        global_step = load_checkpoint(accelerator, checkpoint, noise)
+        learning_rate = _learning_rate_after_resume(accelerator, lr_scheduler, learning_rate)
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in asdict(options).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("dreambooth-gs", config=tracker_config)
+        accelerator.init_trackers("dreambooth-gs", config={**tracker_config, "learning_rate": learning_rate})
         accelerator.print(
             f"{method}: {sum(p.numel() for p in params):,} trainable parameters, {len(dataset)} examples, "
-            f"{max_steps} steps at lr {options.resolved_learning_rate:g} on {accelerator.num_processes} process(es)"
+            f"{max_steps} steps at lr {learning_rate:g} on {accelerator.num_processes} process(es)"
             + (
                 " -- using the tiny RANDOM-WEIGHT demo model (for trying the tool, not for real images)"
                 if parts.is_demo
@@ -195,6 +259,7 @@ def train(options: TrainingOptions) -> Path:
         total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
     )
     first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
+    prior_weight = options.prior_loss_weight if options.with_prior_preservation else None
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         if hasattr(dataloader, "set_epoch"):
@@ -204,13 +269,22 @@ def train(options: TrainingOptions) -> Path:
             batches = accelerator.skip_first_batches(dataloader, skip_batches * options.gradient_accumulation_steps)
         for batch in batches:
             with accelerator.accumulate(unet):
-                prior_weight = options.prior_loss_weight if options.with_prior_preservation else None
-                loss = diffusion_loss(batch, parts, unet, noise.generator, weight_dtype, prior_weight)
+                loss = diffusion_loss(
+                    batch,
+                    parts,
+                    text,
+                    unet,
+                    noise.generator,
+                    weight_dtype,
+                    prior_weight,
+                    snr_gamma=options.snr_gamma,
+                    noise_offset=options.noise_offset,
+                )
                 if not bool(torch.isfinite(accelerator.gather(loss.detach())).all()):
-                    last = list_checkpoints(output_dir)
+                    last, _ = newest_complete(output_dir)
                     raise ValueError(
                         f"the loss became non-finite at step {global_step + 1}; stopping (lower --learning_rate or "
-                        f"use --mixed_precision no). Last good checkpoint: {last[-1] if last else 'none'}"
+                        f"use --mixed_precision no). Last good checkpoint: {last.path if last else 'none'}"
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -226,11 +300,12 @@ def train(options: TrainingOptions) -> Path:
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % options.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, noise)
                 if accelerator.is_main_process:
                     prune_checkpoints(output_dir, options.checkpoints_total_limit)
-                accelerator.save_state(str(output_dir / f"{CHECKPOINT_PREFIX}{global_step}"))
+                    discard_set_aside(output_dir)
             if global_step % options.validation_steps == 0 and global_step < max_steps:
-                validate(options, parts, unet, accelerator, global_step, output_dir)
+                validate(options, parts, text, unet, accelerator, global_step, output_dir)
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
@@ -239,21 +314,55 @@ def train(options: TrainingOptions) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(unet), output_dir, base_model=parts.model_id)
-        _write_run_info(output_dir, options, parts, method, global_step)
-        grid = validate(options, parts, unet, accelerator, global_step, output_dir)
+        _save_final(accelerator, unet, output_dir, options, parts, method, global_step, learning_rate)
+        grid = validate(options, parts, text, unet, accelerator, global_step, output_dir)
         accelerator.print(f"adapter saved to {output_dir}" + (f"; validation grid {grid}" if grid else ""))
+        if repo_id is not None:
+            from .hub import push_adapter_folder
+
+            push_adapter_folder(output_dir, repo_id, options.hub_token, grid)
+            accelerator.print(f"uploaded {output_dir} to the Hub repository {repo_id}")
     accelerator.end_training()
     return output_dir
 
 
-def _ensure_class_images(options: TrainingOptions, parts: models.Components, accelerator: Accelerator) -> None:
+def _learning_rate_after_resume(accelerator: Accelerator, lr_scheduler, requested: float) -> float:
+    """The schedule's base rate restored from the checkpoint; says so when it is not the one the flags ask for."""
+    restored = float(getattr(lr_scheduler, "scheduler", lr_scheduler).base_lrs[0])
+    if not math.isclose(restored, requested, rel_tol=1e-9):
+        accelerator.print(
+            f"resuming with the checkpoint's learning rate {restored:g}, not the requested {requested:g} (a resumed "
+            "run keeps its optimizer and schedule; start a new run to change the rate)"
+        )
+    return restored
+
+
+def _save_final(
+    accelerator: Accelerator,
+    unet,
+    output_dir: Path,
+    options: TrainingOptions,
+    parts: models.Components,
+    method: str,
+    step: int,
+    learning_rate: float,
+) -> None:
+    """The final adapter and its record; a full disk is one clear error and leaves the last checkpoint intact."""
+    try:
+        save_adapter(accelerator.unwrap_model(unet), output_dir, base_model=parts.model_id)
+        _write_run_info(output_dir, options, parts, method, step, learning_rate)
+    except Exception as err:
+        if is_disk_full(err):
+            raise disk_full_error(output_dir, "the final adapter", err) from err
+        raise
+    discard_set_aside(output_dir)
+
+
+def _ensure_class_images(options: TrainingOptions, parts: models.Components, unet, accelerator: Accelerator) -> None:
     """Generate the missing prior-preservation class images with the base model (main process; resumable)."""
-    if options.class_data_dir is None:
-        raise ValueError("--with_prior_preservation needs --class_data_dir (a folder; missing images are generated)")
     if accelerator.is_main_process:
         made = generate_class_images(
-            models.make_pipeline(parts, parts.unet),
+            models.make_pipeline(parts, unet),
             options.class_data_dir,
             parts.class_prompt,
             options.num_class_images,
@@ -268,7 +377,12 @@ def _ensure_class_images(options: TrainingOptions, parts: models.Components, acc
 
 
 def _write_run_info(
-    output_dir: Path, options: TrainingOptions, parts: models.Components, method: str, step: int
+    output_dir: Path,
+    options: TrainingOptions,
+    parts: models.Components,
+    method: str,
+    step: int,
+    learning_rate: float,
 ) -> None:
     """``training_args.json`` beside the adapter: what was trained, on what, for how long (for the evaluator)."""
     info = {
@@ -278,6 +392,7 @@ def _write_run_info(
         "instance_prompt": parts.instance_prompt,
         "instance_data_dir": str(parts.instance_data_dir),
         "steps": step,
+        "learning_rate": learning_rate,  # the rate really used: after --scale_lr, or the resumed checkpoint's
         "options": asdict(options),
     }
-    (output_dir / "training_args.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(output_dir / "training_args.json", json.dumps(info, indent=2) + "\n")

@@ -74,6 +74,18 @@ def _boft_matrix(blocks: torch.Tensor, gathers: list[torch.Tensor]) -> torch.Ten
     return q
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """Build the demo pipeline into a temporary cache (not the user's home), once per test module that asks."""
+    previous = os.environ.get("DREAMBOOTH_GS_CACHE")
+    os.environ["DREAMBOOTH_GS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DREAMBOOTH_GS_CACHE")
+    else:
+        os.environ["DREAMBOOTH_GS_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
     """Dense reference math (float64) built from the formulas, independent of dreambooth_gs.functional."""

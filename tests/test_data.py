@@ -171,11 +171,19 @@ def test_dataset_items(tokenizer):
     dataset = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", tokenizer, resolution=32, center_crop=True)
     assert len(dataset) == 4 and not dataset.with_prior_preservation
     item = dataset[1]
-    assert set(item) == {"instance_images", "instance_prompt_ids"}
+    assert set(item) == {"instance_images", "instance_prompt_ids", "instance_attention_mask"}
     assert item["instance_images"].shape == (3, 32, 32)
     assert -1 <= item["instance_images"].min() < item["instance_images"].max() <= 1
     ids = item["instance_prompt_ids"]
     assert ids.shape == (77,) and ids[0] == 49406 and ids[:7].tolist()[-1] == 49407  # <sot> a photo of sks toy <eot>
+    assert item["instance_attention_mask"].tolist() == [1] * 7 + [0] * 70
+
+
+def test_tokenizer_max_length_pads_and_truncates_prompts(tokenizer):
+    short = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", tokenizer, resolution=32, tokenizer_max_length=12)
+    assert short[0]["instance_prompt_ids"].shape == (12,) and short[0]["instance_attention_mask"].sum() == 7
+    cut = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", tokenizer, resolution=32, tokenizer_max_length=4)
+    assert cut[0]["instance_prompt_ids"].tolist()[-1] == 49407 and cut[0]["instance_attention_mask"].sum() == 4
 
 
 def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path, tokenizer):

@@ -7,7 +7,6 @@ import copy
 import csv
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -175,10 +174,8 @@ FAST_EVAL += ["--base_images", "2", "--max_prompts", "2", "--num_inference_steps
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_cache):
     """Two runs (gsoft, lora) of the trainer on the demo subject, 1 step each, with a temporary model cache."""
-    previous = os.environ.get("DREAMBOOTH_GS_CACHE")
-    os.environ["DREAMBOOTH_GS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     from train_dreambooth_gsoft import main, parse_args
 
     root = tmp_path_factory.mktemp("runs")
@@ -187,11 +184,7 @@ def trained(tmp_path_factory):
         flags = ["--output_dir", str(root / method), "--adapter", method, "--max_train_steps", "1"]
         flags += ["--train_batch_size", "2", "--report_to", "none", "--validation_prompt=", "--learning_rate", "1e-3"]
         runs[method] = main(parse_args(flags))
-    yield runs
-    if previous is None:
-        os.environ.pop("DREAMBOOTH_GS_CACHE")
-    else:
-        os.environ["DREAMBOOTH_GS_CACHE"] = previous
+    return runs
 
 
 def evaluate(output_dir: Path, runs: list, *flags: str) -> Path:
@@ -349,7 +342,7 @@ METHOD_FLAGS = {  # trainer options of each method on the tiny model
     "gsoft": {},
     "double_gsoft": {"gsoft_nblocks": 2},
     "boft": {},
-    "lora": {"lora_rank": 2},
+    "lora": {"rank": 2},
     "oft": {},
     "full": {},
 }

@@ -338,3 +338,19 @@ def test_full_refuses_bad_targets_and_a_second_adapter(make_mlp):
     for adapted in (model, with_gsoft):
         with pytest.raises(ValueError, match="already has an adapter"):
             enable_full_finetuning(adapted, FullConfig(target_modules=MLP_TARGETS))
+
+
+def test_adapter_files_get_ordinary_permissions(tmp_path, make_mlp):
+    """Adapter files are readable like every other output (0o666 less the umask), not a temp file's 0o600."""
+    import os
+
+    model = make_mlp()
+    inject_adapter(model, GSOFTConfig(nblocks=4, target_modules=("fc1",)))
+    previous = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path)
+    finally:
+        os.umask(previous)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list(tmp_path.glob(".*.tmp"))

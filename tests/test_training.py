@@ -23,16 +23,7 @@ from train_dreambooth_gsoft import main, parse_args  # noqa: E402
 FAST = ["--train_batch_size", "2", "--report_to", "none", "--validation_prompt=", "--center_crop"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """Build the demo pipeline into a temporary cache (not the user's home) once for this module."""
-    previous = os.environ.get("DREAMBOOTH_GS_CACHE")
-    os.environ["DREAMBOOTH_GS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if previous is None:
-        os.environ.pop("DREAMBOOTH_GS_CACHE")
-    else:
-        os.environ["DREAMBOOTH_GS_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("tiny_cache")
 
 
 def run(output_dir: Path, *extra: str) -> Path:
@@ -208,11 +199,19 @@ def _broken_image_dir(tmp_path: Path) -> Path:
     return folder
 
 
+def _image_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    return folder
+
+
 BAD_INPUTS = [
     (lambda t: ["--instance_data_dir", str(t / "missing")], "does not exist"),
     (lambda t: ["--instance_data_dir", str((t / "empty").mkdir() or t / "empty"), "--class_name", "dog"], "is empty"),
     (lambda t: ["--instance_data_dir", str(_broken_image_dir(t)), "--class_name", "dog"], "no readable image"),
-    (lambda t: ["--instance_data_dir", str(_broken_image_dir(t))], "--class_name"),
+    (lambda t: ["--instance_data_dir", str(_broken_image_dir(t))], "no readable image"),  # before --class_name
+    (lambda t: ["--instance_data_dir", str(_image_dir(t))], "--class_name"),
     (lambda t: ["--gsoft_nblocks", "3"], "valid block counts"),
     (lambda t: ["--target_modules", "to_qq"], "to_qq"),
     (lambda t: ["--adapter", "lora", "--target_modules", "to_qq"], "to_qq"),
