@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from .fileio import first_line
+
 TINY_RANDOM = "tiny-random"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 NO_DINO = ("", "none")
@@ -46,16 +48,6 @@ MISSING_WEIGHTS_HINT = (
     "give a local checkpoint with --clip_pretrained /path/to/open_clip_pytorch_model.bin or run once with network "
     "access (weights are cached)"
 )
-
-
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """The first line of an error message, cut at ``limit`` characters (a sentence end when there is one)."""
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
-    if len(line) > limit:
-        end = line.rfind(". ", 0, limit)
-        line = line[: end + 1] if end > 0 else line[:limit] + "..."
-    return line
 
 
 # -- formulas -------------------------------------------------------------------------------------------------------
@@ -140,13 +132,40 @@ class DinoScorer:
         return normalize(torch.cat(chunks))
 
 
+def _model_files(location: str) -> tuple[Path, list[Path]] | None:
+    """``(root, files)`` behind a model location: a file, a folder (``local-dir:`` too) or a hub id's cached
+    snapshot; None for a name with nothing on disk (an open_clip pretrained tag such as ``openai``)."""
+    path = Path(location.removeprefix("local-dir:"))
+    if path.is_file():
+        return path.parent, [path]
+    if path.is_dir():
+        return path, sorted(p for p in path.rglob("*") if p.is_file())
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(location.removeprefix("hf-hub:"), local_files_only=True))
+    except Exception:  # not a hub id, or not cached: nothing on disk to key on
+        return None
+    return snapshot, sorted(p for p in snapshot.rglob("*") if p.is_file())
+
+
+def weights_fingerprint(location: str | None) -> str:
+    """Names, sizes and modification times of every file behind ``location`` (hub snapshots: the resolved blobs),
+    so that weights replaced in the same folder give another fingerprint."""
+    found = _model_files(location) if location else None
+    if found is None:
+        return ""
+    root, files = found
+    lines = [str(root.resolve())]
+    for file in files:
+        stat = file.stat()  # follows the hub cache's symlinks to the blob itself
+        lines.append(f"{file.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}")
+    return "\n".join(lines)
+
+
 def _scorer_key(kind: str, model: str, pretrained: str | None) -> str:
-    """Readable, file-name-safe cache key; a local checkpoint's size and mtime are part of it."""
-    detail = f"{model}|{pretrained}"
-    for candidate in (model, pretrained):
-        if candidate and os.path.isfile(candidate):
-            stat = os.stat(candidate)
-            detail += f"|{os.path.abspath(candidate)}|{stat.st_size}|{stat.st_mtime_ns}"
+    """Readable, file-name-safe cache key that changes whenever the weights behind ``model`` / ``pretrained`` do."""
+    detail = "\n".join([f"{model}|{pretrained}", weights_fingerprint(model), weights_fingerprint(pretrained)])
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{pretrained}" if pretrained else model)[-60:]
     return f"{kind}-{readable}-{hashlib.sha256(detail.encode()).hexdigest()[:8]}"
 

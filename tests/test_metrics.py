@@ -189,3 +189,28 @@ def test_reference_embeddings_are_computed_once(tmp_path):
         cached.write_bytes(b"damaged")
     ReferenceEmbeddings(tmp_path / "cache").get(scorer, paths)  # damaged cache entries are recomputed
     assert scorer.calls == 3
+
+
+def test_references_are_embedded_again_when_the_scorer_weights_change_in_place(tmp_path):
+    """A DINO folder whose weights were replaced must not be scored against the old weights' cached references."""
+    folder, paths = tmp_path / "dino", []
+    for i, image in enumerate(_images(2)):
+        paths.append(tmp_path / f"real{i}.png")
+        image.save(paths[-1])
+    for seed in (1, 2):  # the same folder, other weights
+        model, processor = metrics.tiny_random_dino(seed=seed)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        scorer, _ = load_dino_scorer(str(folder))
+        cached = ReferenceEmbeddings(tmp_path / "cache").get(scorer, paths)  # a new process each time
+        torch.testing.assert_close(cached, scorer.image_embeddings([Image.open(p) for p in paths]))
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_weights_fingerprint_follows_files_not_names(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"one")
+    first = metrics.weights_fingerprint(str(tmp_path))
+    assert first == metrics.weights_fingerprint(f"local-dir:{tmp_path}")
+    (tmp_path / "model.safetensors").write_bytes(b"three")
+    assert metrics.weights_fingerprint(str(tmp_path)) != first
+    assert metrics.weights_fingerprint("openai") == "" and metrics.weights_fingerprint(None) == ""
