@@ -66,7 +66,7 @@ class OptionsParser(argparse.ArgumentParser):
     def describe_unknown(self, unknown: Sequence[str]) -> str:
         flags = [token.split("=", 1)[0] for token in unknown if token.startswith("-")]
         if not flags:
-            return f"unexpected argument {unknown[0]!r}: every value follows its flag"
+            return f"unexpected argument {unknown[0]!r}: switches take no value, and every value follows its flag"
         known = self.known_flags()
         parts = []
         for flag in flags:

@@ -1,5 +1,6 @@
-"""``--push_to_hub``: the Hub repository is created (and so the network and token checked) before training starts;
-the finished adapter folder is uploaded with a generated model card."""
+"""``--push_to_hub``: the network and the token are checked before anything loads, the repository is created once
+every other check has passed (before training), and the finished adapter folder is uploaded with a generated
+model card."""
 
 from __future__ import annotations
 
@@ -14,18 +15,31 @@ MODEL_CARD_NAME = "README.md"
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".*", ".*/**", "logs/**"]
 
 
+def _hub_error(what: str, err: BaseException) -> ValueError:
+    return ValueError(
+        f"--push_to_hub: {what} ({first_line(err, 160)}); check the network and the token (hf auth login, or "
+        "--hub_token), or train without --push_to_hub and upload later. Nothing was written"
+    )
+
+
+def check_hub_access(token: str | None) -> str:
+    """The user name the token belongs to; one clear ValueError when the Hub or the token does not answer."""
+    from huggingface_hub import whoami
+
+    try:
+        return whoami(token=token)["name"]
+    except Exception as err:  # offline mode, no network, no or a bad token: huggingface_hub raises many kinds
+        raise _hub_error("cannot reach the Hub with this token", err) from err
+
+
 def create_hub_repo(repo_id: str, token: str | None) -> str:
     """Create (or find) the model repository; one clear ValueError when the Hub cannot be reached."""
     from huggingface_hub import create_repo
 
     try:
         return create_repo(repo_id, exist_ok=True, token=token).repo_id
-    except Exception as err:  # offline mode, no network, a bad token: huggingface_hub raises many kinds
-        raise ValueError(
-            f"--push_to_hub: cannot create the Hub repository {repo_id} ({first_line(err, 160)}); check the network "
-            "and the token (hf auth login, or --hub_token), or train without --push_to_hub and upload later. "
-            "Nothing was written"
-        ) from err
+    except Exception as err:
+        raise _hub_error(f"cannot create the Hub repository {repo_id}", err) from err
 
 
 def model_card_text(document: dict[str, Any], info: dict[str, Any], repo_id: str, grid: str | None) -> str:

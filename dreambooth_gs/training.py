@@ -167,11 +167,10 @@ def train(options: TrainingOptions) -> Path:
         start_afresh = options.overwrite_output_dir or options.resume_from_checkpoint == "latest"
         earlier = check_fresh_start(output_dir, options.logging_dir, start_afresh)
     subject = models.check_subject_data(options, accelerator)
-    repo_id = None
     if options.push_to_hub and accelerator.is_main_process:
-        from .hub import create_hub_repo
+        from .hub import check_hub_access
 
-        repo_id = create_hub_repo(options.hub_model_id or output_dir.resolve().name, options.hub_token)
+        check_hub_access(options.hub_token)
 
     set_seed(options.seed)
     if options.allow_tf32 and torch.cuda.is_available():
@@ -184,6 +183,12 @@ def train(options: TrainingOptions) -> Path:
     text = models.TextConditioning(
         parts.tokenizer, parts.text_encoder, options.tokenizer_max_length, options.text_encoder_use_attention_mask
     )
+
+    repo_id = None
+    if options.push_to_hub and accelerator.is_main_process:
+        from .hub import create_hub_repo
+
+        repo_id = create_hub_repo(options.hub_model_id or output_dir.resolve().name, options.hub_token)
 
     # -- every check passed: from here on the run writes ------------------------------------------------------------
     _prepare_output_dir(accelerator, output_dir, earlier)

@@ -158,7 +158,7 @@ def test_tokenizer_max_length(tmp_path):
 
 
 def test_push_to_hub_offline_is_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="--push_to_hub: cannot create the Hub repository .* Nothing was written"):
+    with pytest.raises(ValueError, match="--push_to_hub: cannot reach the Hub with this token .* Nothing was written"):
         run(tmp_path / "out", "--push_to_hub", "--hub_model_id", "me/dog")
     assert not (tmp_path / "out").exists()
 
@@ -167,6 +167,7 @@ def test_push_to_hub_uploads_the_adapter_with_a_model_card(tmp_path, monkeypatch
     import huggingface_hub
 
     calls = {}
+    monkeypatch.setattr(huggingface_hub, "whoami", lambda token=None: {"name": "me"})
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: types.SimpleNamespace(repo_id=repo_id))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.update(kw))
     out = run(tmp_path / "out", "--push_to_hub", "--hub_model_id", "me/dog", "--checkpointing_steps", "1")
@@ -191,3 +192,14 @@ def test_bf16_on_a_cpu_trains_validates_and_saves(tmp_path, default_precision):
     out = run(tmp_path / "out", *flags, "--validation_inference_steps", "2", "--validation_steps", "1")
     assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-000001.png", "step-000002.png"]
     assert {t.dtype for t in adapter(out).values()} == {torch.float32}
+
+
+def test_a_refused_run_creates_no_hub_repository(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    created = []
+    monkeypatch.setattr(huggingface_hub, "whoami", lambda token=None: {"name": "me"})
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: created.append(repo_id))
+    with pytest.raises(ValueError, match="valid block counts"):
+        run(tmp_path / "out", "--push_to_hub", "--gsoft_nblocks", "3")
+    assert created == [] and not (tmp_path / "out").exists()
