@@ -201,23 +201,28 @@ def test_a_resumed_run_says_which_learning_rate_it_uses(after_two, capsys):
     assert info["learning_rate"] == pytest.approx(1e-2)
 
 
-def _launch_two(output_dir: Path, *flags: str) -> None:
+def _launch_two(output_dir: Path, *flags: str) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += [str(ROOT / "train_dreambooth_gsoft.py"), "--output_dir", str(output_dir), *COMMON, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
-def test_two_process_resume_is_exact(tmp_path):
-    flags = ["--checkpointing_steps", "3", "--train_batch_size", "1"]
-    _launch_two(tmp_path / "straight", "--max_train_steps", "6", *flags)
-    _launch_two(tmp_path / "resumed", "--max_train_steps", "3", *flags)
-    generators = [load_file(tmp_path / "resumed" / "checkpoint-3" / f"noise_generator_{r}.safetensors") for r in (0, 1)]
-    assert not torch.equal(generators[0]["state"], generators[1]["state"])  # each rank's own noise is saved
-    _launch_two(tmp_path / "resumed", "--max_train_steps", "6", *flags, "--resume_from_checkpoint", "latest")
-    after_three = adapter(tmp_path / "resumed" / "checkpoint-3")
+def test_two_processes_train_and_resume_exactly(tmp_path):
+    """Six straight steps on two processes; then a copy of their checkpoint-3 resumed to six gives the same adapter."""
+    import shutil
+
+    flags = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--train_batch_size", "1"]
+    assert "on 2 process(es)" in _launch_two(tmp_path / "straight", *flags)
+    assert json.loads((tmp_path / "straight" / "adapter_config.json").read_text())["method"] == "gsoft"
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    shutil.copytree(tmp_path / "straight" / "checkpoint-3", checkpoint)
+    generators = [load_file(checkpoint / f"noise_generator_{r}.safetensors")["state"] for r in (0, 1)]
+    assert not torch.equal(*generators)  # each rank's own noise is saved
+    _launch_two(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
     straight, resumed = adapter(tmp_path / "straight"), adapter(tmp_path / "resumed")
     assert max_diff(straight, resumed) < 1e-5
-    assert max_diff(after_three, resumed) > 1e-4  # the post-resume steps moved the adapter: the check can fail
+    assert max_diff(adapter(checkpoint), resumed) > 1e-4  # the post-resume steps moved the adapter: the check can fail
