@@ -114,6 +114,8 @@ def _argument_kwargs(field: dataclasses.Field, annotation: Any) -> dict[str, Any
     if kind not in (str, int, float):
         raise TypeError(f"field {field.name}: no command-line form for type {annotation!r}")
     kwargs["type"] = kind
+    if "choices" in field.metadata:  # choices known only at run time (e.g. from the method registry)
+        kwargs["choices"] = list(field.metadata["choices"])
     if kind is not str:
         kwargs["metavar"] = kind.__name__.upper()
     return kwargs

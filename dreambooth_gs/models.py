@@ -11,12 +11,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .baselines import inject_peft_adapter, make_peft_config
-from .config import GSOFTConfig
+from . import methods
 from .data import find_images, tokenize_prompt
 from .fileio import first_line
-from .full import FULL_METHOD, FullConfig, enable_full_finetuning
-from .injection import inject_adapter
 from .options import TrainingOptions
 
 DEMO_SUBJECT_DIR = Path(__file__).resolve().parent.parent / "datasets" / "demo_subject"
@@ -163,59 +160,17 @@ def load_components(
     )
 
 
-def adapter_config_for(options: TrainingOptions) -> tuple[str, GSOFTConfig | FullConfig | object]:
-    """``(method, config)`` of the adapter the options ask for: a GSOFTConfig, a FullConfig or a PEFT config."""
-    targets = tuple(options.target_modules)
-    if options.adapter == FULL_METHOD:
-        return FULL_METHOD, FullConfig(target_modules=targets)
-    if options.adapter in ("gsoft", "double_gsoft"):
-        nblocks = options.gsoft_nblocks if options.gsoft_block_size is None else None
-        return options.adapter, GSOFTConfig(
-            method=options.adapter,
-            nblocks=nblocks,
-            block_size=options.gsoft_block_size,
-            scale=not options.gsoft_no_scale,
-            target_modules=targets,
-        )
-    if options.adapter == "boft":
-        nblocks = options.boft_block_num if options.boft_block_size is None else None
-        nblocks = nblocks if nblocks is not None or options.boft_block_size is not None else 32
-        if options.boft_backend == "peft":
-            return "peft_boft", make_peft_config(
-                "peft_boft",
-                targets,
-                nblocks=nblocks,
-                block_size=options.boft_block_size,
-                n_butterfly_factor=options.boft_n_butterfly_factor,
-            )
-        return "boft", GSOFTConfig(
-            method="boft",
-            nblocks=nblocks,
-            block_size=options.boft_block_size,
-            n_butterfly_factor=options.boft_n_butterfly_factor,
-            target_modules=targets,
-        )
-    if options.adapter == "lora":
-        return "lora", make_peft_config("lora", targets, rank=options.rank)
-    return "oft", make_peft_config("oft", targets, block_size=options.oft_block_size or 32)
-
-
 def add_adapter(unet: torch.nn.Module, options: TrainingOptions) -> tuple[torch.nn.Module, str]:
     """Inject the requested adapter into ``unet`` (trainable parameters in float32); returns ``(unet, method)``.
 
     ``full`` injects nothing: the targeted projections' own weights and biases become the trainable parameters.
     """
-    method, config = adapter_config_for(options)
-    if isinstance(config, GSOFTConfig):
-        inject_adapter(unet, config)
-    elif isinstance(config, FullConfig):
-        enable_full_finetuning(unet, config)
-    else:
-        inject_peft_adapter(unet, method, config)
+    method, config = methods.for_options(options)
+    method.inject(unet, config)
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return unet, method
+    return unet, method.name
 
 
 def make_pipeline(parts: Components, unet: torch.nn.Module):

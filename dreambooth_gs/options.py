@@ -8,12 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-ADAPTERS = ("gsoft", "double_gsoft", "lora", "boft", "oft", "full")
-# Default learning rates: GSOFT / Double GSOFT follow the GSOFT paper (AdamW 2e-5); LoRA follows diffusers'
-# DreamBooth LoRA recipe; OFT and BOFT follow their papers' subject-driven settings; full (fine-tuning the
-# projections themselves) takes the usual DreamBooth full fine-tuning rate, 5e-6 (diffusers' train_dreambooth.py
-# examples): a literature default, not tuned here.
-DEFAULT_LEARNING_RATES = {"gsoft": 2e-5, "double_gsoft": 2e-5, "lora": 1e-4, "boft": 3e-5, "oft": 6e-5, "full": 5e-6}
+from .methods import DEFAULT_LEARNING_RATES, TRAINER_ADAPTERS
+
+ADAPTERS = TRAINER_ADAPTERS
 DEFAULT_MAX_TRAIN_STEPS = 3000
 DEMO_MAX_TRAIN_STEPS = 60  # the embedded random demo model: about a minute on 2 CPU cores
 # The demo model's attention dims are 32 and 64: block counts that give dense GS matrices there (b >= r).
@@ -28,6 +25,10 @@ DEMO_DEFAULTS = {
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+def _choices(choices: tuple[str, ...], text: str) -> dict:
+    return {"help": text, "choices": list(choices)}
 
 
 @dataclass
@@ -78,12 +79,13 @@ class TrainingOptions:
     center_crop: bool = field(default=False, metadata=_help("Center-crop instead of random-crop."))
     random_flip: bool = field(default=False, metadata=_help("Random horizontal flips."))
     # -- adapter ---------------------------------------------------------------------------------------------
-    adapter: Literal["gsoft", "double_gsoft", "lora", "boft", "oft", "full"] = field(
+    adapter: str = field(
         default="gsoft",
-        metadata=_help(
+        metadata=_choices(
+            ADAPTERS,
             "gsoft / double_gsoft (this toolkit), boft (on the GS core, every butterfly factor), lora / oft (PEFT), "
             "full (baseline, no adapter: trains the --target_modules Linears' own weights and biases, the rest of "
-            "the UNet frozen)."
+            "the UNet frozen).",
         ),
     )
     target_modules: list[str] = field(

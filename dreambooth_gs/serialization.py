@@ -19,61 +19,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .baselines import (
-    PEFT_METHODS,
-    inject_peft_adapter,
-    load_peft_state,
-    peft_config_from_dict,
-    peft_config_to_dict,
-    peft_method,
-    peft_state_dict,
-)
-from .config import METHODS, GSOFTConfig
+from . import methods
+from .config import GSOFTConfig
 from .fileio import atomic_write
-from .full import FULL_METHOD, FullConfig, full_config, full_parameters
-from .injection import (
-    adapter_layers,
-    inject_adapter,
-    merge_adapter,
-    remove_adapter,
-    require_targets,
-    trainable_parameters,
-)
+from .full import full_parameters
+from .injection import merge_adapter, remove_adapter, require_targets, trainable_parameters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_NAME = "dreambooth_gs"
-ALL_METHODS = METHODS + PEFT_METHODS + (FULL_METHOD,)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's trainable tensors by name (float32, detached, contiguous)."""
-    return _plain_tensors(trainable_parameters(model))
-
-
-def _plain_tensors(params: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
-    return {name: param.detach().float().contiguous().cpu() for name, param in params}
+    """The GS-family adapter's trainable tensors by name (float32, detached, contiguous)."""
+    return methods.plain_tensors(trainable_parameters(model))
 
 
 def describe_adapter(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
-    """``(method, config dict, tensors)`` of the adapter in ``model`` (GSOFT family, PEFT baseline or full)."""
-    layers = adapter_layers(model)
-    if layers:
-        configs = {json.dumps(layer.config_dict, sort_keys=True) for _, layer in layers}
-        if len(configs) != 1:
-            raise ValueError("the model's adapter layers were made from different configs; save them separately")
-        config = layers[0][1].config_dict
-        return config["method"], config, adapter_state_dict(model)
-    found = peft_method(model)
-    if found is not None:
-        method, peft_config = found
-        return method, peft_config_to_dict(peft_config), peft_state_dict(model)
-    full = full_config(model)
-    if full is not None:
-        return FULL_METHOD, full.to_dict(), _plain_tensors(full_parameters(model, full))
-    raise ValueError(
-        "the model has no adapter to save; call inject_adapter(), enable_full_finetuning() or load_adapter() first"
-    )
+    """``(method, config dict, tensors)`` of the adapter in ``model`` (any method of the registry)."""
+    found = methods.find(model)
+    if found is None:
+        raise ValueError(
+            "the model has no adapter to save; call inject_adapter(), enable_full_finetuning() or load_adapter() first"
+        )
+    method, config = found
+    return method.name, config, method.kind.state_dict(model)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
@@ -81,7 +51,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     method, config, tensors = describe_adapter(model)
     modules: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
-        module, pname = _split_key(key, method)
+        module, pname = methods.get(method).kind.split_key(key)
         modules.setdefault(module, {"parameters": {}})["parameters"][pname] = list(tensor.shape)
     document = {
         "library": LIBRARY_NAME,
@@ -98,18 +68,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
     return directory
-
-
-def _split_key(key: str, method: str) -> tuple[str, str]:
-    """``(module path, parameter name)`` of a tensor key: ``a.b.to_q.gsoft_L`` or PEFT's ``a.b.to_q.lora_A.weight``."""
-    if method in METHODS or method == FULL_METHOD:
-        module, _, pname = key.rpartition(".")
-        return module, pname
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part.startswith(("lora_", "oft_", "boft_")):
-            return ".".join(parts[:i]), ".".join(parts[i:])
-    return key.rpartition(".")[0], key.rpartition(".")[2]
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -131,8 +89,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"{path} has format_version={version!r}; this dreambooth_gs reads format {GSOFTConfig.FORMAT_VERSION}"
         )
     method = document.get("method")
-    if method not in ALL_METHODS:
-        raise ValueError(f"{path} names unknown method {method!r}; known methods: {', '.join(ALL_METHODS)}")
+    if method not in methods.REGISTRY:
+        raise ValueError(f"{path} names unknown method {method!r}; known methods: {', '.join(methods.ALL_METHODS)}")
     if not isinstance(document.get("config"), dict) or not isinstance(document.get("modules"), dict):
         raise ValueError(f"{path} lacks its 'config' or 'modules' section; the file is incomplete")
     return document
@@ -164,14 +122,12 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
     directory = Path(directory)
     document = read_adapter_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME)
-    method = document["method"]
-    if method == FULL_METHOD:
-        return _load_full(model, directory, document, tensors)
+    method = methods.get(document["method"])
+    config = method.config_from_dict(document["config"])
+    if method.kind is methods.FullKind:
+        return _load_full(model, directory, document, tensors, config)
     trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
-    if method in METHODS:
-        names = inject_adapter(model, GSOFTConfig.from_dict(document["config"]))
-    else:
-        names = inject_peft_adapter(model, method, peft_config_from_dict(method, document["config"]))
+    names = method.inject(model, config)
     try:
         _check_modules(directory, document, names)
         load_adapter_weights(model, directory, tensors=tensors)
@@ -191,14 +147,10 @@ def load_adapter_weights(
     """Load the tensors of an adapter folder into the adapter already injected in ``model`` (e.g. on resume)."""
     weights = Path(directory) / WEIGHTS_NAME
     tensors = _read_tensors(weights) if tensors is None else tensors
-    if adapter_layers(model):
-        _load_tensors(dict(trainable_parameters(model)), weights, tensors)
-    elif peft_method(model) is not None:
-        load_peft_state(model, tensors, str(weights))
-    elif (full := full_config(model)) is not None:
-        _load_tensors(dict(full_parameters(model, full)), weights, tensors)
-    else:
+    found = methods.find(model)
+    if found is None:
         raise ValueError("the model has no adapter to load weights into; use load_adapter() to inject one")
+    found[0].kind.load_state(model, tensors, str(weights))
 
 
 def _check_modules(directory: Path, document: dict[str, Any], names: list[str]) -> None:
@@ -211,30 +163,9 @@ def _check_modules(directory: Path, document: dict[str, Any], names: list[str]) 
         raise ValueError(f"the model's layers do not match the adapter in {directory}: {detail}")
 
 
-def _load_full(model: nn.Module, directory: Path, document: dict[str, Any], tensors: dict) -> list[str]:
+def _load_full(model: nn.Module, directory: Path, document: dict[str, Any], tensors: dict, config) -> list[str]:
     """Copy the saved projection weights into ``model``'s matching Linears (checked first: all or nothing)."""
-    config = FullConfig.from_dict(document["config"])
     names = [name for name, _ in require_targets(model, config.target_modules)]
     _check_modules(directory, document, names)
-    _load_tensors(dict(full_parameters(model, config)), directory / WEIGHTS_NAME, tensors)
+    methods.copy_strictly(dict(full_parameters(model, config)), tensors, str(directory / WEIGHTS_NAME))
     return names
-
-
-def _load_tensors(params: dict[str, nn.Parameter], weights: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into ``params`` by name, strictly: the same keys and shapes, checked before any copy."""
-    if set(tensors) != set(params):
-        unexpected, absent = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
-        raise ValueError(
-            f"{weights} does not match its adapter_config.json (interrupted save?): "
-            f"unexpected tensors {unexpected[:5]}, missing tensors {absent[:5]}"
-        )
-    for key, param in params.items():
-        if tensors[key].shape != param.shape:
-            module, _, pname = key.rpartition(".")
-            raise ValueError(
-                f"{weights}: {pname} of {module} has shape {tuple(tensors[key].shape)} in the file but "
-                f"{tuple(param.shape)} in the model (in_features/out_features differ from the saved base model)"
-            )
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(tensors[key])
