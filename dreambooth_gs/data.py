@@ -72,11 +72,13 @@ def load_images(directory: str | os.PathLike) -> list[Image.Image]:
     return [load_image(p) for p in find_images(directory)]
 
 
-def image_to_tensor(
+def crop_to_tensor(
     image: Image.Image, resolution: int, center_crop: bool = False, random_flip: bool = False
-) -> torch.Tensor:
-    """Shorter side to ``resolution`` (bilinear), center / random square crop, optional flip -> (3, R, R) in [-1, 1].
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Shorter side to ``resolution`` (bilinear), center / random square crop, optional flip.
 
+    Returns ``(pixels, original_size, crop_top_left)``: (3, R, R) in [-1, 1], the image's (height, width) before
+    resizing and the crop's (top, left) in the resized image (SDXL's micro-conditioning, as diffusers records it).
     Random crop and flip draw from torch's global RNG, so DataLoader worker seeding makes them reproducible.
     """
     width, height = image.size
@@ -93,43 +95,35 @@ def image_to_tensor(
     if random_flip and torch.rand(()).item() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (R, R, 3) uint8
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, (height, width), (top, left)  # (3, R, R) in [-1, 1]
 
 
-def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt -> ``(ids, attention_mask)``, each (L,): padded to and truncated at ``max_length`` (default: the
-    tokenizer's ``model_max_length``)."""
-    tokens = tokenizer(
-        prompt,
-        padding="max_length",
-        truncation=True,
-        max_length=max_length or tokenizer.model_max_length,
-        return_tensors="pt",
-    )
-    return tokens.input_ids[0], tokens.attention_mask[0]
+def image_to_tensor(
+    image: Image.Image, resolution: int, center_crop: bool = False, random_flip: bool = False
+) -> torch.Tensor:
+    """(3, R, R) pixels in [-1, 1] of :func:`crop_to_tensor`."""
+    return crop_to_tensor(image, resolution, center_crop, random_flip)[0]
 
 
 class DreamBoothDataset(Dataset):
-    """Instance images of the subject (and, for prior preservation, class images) with their prompt ids.
+    """Instance images of the subject (and, for prior preservation, class images) with their prompts.
 
-    Items are dicts: ``instance_images`` (3, R, R) in [-1, 1], ``instance_prompt_ids`` and
-    ``instance_attention_mask`` (L,), plus ``class_images``, ``class_prompt_ids`` and ``class_attention_mask`` when
-    ``class_data_dir`` is given (L: ``tokenizer_max_length``, default the tokenizer's maximum). With class images
-    the length is max(#instance, #class) and the shorter list cycles. Images are decoded when an item is read.
+    Items are dicts: ``instance_images`` (3, R, R) in [-1, 1], ``instance_prompt`` (the text: each model family
+    tokenizes it its own way), ``instance_original_size`` and ``instance_crop_top_left`` (2,), plus the same four
+    ``class_*`` entries when ``class_data_dir`` is given. With class images the length is max(#instance, #class)
+    and the shorter list cycles. Images are decoded when an item is read.
     """
 
     def __init__(
         self,
         instance_data_dir: str | os.PathLike,
         instance_prompt: str,
-        tokenizer,
         resolution: int = 512,
         center_crop: bool = False,
         random_flip: bool = False,
         class_data_dir: str | os.PathLike | None = None,
         class_prompt: str | None = None,
         num_class_images: int | None = None,
-        tokenizer_max_length: int | None = None,
     ):
         if not isinstance(resolution, int) or resolution <= 0 or resolution % 8:
             raise ValueError(
@@ -146,59 +140,56 @@ class DreamBoothDataset(Dataset):
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.instance_images = find_images(instance_data_dir)
-        self.instance_prompt_ids, self.instance_attention_mask = tokenize_prompt(
-            tokenizer, instance_prompt, tokenizer_max_length
-        )  # (L,), (L,)
+        self.instance_prompt = instance_prompt
         self.class_images: list[Path] = []
-        self.class_prompt_ids = self.class_attention_mask = None
+        self.class_prompt = class_prompt
         if class_data_dir is not None:
             self.class_images = find_images(class_data_dir)[:num_class_images]
-            self.class_prompt_ids, self.class_attention_mask = tokenize_prompt(
-                tokenizer, class_prompt, tokenizer_max_length
-            )  # (L,), (L,)
 
     @property
     def with_prior_preservation(self) -> bool:
-        return self.class_prompt_ids is not None
+        return self.class_prompt is not None
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
-    def _tensor(self, path: Path) -> torch.Tensor:
-        return image_to_tensor(load_image(path), self.resolution, self.center_crop, self.random_flip)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        example = {
-            "instance_images": self._tensor(self.instance_images[index % len(self.instance_images)]),
-            "instance_prompt_ids": self.instance_prompt_ids,
-            "instance_attention_mask": self.instance_attention_mask,
+    def _example(self, kind: str, path: Path, prompt: str) -> dict:
+        pixels, original_size, crop_top_left = crop_to_tensor(
+            load_image(path), self.resolution, self.center_crop, self.random_flip
+        )
+        return {
+            f"{kind}_images": pixels,
+            f"{kind}_prompt": prompt,
+            f"{kind}_original_size": torch.tensor(original_size),
+            f"{kind}_crop_top_left": torch.tensor(crop_top_left),
         }
+
+    def __getitem__(self, index: int) -> dict:
+        example = self._example(
+            "instance", self.instance_images[index % len(self.instance_images)], self.instance_prompt
+        )
         if self.with_prior_preservation:
-            example["class_images"] = self._tensor(self.class_images[index % len(self.class_images)])
-            example["class_prompt_ids"] = self.class_prompt_ids
-            example["class_attention_mask"] = self.class_attention_mask
+            example |= self._example("class", self.class_images[index % len(self.class_images)], self.class_prompt)
         return example
 
 
-def collate_examples(examples: list[dict[str, torch.Tensor]], with_prior_preservation: bool) -> dict[str, torch.Tensor]:
-    """Batch dataset items: ``pixel_values`` (B or 2B, 3, R, R), ``input_ids`` and ``attention_mask`` (B or 2B, L).
+def collate_examples(examples: list[dict], with_prior_preservation: bool) -> dict:
+    """Batch dataset items: ``pixel_values`` (B or 2B, 3, R, R), ``prompts`` (a list), ``original_sizes`` and
+    ``crop_top_lefts`` (B or 2B, 2).
 
     With prior preservation the B instance examples come first, then the B class examples, so the loss can
     ``chunk(2)`` the model output into instance and prior halves (as diffusers' DreamBooth does).
     """
     if with_prior_preservation and any("class_images" not in e for e in examples):
         raise ValueError("with_prior_preservation=True but the examples have no class_images; pass class_data_dir")
-    pixel_values = [e["instance_images"] for e in examples]
-    input_ids = [e["instance_prompt_ids"] for e in examples]
-    masks = [e.get("instance_attention_mask", torch.ones_like(e["instance_prompt_ids"])) for e in examples]
-    if with_prior_preservation:
-        pixel_values += [e["class_images"] for e in examples]
-        input_ids += [e["class_prompt_ids"] for e in examples]
-        masks += [e.get("class_attention_mask", torch.ones_like(e["class_prompt_ids"])) for e in examples]
+    kinds = ("instance", "class") if with_prior_preservation else ("instance",)
+    ordered = [(kind, e) for kind in kinds for e in examples]
+    pixel_values = torch.stack([e[f"{kind}_images"] for kind, e in ordered])  # (B', 3, R, R)
     return {
-        "pixel_values": torch.stack(pixel_values).to(memory_format=torch.contiguous_format).float(),  # (B', 3, R, R)
-        "input_ids": torch.stack(input_ids),  # (B', L)
-        "attention_mask": torch.stack(masks),  # (B', L)
+        "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
+        "prompts": [e[f"{kind}_prompt"] for kind, e in ordered],
+        "original_sizes": torch.stack([e[f"{kind}_original_size"] for kind, e in ordered]),  # (B', 2)
+        "crop_top_lefts": torch.stack([e[f"{kind}_crop_top_left"] for kind, e in ordered]),  # (B', 2)
     }
 
 

@@ -1,6 +1,6 @@
-"""Stable Diffusion components for training: loading (hub id, local folder, single file or the offline demo),
-the data checks that come before it, prompt encoding, the adapter for each method, and a pipeline around the
-trained UNet."""
+"""The training run's components: the data checks that come before any model loads, loading through the model
+family (hub id, local folder, single file or the offline demo), prompt encoding, the adapter for each method, and a
+pipeline around the trained UNet. Nothing here knows a family: :mod:`dreambooth_gs.families` does."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from . import methods
-from .data import find_images, tokenize_prompt
-from .fileio import first_line
+from . import families, methods
+from .data import find_images
+from .families import Conditioning, Family
 from .options import TrainingOptions
 
 DEMO_SUBJECT_DIR = Path(__file__).resolve().parent.parent / "datasets" / "demo_subject"
@@ -22,10 +22,12 @@ SUBJECT_FILE = "subject.json"  # optional, beside instance images: {"class_name"
 
 @dataclass
 class Components:
-    """Everything the loop needs besides the trainable UNet: frozen models, tokenizer, scheduler and the data."""
+    """Everything the loop needs besides the trainable UNet: the family, frozen models, tokenizers, scheduler and
+    the data."""
 
-    tokenizer: object
-    text_encoder: torch.nn.Module
+    family: Family
+    tokenizers: list
+    text_encoders: list  # a family's encoders in order (None once --pre_compute_text_embeddings freed them)
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
@@ -45,30 +47,6 @@ def _resolve_model(options: TrainingOptions, accelerator: Accelerator) -> tuple[
 
     with accelerator.main_process_first():
         return str(build_tiny_pipeline(default_tiny_pipeline_dir())), True
-
-
-def _load_parts(model_id: str, revision: str | None, variant: str | None):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    try:
-        if Path(model_id).is_file():  # a single-file checkpoint (.safetensors)
-            pipe = StableDiffusionPipeline.from_single_file(model_id)
-            scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-            return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler
-        kwargs = {"revision": revision}
-        return (
-            CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs),
-            CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs),
-            AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs),
-            UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs),
-            DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs),
-        )
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot load Stable Diffusion from {model_id!r}: {first_line(err)} (give a local diffusers folder, a "
-            "single-file .safetensors, or a hub id with network access)"
-        ) from err
 
 
 def _subject_class(options: TrainingOptions, instance_dir: Path) -> str | None:
@@ -128,7 +106,9 @@ def load_components(
 ) -> Components:
     """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) for the checked ``subject``."""
     model_id, is_demo = _resolve_model(options, accelerator)
-    tokenizer, text_encoder, vae, unet, scheduler = _load_parts(model_id, options.revision, options.variant)
+    family = families.detect(model_id, options.revision, options.model_family)
+    loaded = family.load(model_id, options.revision, options.variant, options.pretrained_vae_model_name_or_path)
+    vae, unet = loaded.vae, loaded.unet
     if options.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
@@ -138,25 +118,27 @@ def load_components(
                 "(pip install xformers) on a GPU machine or drop the flag"
             )
         unet.enable_xformers_memory_efficient_attention()
-    for model in (text_encoder, vae, unet):
+    # Frozen weights in the training dtype (adapters stay float32); SDXL's own VAE stays float32 (fp16 overflows).
+    keep_vae_fp32 = family.vae_in_fp32 and not loaded.extra.get("custom_vae")
+    for model in (*loaded.text_encoders, vae, unet):
         model.requires_grad_(False)
         model.to(accelerator.device)
-        if weight_dtype != torch.float32:  # frozen weights in the training dtype; adapters stay float32
+        if weight_dtype != torch.float32 and not (model is vae and keep_vae_fp32):
             model.to(dtype=weight_dtype)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder.eval(),
+        family=family,
+        tokenizers=loaded.tokenizers,
+        text_encoders=[encoder.eval() for encoder in loaded.text_encoders],
         vae=vae.eval(),
         unet=unet,
-        noise_scheduler=scheduler,
+        noise_scheduler=loaded.noise_scheduler,
         model_id=model_id,
         is_demo=is_demo,
         instance_data_dir=subject.instance_data_dir,
         class_name=subject.class_name,
         instance_prompt=subject.instance_prompt,
         class_prompt=subject.class_prompt,
-        resolution=options.resolution or unet.config.sample_size * vae_scale,
+        resolution=options.resolution or family.default_resolution(unet, vae),
     )
 
 
@@ -174,71 +156,54 @@ def add_adapter(unet: torch.nn.Module, options: TrainingOptions) -> tuple[torch.
 
 
 def make_pipeline(parts: Components, unet: torch.nn.Module):
-    """A StableDiffusionPipeline (DDIM sampler) around ``unet`` and the frozen components, for sampling."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The family's pipeline (DDIM sampler) around ``unet`` and the frozen components, for sampling."""
+    from diffusers import DDIMScheduler
 
-    pipeline = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = parts.family.make_pipeline(parts, unet, DDIMScheduler.from_config(parts.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
 class TextConditioning:
-    """Prompts -> the text encoder's hidden states (B, L, C) as the UNet's cross-attention input.
+    """Prompts -> the family's text conditioning (hidden states (B, L, C), pooled embeddings where it has them).
 
     ``max_length`` pads / truncates every prompt (default: the tokenizer's maximum); ``use_attention_mask`` hands
-    the encoder the padding mask. After :meth:`precompute` the encoder is freed and only the prompts given there
-    can be encoded (from a table keyed by their token ids), as diffusers' ``--pre_compute_text_embeddings`` does.
+    the encoders the padding mask. After :meth:`precompute` the encoders are freed and only the prompts given there
+    can be encoded (from a table keyed by the prompt), as diffusers' ``--pre_compute_text_embeddings`` does.
     """
 
-    def __init__(self, tokenizer, text_encoder, max_length: int | None = None, use_attention_mask: bool = False):
-        limit = getattr(text_encoder.config, "max_position_embeddings", None)
-        if max_length is not None and limit is not None and max_length > limit:
-            raise ValueError(
-                f"--tokenizer_max_length {max_length} exceeds the text encoder's {limit} positions; use {limit} or less"
-            )
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, parts: Components, max_length: int | None = None, use_attention_mask: bool = False):
+        self.family = parts.family
+        self.tokenizers = parts.tokenizers
+        self.text_encoders = list(parts.text_encoders)
         self.max_length = max_length
         self.use_attention_mask = use_attention_mask
-        self._table: dict[tuple[int, ...], torch.Tensor] | None = None
-
-    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids, attention_mask)``, each (N, L)."""
-        pairs = [tokenize_prompt(self.tokenizer, prompt, self.max_length) for prompt in prompts]
-        return torch.stack([ids for ids, _ in pairs]), torch.stack([mask for _, mask in pairs])
+        self._table: dict[str, Conditioning] | None = None
+        if max_length is not None:
+            self.encode([""])  # refuses a length the encoders cannot take, before anything is written
 
     @torch.no_grad()
-    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, C) hidden states."""
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """(N,) prompts -> their conditioning (N rows)."""
         if self._table is not None:
-            try:
-                return torch.stack([self._table[tuple(row.tolist())] for row in input_ids])
-            except KeyError:
-                raise ValueError("a prompt outside the precomputed ones reached the text encoder") from None
-        device = self.text_encoder.device
-        mask = attention_mask.to(device) if self.use_attention_mask and attention_mask is not None else None
-        return self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
+            missing = [p for p in prompts if p not in self._table]
+            if missing:
+                raise ValueError(f"prompt {missing[0]!r} was not among the precomputed ones")
+            return Conditioning.stack([self._table[p] for p in prompts])
+        return self.family.encode(
+            self.tokenizers, self.text_encoders, list(prompts), self.max_length, self.use_attention_mask
+        )
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(N,) prompts -> (N, L, C) hidden states."""
-        return self.encode_ids(*self.tokenize(prompts))
+    def negative(self, count: int) -> Conditioning:
+        """The empty-prompt conditioning for classifier-free guidance (``count`` rows)."""
+        return self.family.negative(self.encode, count)
 
     def precompute(self, prompts: list[str]) -> None:
-        """Encode ``prompts`` once, keep their embeddings and drop the text encoder (its memory is freed)."""
-        ids, _ = self.tokenize(prompts)
-        embeddings = self.encode(prompts)  # (N, L, C)
-        self._table = {tuple(row.tolist()): embedding for row, embedding in zip(ids, embeddings)}
-        self.text_encoder = None
+        """Encode ``prompts`` once, keep their conditioning and drop the text encoders (their memory is freed)."""
+        encoded = self.encode(prompts)
+        self._table = {prompt: encoded.rows(i) for i, prompt in enumerate(prompts)}
+        self.text_encoders = [None] * len(self.text_encoders)
 
     @property
     def encoder_freed(self) -> bool:
-        return self.text_encoder is None
+        return self._table is not None

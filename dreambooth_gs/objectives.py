@@ -44,22 +44,23 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """DreamBooth's denoising loss (plus the prior-preservation term when ``prior_loss_weight`` is given).
 
-    ``parts`` holds the frozen VAE and the training noise scheduler, ``text`` encodes the batch's prompt ids (a
-    :class:`~dreambooth_gs.models.TextConditioning`). With ``snr_gamma`` the instance examples' losses are
-    Min-SNR weighted; the prior term stays unweighted, as in diffusers' ``train_dreambooth.py``.
+    ``parts`` holds the family, the frozen VAE and the training noise scheduler; ``text`` encodes the batch's
+    prompts (a :class:`~dreambooth_gs.models.TextConditioning`). With ``snr_gamma`` the instance examples' losses
+    are Min-SNR weighted; the prior term stays unweighted, as in diffusers' ``train_dreambooth.py``.
     """
-    pixel_values = batch["pixel_values"].to(device=unet.device, dtype=weight_dtype)  # (B', 3, R, R)
+    pixel_values = batch["pixel_values"].to(device=unet.device, dtype=parts.vae.dtype)  # (B', 3, R, R)
     with torch.no_grad():
         latents = parts.vae.encode(pixel_values).latent_dist.sample(generator=generator)
-        latents = latents * parts.vae.config.scaling_factor  # (B', 4, R/8, R/8)
-        encoder_hidden_states = text.encode_ids(batch["input_ids"], batch.get("attention_mask"))  # (B', L, C)
+        latents = (latents * parts.vae.config.scaling_factor).to(weight_dtype)  # (B', 4, R/8, R/8)
+        conditioning = text.encode(batch["prompts"]).to(unet.device)  # hidden states (B', L, C)
     noise = sample_noise(latents, generator, noise_offset)
     scheduler = parts.noise_scheduler
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
     )
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states.to(unet.device)).sample
+    extra = parts.family.unet_kwargs(conditioning, batch, parts.resolution)  # SDXL: pooled embeds and time ids
+    model_pred = unet(noisy_latents, timesteps, conditioning.hidden_states, **extra).sample
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":

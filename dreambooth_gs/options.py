@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from .families import FAMILIES
 from .methods import DEFAULT_LEARNING_RATES, TRAINER_ADAPTERS
+
+FAMILY_NAMES = tuple(FAMILIES)
 
 ADAPTERS = TRAINER_ADAPTERS
 DEFAULT_MAX_TRAIN_STEPS = 3000
@@ -39,9 +42,18 @@ class TrainingOptions:
     pretrained_model_name_or_path: str | None = field(
         default=None,
         metadata=_help(
-            "Stable Diffusion 1.x/2.x: a hub id, a local diffusers folder or a single-file .safetensors checkpoint. "
-            "Default: a tiny random-weight demo pipeline built offline (for trying the tool, not for real images)."
+            "SD 1.x / 2.x or SDXL: a hub id, a local diffusers folder or a single-file .safetensors checkpoint "
+            "(the family is detected from model_index.json or the file's keys). Default: a tiny random-weight demo "
+            "pipeline built offline (for trying the tool, not for real images)."
         ),
+    )
+    model_family: str | None = field(
+        default=None,
+        metadata=_choices(FAMILY_NAMES, "Model family (sd: SD 1.x / 2.x, sdxl). Default: detected from the model."),
+    )
+    pretrained_vae_model_name_or_path: str | None = field(
+        default=None,
+        metadata=_help("A VAE to use instead of the model's own (e.g. SDXL's fp16-safe VAE): hub id or folder."),
     )
     revision: str | None = field(default=None, metadata=_help("Model revision on the hub."))
     variant: str | None = field(default=None, metadata=_help("Weights variant, e.g. fp16."))

@@ -11,8 +11,6 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .fileio import first_line
-
 
 @contextlib.contextmanager
 def quiet_loading():
@@ -36,27 +34,28 @@ def load_pipeline(
     merge: bool = True,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype = torch.float32,
+    model_family: str | None = None,
 ):
-    """A StableDiffusionPipeline (DDIM sampler, no safety checker) from a hub id, a local diffusers folder or a
+    """The family's pipeline (DDIM sampler, no safety checker) from a hub id, a local diffusers folder or a
     single-file checkpoint, with the adapter of ``adapter_dir`` loaded (merged into the weights by default)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
+    from . import families
     from .serialization import load_adapter
 
-    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    family = families.detect(base_model, override=model_family)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
     if torch_dtype != torch.float32:  # pipelines load in float32 by default; casting after loading warns
         kwargs["torch_dtype"] = torch_dtype
+    pipeline_class = family.pipeline_class()
     try:
         with quiet_loading():
             if Path(base_model).is_file():
-                pipeline = StableDiffusionPipeline.from_single_file(base_model, **kwargs)
+                pipeline = pipeline_class.from_single_file(base_model, **kwargs)
             else:
-                pipeline = StableDiffusionPipeline.from_pretrained(base_model, **kwargs)
+                pipeline = pipeline_class.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as err:
-        raise ValueError(
-            f"cannot load Stable Diffusion from {base_model!r}: {first_line(err)} (give a local diffusers folder, a "
-            "single-file .safetensors, or a hub id with network access)"
-        ) from err
+        raise family.load_error(base_model, err) from err
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     if adapter_dir is not None:
@@ -75,14 +74,14 @@ def generate_images(
     height: int | None = None,
     width: int | None = None,
     output_type: str = "pil",
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
+    text_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> list:
     """One image per (prompt, seed) pair, in order; each image's noise comes from its own seed (batch-independent).
 
     ``output_type="latent"`` returns the final latents, one (C, h, w) tensor per image, for exact comparisons.
-    ``prompt_embeds`` / ``negative_prompt_embeds`` (N, L, C), one row per image, replace the pipeline's own prompt
-    encoding (for a pipeline whose text encoder was freed); ``prompts`` then only count the images.
+    ``text_kwargs`` (the pipeline's ``prompt_embeds``, ``negative_prompt_embeds``, ... with one row per image)
+    replace the pipeline's own prompt encoding (e.g. for a pipeline whose text encoders were freed); ``prompts``
+    then only count the images.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
@@ -91,8 +90,8 @@ def generate_images(
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[chunk]]
         text = {"prompt": list(prompts[chunk])}
-        if prompt_embeds is not None:
-            text = {"prompt_embeds": prompt_embeds[chunk], "negative_prompt_embeds": negative_prompt_embeds[chunk]}
+        if text_kwargs is not None:
+            text = {name: value[chunk] for name, value in text_kwargs.items()}
         result = pipeline(
             **text,
             num_inference_steps=num_inference_steps,

@@ -1,4 +1,5 @@
-"""A tiny Stable Diffusion pipeline with random weights, built offline from configs/tiny_sd/, for tests and CPU demos.
+"""Tiny pipelines with random weights, built offline from configs/tiny_sd/ (SD) or configs/tiny_sdxl/ (SDXL), for
+tests and CPU demos.
 
 The tokenizer is the real SD 1.x / 2.x CLIP tokenizer: its BPE vocabulary ships inside open_clip, so nothing is
 downloaded. Weights are never committed: the pipeline is built at run time into a cache folder.
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 TINY_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "tiny_sd"
+TINY_SDXL_CONFIG_DIR = TINY_CONFIG_DIR.parent / "tiny_sdxl"
 CLIP_CONTEXT_LENGTH = 77
 # CLIP's BPE file: a header line, then merges; CLIP keeps the first 49152 - 256 - 2 of them so that
 # 256 bytes + 256 end-of-word bytes + merges + 2 special tokens = 49408 tokens.
@@ -36,6 +38,8 @@ REQUIRED_FILES = (
     "tokenizer/tokenizer_config.json",
     "scheduler/scheduler_config.json",
 )
+SDXL_FILES = ("text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/tokenizer_config.json")
+CONFIG_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 
 def default_tiny_pipeline_dir() -> Path:
@@ -100,14 +104,22 @@ def _public(config: dict) -> dict:
 def tiny_fingerprint(config_dir: str | os.PathLike, seed: int) -> str:
     """Hash of the configs, seed and build format: a cached pipeline with another fingerprint is stale."""
     digest = hashlib.sha256(f"format={BUILD_FORMAT};seed={seed}".encode())
-    for name in ("unet.json", "vae.json", "text_encoder.json", "scheduler.json"):
-        digest.update(json.dumps(_read_config(Path(config_dir), name), sort_keys=True).encode())
+    for name in CONFIG_NAMES:
+        if name != "text_encoder_2" or _is_sdxl(Path(config_dir)):
+            digest.update(json.dumps(_read_config(Path(config_dir), f"{name}.json"), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
+def _is_sdxl(config_dir: Path) -> bool:
+    return (config_dir / "text_encoder_2.json").is_file()
+
+
 def is_complete_pipeline(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds every file a saved tiny StableDiffusionPipeline needs."""
-    return all((Path(directory) / f).is_file() for f in REQUIRED_FILES)
+    """Whether ``directory`` holds every file a saved tiny pipeline needs (SDXL: the second encoder too)."""
+    directory = Path(directory)
+    index = directory / "model_index.json"
+    sdxl = index.is_file() and "text_encoder_2" in json.loads(index.read_text())
+    return all((directory / f).is_file() for f in REQUIRED_FILES + (SDXL_FILES if sdxl else ()))
 
 
 def _read_fingerprint(directory: Path) -> str | None:
@@ -118,18 +130,21 @@ def _read_fingerprint(directory: Path) -> str | None:
 def make_tiny_pipeline(
     seed: int = 0, config_dir: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None
 ):
-    """A StableDiffusionPipeline (random weights, deterministic from ``seed``) from the tiny configs, in memory.
+    """A StableDiffusionPipeline, or a StableDiffusionXLPipeline when ``config_dir`` has a ``text_encoder_2.json``
+    (random weights, deterministic from ``seed``), from the tiny configs, in memory.
 
-    The UNet, VAE and text encoder are initialised from ``seed``, ``seed + 1`` and ``seed + 2``.
+    The UNet, VAE and text encoder(s) are initialised from ``seed``, ``seed + 1``, ``seed + 2`` (and ``seed + 3``).
     ``tokenizer_dir`` is where the tokenizer files are written (a temporary folder when None).
     """
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config_dir = Path(config_dir) if config_dir is not None else TINY_CONFIG_DIR
-    configs = {n: _read_config(config_dir, f"{n}.json") for n in ("unet", "vae", "text_encoder", "scheduler")}
+    sdxl = _is_sdxl(config_dir)
+    names = [n for n in CONFIG_NAMES if n != "text_encoder_2" or sdxl]
+    configs = {n: _read_config(config_dir, f"{n}.json") for n in names}
     # fork_rng: seed each model's init without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -138,6 +153,9 @@ def make_tiny_pipeline(
         vae = AutoencoderKL.from_config(_public(configs["vae"]))
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(**_public(configs["text_encoder"])))
+        if sdxl:
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_public(configs["text_encoder_2"])))
     scheduler = DDPMScheduler.from_config(_public(configs["scheduler"]))
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +167,20 @@ def make_tiny_pipeline(
             f"tokenizer has {len(tokenizer)} tokens but text_encoder.json says vocab_size="
             f"{text_encoder.config.vocab_size}; set vocab_size to {len(tokenizer)}"
         )
+    if sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -190,7 +222,7 @@ def build_tiny_pipeline(
         marker = {"fingerprint": fingerprint, "seed": seed, "config_dir": str(config_dir), "format": BUILD_FORMAT}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         if not is_complete_pipeline(staging):
-            missing = [f for f in REQUIRED_FILES if not (staging / f).is_file()]
+            missing = [f for f in REQUIRED_FILES + SDXL_FILES if not (staging / f).is_file()]
             raise RuntimeError(f"save_pretrained did not write {missing} into {staging}")
         _swap_into_place(staging, directory, fingerprint)
     finally:

@@ -67,8 +67,7 @@ def validate(
             [prompt] * n,
             [options.seed + i for i in range(n)],
             options.validation_inference_steps,
-            prompt_embeds=text.encode([prompt] * n),  # (n, L, C): the training run's own prompt encoding
-            negative_prompt_embeds=text.encode([""] * n),
+            text_kwargs=parts.family.pipeline_text_kwargs(text.encode([prompt] * n), text.negative(n)),
         )
     unet.train(was_training)
     folder = output_dir / "validation"
@@ -180,9 +179,7 @@ def train(options: TrainingOptions) -> Path:
     if parts.is_demo:
         options = with_demo_defaults(options)
     unet, method = models.add_adapter(parts.unet, options)  # refuses bad targets and block counts
-    text = models.TextConditioning(
-        parts.tokenizer, parts.text_encoder, options.tokenizer_max_length, options.text_encoder_use_attention_mask
-    )
+    text = models.TextConditioning(parts, options.tokenizer_max_length, options.text_encoder_use_attention_mask)
 
     repo_id = None
     if options.push_to_hub and accelerator.is_main_process:
@@ -200,7 +197,7 @@ def train(options: TrainingOptions) -> Path:
         prompts += [parts.class_prompt] if options.with_prior_preservation else []
         prompts += [_validation_prompt(options, parts)] if options.validation_prompt else []
         text.precompute(prompts)
-        parts.text_encoder = None
+        parts.text_encoders = [None] * len(parts.text_encoders)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -211,14 +208,12 @@ def train(options: TrainingOptions) -> Path:
     dataset = DreamBoothDataset(
         instance_data_dir=parts.instance_data_dir,
         instance_prompt=parts.instance_prompt,
-        tokenizer=parts.tokenizer,
         resolution=parts.resolution,
         center_crop=options.center_crop,
         random_flip=options.random_flip,
         class_data_dir=options.class_data_dir if options.with_prior_preservation else None,
         class_prompt=parts.class_prompt if options.with_prior_preservation else None,
         num_class_images=options.num_class_images if options.with_prior_preservation else None,
-        tokenizer_max_length=options.tokenizer_max_length,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,

@@ -10,6 +10,7 @@ from PIL import Image
 from dreambooth_gs.data import (
     DreamBoothDataset,
     collate_examples,
+    crop_to_tensor,
     find_images,
     generate_class_images,
     image_to_tensor,
@@ -167,23 +168,25 @@ def test_random_flip_gives_the_image_or_its_mirror():
     assert 0 < sum(flipped) < len(draws)
 
 
-def test_dataset_items(tokenizer):
-    dataset = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", tokenizer, resolution=32, center_crop=True)
+def test_dataset_items():
+    dataset = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", resolution=32, center_crop=True)
     assert len(dataset) == 4 and not dataset.with_prior_preservation
     item = dataset[1]
-    assert set(item) == {"instance_images", "instance_prompt_ids", "instance_attention_mask"}
+    keys = {"instance_images", "instance_prompt", "instance_original_size", "instance_crop_top_left"}
+    assert set(item) == keys and item["instance_prompt"] == "a photo of sks toy"
     assert item["instance_images"].shape == (3, 32, 32)
     assert -1 <= item["instance_images"].min() < item["instance_images"].max() <= 1
-    ids = item["instance_prompt_ids"]
-    assert ids.shape == (77,) and ids[0] == 49406 and ids[:7].tolist()[-1] == 49407  # <sot> a photo of sks toy <eot>
-    assert item["instance_attention_mask"].tolist() == [1] * 7 + [0] * 70
 
 
-def test_tokenizer_max_length_pads_and_truncates_prompts(tokenizer):
-    short = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", tokenizer, resolution=32, tokenizer_max_length=12)
-    assert short[0]["instance_prompt_ids"].shape == (12,) and short[0]["instance_attention_mask"].sum() == 7
-    cut = DreamBoothDataset(DEMO_SUBJECT, "a photo of sks toy", tokenizer, resolution=32, tokenizer_max_length=4)
-    assert cut[0]["instance_prompt_ids"].tolist()[-1] == 49407 and cut[0]["instance_attention_mask"].sum() == 4
+@pytest.mark.parametrize(
+    "size, center_crop, expected_crop",
+    [((128, 64), True, (0, 16)), ((64, 128), True, (16, 0)), ((64, 64), False, (0, 0))],
+    ids=["wide", "tall", "square"],
+)
+def test_crop_records_the_original_size_and_the_crop(size, center_crop, expected_crop):
+    """SDXL's micro-conditioning: (height, width) before resizing and the crop's (top, left) after it."""
+    pixels, original, crop = crop_to_tensor(Image.new("RGB", size, "red"), 32, center_crop=center_crop)
+    assert pixels.shape == (3, 32, 32) and original == (size[1], size[0]) and crop == expected_crop
 
 
 def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path, tokenizer):
@@ -192,7 +195,6 @@ def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path, tokenizer):
     dataset = DreamBoothDataset(
         DEMO_SUBJECT,
         "a photo of sks toy",
-        tokenizer,
         resolution=16,
         class_data_dir=tmp_path / "class",
         class_prompt="a photo of toy",
@@ -201,11 +203,10 @@ def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path, tokenizer):
     assert len(dataset) == 6 and dataset.with_prior_preservation
     torch.testing.assert_close(dataset[5]["instance_images"], dataset[1]["instance_images"])
     assert dataset[5]["class_images"][0, 0, 0] == pytest.approx(5 * 40 / 127.5 - 1)
-    assert dataset[0]["class_prompt_ids"].shape == (77,)
+    assert dataset[0]["class_prompt"] == "a photo of toy"
     limited = DreamBoothDataset(
         DEMO_SUBJECT,
         "p",
-        tokenizer,
         resolution=16,
         class_data_dir=tmp_path / "class",
         class_prompt="q",
@@ -215,9 +216,9 @@ def test_dataset_with_class_images_cycles_the_shorter_list(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("resolution", [0, -8, 12, 100, 513, 64.0, "512"])
-def test_resolution_must_be_a_positive_multiple_of_8(tokenizer, resolution):
+def test_resolution_must_be_a_positive_multiple_of_8(resolution):
     with pytest.raises(ValueError, match="positive multiple of 8"):
-        DreamBoothDataset(DEMO_SUBJECT, "p", tokenizer, resolution=resolution)
+        DreamBoothDataset(DEMO_SUBJECT, "p", resolution=resolution)
 
 
 @pytest.mark.parametrize(
@@ -228,18 +229,23 @@ def test_resolution_must_be_a_positive_multiple_of_8(tokenizer, resolution):
         ({"class_data_dir": DEMO_SUBJECT, "class_prompt": "q", "num_class_images": 0}, "positive count"),
     ],
 )
-def test_class_arguments_must_agree(tokenizer, kwargs, message):
+def test_class_arguments_must_agree(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DreamBoothDataset(DEMO_SUBJECT, "p", tokenizer, resolution=16, **kwargs)
+        DreamBoothDataset(DEMO_SUBJECT, "p", resolution=16, **kwargs)
 
 
 # ---------------------------------------------------------------- collate
 
 
 def _example(k: int, with_class: bool) -> dict:
-    example = {"instance_images": torch.full((3, 8, 8), float(k)), "instance_prompt_ids": torch.full((77,), k)}
-    if with_class:
-        example |= {"class_images": torch.full((3, 8, 8), -float(k)), "class_prompt_ids": torch.full((77,), -k)}
+    example = {}
+    for kind, sign in (("instance", 1), ("class", -1))[: 2 if with_class else 1]:
+        example |= {
+            f"{kind}_images": torch.full((3, 8, 8), sign * float(k)),
+            f"{kind}_prompt": f"{kind} {k}",
+            f"{kind}_original_size": torch.tensor([k, k]),
+            f"{kind}_crop_top_left": torch.tensor([0, sign * k]),
+        }
     return example
 
 
@@ -251,9 +257,9 @@ def test_collate_puts_instances_first_then_classes(with_prior, expected_order):
     assert (
         batch["pixel_values"].shape == (len(expected_order), 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
     )
-    assert batch["input_ids"].shape == (len(expected_order), 77)
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == expected_order
-    assert batch["input_ids"][:, 0].tolist() == expected_order
+    assert batch["prompts"] == [f"{'instance' if k > 0 else 'class'} {abs(k)}" for k in expected_order]
+    assert batch["crop_top_lefts"][:, 1].tolist() == expected_order and batch["original_sizes"].shape[1] == 2
 
 
 def test_collate_with_prior_needs_class_examples():
@@ -261,12 +267,11 @@ def test_collate_with_prior_needs_class_examples():
         collate_examples([_example(1, False)], with_prior_preservation=True)
 
 
-def test_dataloader_end_to_end(tmp_path, tokenizer):
+def test_dataloader_end_to_end(tmp_path):
     make_demo_subject(tmp_path / "class", n_images=2, size=32, seed=1)
     dataset = DreamBoothDataset(
         DEMO_SUBJECT,
         "a photo of sks toy",
-        tokenizer,
         resolution=32,
         random_flip=True,
         class_data_dir=tmp_path / "class",
@@ -277,7 +282,7 @@ def test_dataloader_end_to_end(tmp_path, tokenizer):
     )
     batches = list(loader)
     assert len(batches) == 2 and batches[0]["pixel_values"].shape == (4, 3, 32, 32)
-    assert batches[0]["input_ids"][0].tolist() != batches[0]["input_ids"][2].tolist()  # instance vs class prompt
+    assert batches[0]["prompts"] == ["a photo of sks toy"] * 2 + ["a photo of toy"] * 2
 
 
 # ---------------------------------------------------------------- class images

@@ -245,5 +245,5 @@ def test_bf16_mixed_precision_with_checkpointing_keeps_fp32_adapter(tmp_path):
 
 
 def test_unloadable_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="cannot load Stable Diffusion from 'nobody/no-such-model'"):
+    with pytest.raises(ValueError, match="cannot read the pipeline class of 'nobody/no-such-model'"):
         run(tmp_path / "x", "--pretrained_model_name_or_path", "nobody/no-such-model", "--class_name", "dog")

@@ -1,0 +1,117 @@
+"""The interface every model family implements, and the CLIP text-encoding steps the UNet families share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """A batch's text conditioning: the denoiser's cross-attention input and, where the family has one, the pooled
+    prompt embedding."""
+
+    hidden_states: torch.Tensor  # (B, L, C)
+    pooled: torch.Tensor | None = None  # (B, P)
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def rows(self, index) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled[index]
+        return Conditioning(self.hidden_states[index], pooled)
+
+    def to(self, device, dtype=None) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return Conditioning(self.hidden_states.to(device, dtype), pooled)
+
+    @staticmethod
+    def stack(items: list[Conditioning]) -> Conditioning:
+        """Single-prompt conditionings (L, C) / (P,) -> one batch."""
+        pooled = None if items[0].pooled is None else torch.stack([c.pooled for c in items])
+        return Conditioning(torch.stack([c.hidden_states for c in items]), pooled)
+
+
+@dataclass
+class LoadedParts:
+    """What a family's loader returns: frozen models and the training noise scheduler."""
+
+    tokenizers: list
+    text_encoders: list[torch.nn.Module]
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def clip_tokenize(tokenizer, prompts: list[str], max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` (N, L), padded to and truncated at ``max_length`` (default: the tokenizer's)."""
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=max_length or tokenizer.model_max_length,
+        return_tensors="pt",
+    )
+    return tokens.input_ids, tokens.attention_mask
+
+
+def check_max_length(text_encoders: list[torch.nn.Module], max_length: int | None) -> None:
+    for encoder in text_encoders:
+        limit = getattr(encoder.config, "max_position_embeddings", None)
+        if max_length is not None and limit is not None and max_length > limit:
+            raise ValueError(
+                f"--tokenizer_max_length {max_length} exceeds the text encoder's {limit} positions; use {limit} or less"
+            )
+
+
+class Family:
+    """One family of diffusion models; subclasses fill in the class attributes and the methods."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values (the first one is used)
+    single_file_types: tuple[str, ...] = ()  # diffusers' infer_diffusers_model_type names
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)  # pipeline attributes, in order
+    vae_in_fp32: bool = False  # keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16)
+
+    def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
+        raise NotImplementedError
+
+    def encode(
+        self, parts_tokenizers, text_encoders, prompts: list[str], max_length: int | None, use_mask: bool
+    ) -> Conditioning:
+        raise NotImplementedError
+
+    def negative(self, encode, count: int) -> Conditioning:
+        """The unconditional (empty prompt) conditioning used for classifier-free guidance at sampling time."""
+        return encode([""] * count)
+
+    def unet_kwargs(self, conditioning: Conditioning, batch: dict[str, torch.Tensor], resolution: int) -> dict:
+        """Extra keyword arguments of the denoiser's call for a training batch (none for SD 1.x / 2.x)."""
+        return {}
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def make_pipeline(self, parts, unet: torch.nn.Module, scheduler):
+        raise NotImplementedError
+
+    def pipeline_text_kwargs(self, conditioning: Conditioning, negative: Conditioning) -> dict:
+        return {"prompt_embeds": conditioning.hidden_states, "negative_prompt_embeds": negative.hidden_states}
+
+    def default_resolution(self, unet: torch.nn.Module, vae: torch.nn.Module) -> int:
+        return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def load_error(self, model_id: str, err: BaseException) -> ValueError:
+        from ..fileio import first_line
+
+        kind = "single-file checkpoint" if Path(model_id).is_file() else "model"
+        return ValueError(
+            f"cannot load {self.pipeline_classes[0]} ({self.name}) {kind} {model_id!r}: {first_line(err)} (give a "
+            "local diffusers folder, a single-file .safetensors, or a hub id with network access)"
+        )

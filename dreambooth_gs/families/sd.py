@@ -1,0 +1,59 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP tokenizer and text encoder, a UNet conditioned on its last hidden state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import Conditioning, Family, LoadedParts, check_max_length, clip_tokenize
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    single_file_types = ("v1", "v2")
+    text_encoder_names = ("text_encoder",)
+
+    def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            if Path(model_id).is_file():
+                pipe = StableDiffusionPipeline.from_single_file(model_id)
+                tokenizer, encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+                scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            else:
+                kwargs = {"revision": revision}
+                tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs)
+                encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs)
+                vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
+                unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
+                scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs)
+            if vae_path is not None:
+                vae = AutoencoderKL.from_pretrained(vae_path, revision=revision)
+        except (OSError, ValueError) as err:
+            raise self.load_error(model_id, err) from err
+        return LoadedParts([tokenizer], [encoder], vae, unet, scheduler)
+
+    def encode(self, tokenizers, text_encoders, prompts, max_length, use_mask) -> Conditioning:
+        check_max_length(text_encoders, max_length)
+        ids, mask = clip_tokenize(tokenizers[0], prompts, max_length)  # (N, L), (N, L)
+        encoder = text_encoders[0]
+        mask = mask.to(encoder.device) if use_mask else None
+        return Conditioning(encoder(ids.to(encoder.device), attention_mask=mask)[0])  # (N, L, C)
+
+    def make_pipeline(self, parts, unet: torch.nn.Module, scheduler):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoders[0],
+            tokenizer=parts.tokenizers[0],
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

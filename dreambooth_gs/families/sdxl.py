@@ -1,0 +1,96 @@
+"""Stable Diffusion XL: two CLIP text encoders (the second with a projection), the UNet conditioned on their
+penultimate hidden states side by side plus the second's pooled embedding and the micro-conditioning time ids
+(original size, crop top-left, target size), as diffusers' ``train_dreambooth_lora_sdxl.py`` builds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .base import Conditioning, Family, LoadedParts, check_max_length, clip_tokenize
+
+
+class StableDiffusionXL(Family):
+    name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    single_file_types = ("xl_base",)
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    vae_in_fp32 = True  # SDXL's own VAE overflows in fp16; users swap in an fp16-safe one with --pretrained_vae_...
+
+    def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        try:
+            if Path(model_id).is_file():
+                pipe = StableDiffusionXLPipeline.from_single_file(model_id)
+                tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+                vae, unet, scheduler = pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)
+            else:
+                kwargs = {"revision": revision}
+                tokenizers = [CLIPTokenizer.from_pretrained(model_id, subfolder=f, **kwargs) for f in TOKENIZERS]
+                encoders = [
+                    CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs),
+                    CLIPTextModelWithProjection.from_pretrained(
+                        model_id, subfolder="text_encoder_2", variant=variant, **kwargs
+                    ),
+                ]
+                vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
+                unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
+                scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs)
+            if vae_path is not None:
+                vae = AutoencoderKL.from_pretrained(vae_path, revision=revision)
+        except (OSError, ValueError) as err:
+            raise self.load_error(model_id, err) from err
+        return LoadedParts(tokenizers, encoders, vae, unet, scheduler, extra={"custom_vae": vae_path is not None})
+
+    def encode(self, tokenizers, text_encoders, prompts, max_length, use_mask) -> Conditioning:
+        check_max_length(text_encoders, max_length)
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(tokenizers, text_encoders):
+            ids, mask = clip_tokenize(tokenizer, prompts, max_length)  # (N, L), (N, L)
+            mask = mask.to(encoder.device) if use_mask else None
+            out = encoder(ids.to(encoder.device), attention_mask=mask, output_hidden_states=True)
+            pooled = out[0]  # the last encoder's projected pooled embedding (N, P) is the one SDXL uses
+            hidden.append(out.hidden_states[-2])  # (N, L, C_i): SDXL reads the penultimate layer
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)  # (N, L, C_1 + C_2)
+
+    def negative(self, encode, count: int) -> Conditioning:
+        """SDXL's pipelines use zeros for an empty negative prompt (force_zeros_for_empty_prompt)."""
+        like = encode([""])
+        return Conditioning(
+            torch.zeros((count, *like.hidden_states.shape[1:]), dtype=like.hidden_states.dtype),
+            torch.zeros((count, *like.pooled.shape[1:]), dtype=like.pooled.dtype),
+        )
+
+    def unet_kwargs(self, conditioning: Conditioning, batch: dict[str, torch.Tensor], resolution: int) -> dict:
+        """``added_cond_kwargs``: pooled text embedding and time ids (orig h, w, crop top, left, target h, w)."""
+        target = torch.tensor([resolution, resolution]).expand(len(conditioning), 2)  # (B, 2)
+        time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=1)  # (B, 6)
+        device, dtype = conditioning.hidden_states.device, conditioning.hidden_states.dtype
+        return {"added_cond_kwargs": {"text_embeds": conditioning.pooled, "time_ids": time_ids.to(device, dtype)}}
+
+    def make_pipeline(self, parts, unet: torch.nn.Module, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoders[0],
+            text_encoder_2=parts.text_encoders[1],
+            tokenizer=parts.tokenizers[0],
+            tokenizer_2=parts.tokenizers[1],
+            unet=unet,
+            scheduler=scheduler,
+        )
+
+    def pipeline_text_kwargs(self, conditioning: Conditioning, negative: Conditioning) -> dict:
+        return {
+            "prompt_embeds": conditioning.hidden_states,
+            "pooled_prompt_embeds": conditioning.pooled,
+            "negative_prompt_embeds": negative.hidden_states,
+            "negative_pooled_prompt_embeds": negative.pooled,
+        }
+
+
+TOKENIZERS = ("tokenizer", "tokenizer_2")
