@@ -1,9 +1,11 @@
 """dreambooth-gs: GSOFT / Double GSOFT orthogonal fine-tuning (Group-and-Shuffle matrices) for diffusers models."""
 
 from . import functional
+from .authors import convert_authors_checkpoint
 from .config import GSOFTConfig
 from .eval_options import EvaluationOptions
 from .evaluation import evaluate
+from .export import export_adapter
 from .full import FullConfig, enable_full_finetuning
 from .injection import (
     adapter_layers,
@@ -41,6 +43,8 @@ __all__ = [
     "MaxMinPermuted",
     "certified_accuracy",
     "certified_radius",
+    "convert_authors_checkpoint",
+    "export_adapter",
     "load_adapter",
     "load_pipeline",
     "merge_adapter",

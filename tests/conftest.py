@@ -74,6 +74,14 @@ def _boft_matrix(blocks: torch.Tensor, gathers: list[torch.Tensor]) -> torch.Ten
     return q
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny SD pipeline folder, built once per session into the session's temporary folder."""
+    from dreambooth_gs.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.getbasetemp() / "tiny-sd", seed=0)
+
+
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
     """Build the demo pipeline into a temporary cache (not the user's home), once per test module that asks."""

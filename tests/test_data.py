@@ -17,17 +17,10 @@ from dreambooth_gs.data import (
     load_images,
 )
 from dreambooth_gs.demo_data import make_demo_subject
-from dreambooth_gs.tiny import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SUBJECT = REPO / "datasets" / "demo_subject"
 RED, BLUE = (255, 0, 0), (0, 0, 255)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """Same folder as test_tiny.py's fixture: whichever file runs first builds it, the other reuses it."""
-    return build_tiny_pipeline(tmp_path_factory.getbasetemp() / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -33,12 +33,6 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    """The tiny pipeline, built once per session (test_data.py asks for the same folder and reuses it)."""
-    return build_tiny_pipeline(tmp_path_factory.getbasetemp() / "tiny-sd", seed=0)
-
-
-@pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     return build_clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
 

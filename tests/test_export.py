@@ -1,0 +1,266 @@
+"""export_adapter: every format round-trips on the tiny pipeline, through diffusers' own loaders, for every method."""
+
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_gs import FullConfig, GSOFTConfig, enable_full_finetuning, inject_adapter, save_adapter
+from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
+from dreambooth_gs.export import LORA_FILES, REPORT_JSON, REPORT_MD, export_adapter, export_lora, load_merged
+from dreambooth_gs.ldm_layout import unet_to_ldm, vae_to_ldm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import export_adapter as script  # noqa: E402
+from dreambooth_gs.cli import run_cli  # noqa: E402
+
+# A bias change carried as lora_B.bias gives every LoRA module a bias: PEFT warns for projections without one.
+pytestmark = pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed:UserWarning")
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# (id, how to put the adapter into the tiny UNet); every trainable tensor is then moved off its identity init.
+METHODS = [
+    ("gsoft", lambda unet: inject_adapter(unet, GSOFTConfig(nblocks=4))),
+    ("double_gsoft", lambda unet: inject_adapter(unet, GSOFTConfig(method="double_gsoft", nblocks=4))),
+    ("boft", lambda unet: inject_adapter(unet, GSOFTConfig(method="boft", nblocks=4, n_butterfly_factor=2))),
+    ("lora", lambda unet: inject_peft_adapter(unet, "lora", make_peft_config("lora", TARGETS, rank=4))),
+    ("oft", lambda unet: inject_peft_adapter(unet, "oft", make_peft_config("oft", TARGETS, block_size=8))),
+    ("full", lambda unet: enable_full_finetuning(unet, FullConfig())),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_dir):  # the session fixture of conftest.py, as a string
+    return str(tiny_dir)
+
+
+def _pipeline(path: str):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def base_pipe(tiny_dir):
+    """The tiny base pipeline, loaded once: tests copy it or load LoRAs into it and unload them again."""
+    return _pipeline(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def adapters(base_pipe, tiny_dir, tmp_path_factory):
+    """method -> (adapter folder, MergedPipeline), built on first use."""
+    cache = {}
+
+    def get(method: str):
+        if method not in cache:
+            pipe = copy.deepcopy(base_pipe)
+            dict(METHODS)[method](pipe.unet)
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for param in pipe.unet.parameters():
+                    if param.requires_grad:
+                        param.add_(torch.randn(param.shape, generator=g) * 0.05)
+            folder = tmp_path_factory.mktemp(f"adapter-{method}")
+            save_adapter(pipe.unet, folder, base_model=tiny_dir)
+            cache[method] = (folder, load_merged(folder))
+        return cache[method]
+
+    return get
+
+
+def _out(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    sample, hidden = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return unet(sample, torch.tensor([10]), hidden).sample
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(float(expected.abs().max()), 1.0))
+
+
+def _lora_out(pipe, folder: Path) -> torch.Tensor:
+    """The UNet output with the LoRA of ``folder`` loaded by diffusers' own ``load_lora_weights`` (then unloaded)."""
+    pipe.load_lora_weights(str(folder))
+    try:
+        return _out(pipe.unet)
+    finally:
+        pipe.unload_lora_weights()
+
+
+# (method, LoRA layout): full rank reproduces the adapter through diffusers' load_lora_weights
+FULL_RANK_CASES = [(m, "diffusers") for m, _ in METHODS] + [("gsoft", "kohya"), ("double_gsoft", "kohya")]
+
+
+@pytest.mark.parametrize(("method", "layout"), FULL_RANK_CASES, ids=[f"{m}-{k}" for m, k in FULL_RANK_CASES])
+def test_full_rank_lora_loads_in_diffusers_as_the_adapter(tmp_path, base_pipe, adapters, method, layout):
+    _, merged = adapters(method)
+    report = export_lora(merged, tmp_path / "lora", layout, "full", None, torch.float32)  # the folder is not reloaded
+    merged = merged.pipeline
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == sorted([LORA_FILES[layout], REPORT_JSON, REPORT_MD])
+    assert report["total_relative_error"] < 1e-6
+    assert all(row["rank"] == row["full_rank"] == min(row["shape"]) for row in report["modules"])
+    assert json.loads((tmp_path / "lora" / REPORT_JSON).read_text())["modules"] == report["modules"]
+    keys = load_file(tmp_path / "lora" / LORA_FILES[layout]).keys()
+    if layout == "kohya":
+        assert all(
+            k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys
+        )
+    else:
+        assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    _close(_lora_out(base_pipe, tmp_path / "lora"), _out(merged.unet))
+
+
+def test_bias_changes_travel_as_lora_bias_or_are_reported_lost(tmp_path, base_pipe, adapters):
+    _, merged = adapters("full")  # full fine-tuning trains to_out.0's bias
+    carried = export_lora(merged, tmp_path / "diffusers", "diffusers", "full", None, torch.float32)
+    assert carried["bias_changed"] and carried["total_bias_relative_error"] < 1e-6
+    assert any(k.endswith("lora_B.bias") for k in load_file(tmp_path / "diffusers" / LORA_FILES["diffusers"]))
+    lost = export_lora(merged, tmp_path / "kohya", "kohya", "full", None, torch.float32)
+    assert lost["total_bias_relative_error"] == pytest.approx(1.0) and lost["total_relative_error"] < 1e-6
+    assert any("cannot carry bias changes" in line for line in lost["summary"])
+    out = _lora_out(base_pipe, tmp_path / "kohya")
+    assert (out - _out(merged.pipeline.unet)).abs().max() > 1e-5  # the dropped bias shows: the report's warning is real
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_lower_rank_lands_between_base_and_adapter(tmp_path, base_pipe, adapters, layout):
+    _, merged = adapters("gsoft")
+    report = export_lora(merged, tmp_path / "lora", layout, 16, None, torch.float32)
+    merged = merged.pipeline
+    assert 0 < report["total_relative_error"] < 1
+    for row in report["modules"]:
+        assert row["rank"] == 16 and 0 < row["relative_error"] < 1, row
+    expected = _out(merged.unet)
+    base_gap = (_out(base_pipe.unet) - expected).norm()
+    lora_gap = (_lora_out(base_pipe, tmp_path / "lora") - expected).norm()
+    assert 0 < lora_gap < base_gap
+
+
+def test_max_error_picks_the_smallest_rank_per_module(tmp_path, adapters):
+    _, merged = adapters("double_gsoft")
+    report = export_lora(merged, tmp_path / "lora", "diffusers", None, 0.3, torch.float32)
+    assert report["total_relative_error"] <= 0.3 and len({row["rank"] for row in report["modules"]}) > 1
+    for row in report["modules"]:
+        module = row["module"].removeprefix("unet.")
+        delta = merged.pipeline.unet.get_submodule(module).weight.double() - merged.base[("unet", module)][0].double()
+        energy = torch.linalg.svdvals(delta).square()
+        one_rank_less = float((energy[row["rank"] - 1 :].sum() / energy.sum()).sqrt())
+        assert row["relative_error"] <= 0.3 + 1e-9 and one_rank_less > 0.3, row
+
+
+@pytest.mark.parametrize("method", ["gsoft", "full"])
+def test_diffusers_folder_is_the_merged_pipeline(tmp_path, adapters, method):
+    from diffusers import DiffusionPipeline
+
+    folder, merged = adapters(method)
+    merged = merged.pipeline
+    export_adapter(folder, "diffusers", tmp_path / "pipe", command="python export_adapter.py ...")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    for component in ("unet", "vae", "text_encoder"):
+        expected = getattr(merged, component).state_dict()
+        actual = getattr(loaded, component).state_dict()
+        assert actual.keys() == expected.keys()
+        assert all(torch.equal(actual[k], expected[k]) for k in expected), component
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert f"({method})" in card and "base_model:" in card and "python export_adapter.py" in card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("layout", ["clip", "open_clip"])
+def test_single_file_round_trips_through_from_single_file(tmp_path, tiny_dir, adapters, layout):
+    from diffusers import StableDiffusionPipeline
+
+    folder, merged = adapters("gsoft")
+    merged = merged.pipeline
+    out = tmp_path / "model.safetensors"
+    result = export_adapter(folder, "single_file", out, base_model=tiny_dir, text_encoder_layout=layout)
+    keys = load_file(out).keys()
+    text_key = {"clip": "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                "open_clip": "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"}[layout]  # fmt: skip
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight",
+            text_key} <= keys and result["text_encoder_layout"] == layout  # fmt: skip
+    assert load_file(out)["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # the LDM VAE's 1x1 convs
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=tiny_dir, local_files_only=True)
+    for component in ("unet", "vae", "text_encoder"):
+        expected = getattr(merged, component).state_dict()
+        actual = getattr(loaded, component).state_dict()
+        assert actual.keys() == expected.keys()
+        assert all(torch.equal(actual[k], expected[k]) for k in expected), component
+    loaded.set_progress_bar_config(disable=True)
+    images = [
+        p(
+            "a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+        ).images
+        for p in (loaded, merged)
+    ]
+    assert (images[0] == images[1]).all()
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd2"])
+def test_ldm_layout_is_the_inverse_of_diffusers_converters(tiny_dir, size):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    if size == "sd2":
+        config = {k: v for k, v in json.loads((ROOT / "configs/sd2_base_unet.json").read_text()).items() if k[0] != "_"}
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(tiny_dir, subfolder="vae")
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    back = convert_ldm_unet_checkpoint(unet_to_ldm(unet_sd, unet.config.layers_per_block), unet.config)
+    assert back.keys() == unet_sd.keys() and all(back[k] is unet_sd[k] for k in unet_sd)
+    back = convert_ldm_vae_checkpoint(vae_to_ldm(vae_sd, len(vae.config.up_block_types)), vae.config)
+    assert back.keys() == vae_sd.keys() and all(torch.equal(back[k], vae_sd[k]) for k in vae_sd)
+
+
+# (id, arguments after --adapter_dir, expected one-line error); the folder is an adapter made on the tiny pipeline
+BAD_ARGS = [
+    ("lora-no-rank", ["--format", "lora", "--output", "{tmp}/o"], r"needs --rank R .* or --max_error E"),
+    ("lora-both", ["--format", "lora", "--rank", "4", "--max_error", "0.1", "--output", "{tmp}/o"], "exactly one"),
+    ("rank-not-lora", ["--format", "diffusers", "--rank", "4", "--output", "{tmp}/o"], "only apply to --format lora"),
+    ("bad-max-error", ["--format", "lora", "--max_error", "1.5", "--output", "{tmp}/o"], r"must be in \[0, 1\)"),
+    ("single-not-st", ["--format", "single_file", "--output", "{tmp}/o.ckpt"], "must end with .safetensors"),
+    ("exists", ["--format", "diffusers", "--output", "{tmp}/full"], "exists and is not empty; pass --overwrite"),
+    ("file-exists", ["--format", "single_file", "--output", "{tmp}/x.safetensors"], "already exists; pass --overwrite"),
+    ("into-adapter", ["--format", "lora", "--rank", "2", "--output", "{adapter}", "--overwrite"],
+     "would replace the adapter folder"),
+    ("bad-base", ["--format", "diffusers", "--output", "{tmp}/o", "--pretrained_model_name_or_path", "{tmp}/nope"],
+     "cannot load the base model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), [c[1:] for c in BAD_ARGS], ids=[c[0] for c in BAD_ARGS])
+def test_cli_refuses_bad_arguments_in_one_line(tmp_path, adapters, capsys, args, message):
+    folder, _ = adapters("gsoft")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    (tmp_path / "x.safetensors").write_bytes(b"x")
+    argv = ["--adapter_dir", str(folder)]
+    argv += [a.replace("{tmp}", str(tmp_path)).replace("{adapter}", str(folder)) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script.main, script.parse_args(argv), "export_adapter.py")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("export_adapter.py: error: "), err
+    assert re.search(message, err), err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x" and not (tmp_path / "o").exists()
+
+
+def test_cli_writes_and_prints_the_report(tmp_path, adapters, capsys):
+    folder, _ = adapters("gsoft")
+    script.main(script.parse_args(["--adapter_dir", str(folder), "--format", "lora", "--rank", "8",
+                                   "--output", str(tmp_path / "lora")]))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "total relative error" in printed and f"wrote {tmp_path / 'lora'}" in printed
+    assert "| module | shape | rank |" in (tmp_path / "lora" / REPORT_MD).read_text()
