@@ -197,19 +197,27 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint, noise: Gen
     return checkpoint.step
 
 
-def register_adapter_hooks(accelerator: Accelerator, base_model: str) -> None:
-    """Checkpoints save and load the adapter only, in the project's adapter format, never the frozen UNet."""
+def register_adapter_hooks(
+    accelerator: Accelerator, base_model: str, text_encoders: dict[str, torch.nn.Module] | None = None
+) -> None:
+    """Checkpoints save and load the adapters only, in the project's adapter format, never the frozen models: the
+    UNet's at the top of the checkpoint, each adapted text encoder's in a subfolder named after it."""
+    text_encoders = text_encoders or {}
 
     def save_hook(models_to_save, weights, output_dir):
         if accelerator.is_main_process:
             for model in models_to_save:
                 save_adapter(accelerator.unwrap_model(model), output_dir, base_model=base_model)
+            for name, encoder in text_encoders.items():
+                save_adapter(encoder, Path(output_dir) / name, base_model=base_model)
         while weights:
             weights.pop()
 
     def load_hook(models_to_load, input_dir):
         while models_to_load:
             load_adapter_weights(accelerator.unwrap_model(models_to_load.pop()), input_dir)
+        for name, encoder in text_encoders.items():
+            load_adapter_weights(encoder, Path(input_dir) / name)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

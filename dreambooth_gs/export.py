@@ -26,7 +26,7 @@ from .fileio import atomic_write, first_line
 from .ldm_layout import TEXT_LAYOUTS, default_text_layout, pipeline_to_ldm
 from .lora_export import FULL_RANK, LORA_LAYOUTS, ModuleDelta, lora_tensors, report_markdown, report_summary
 from .model_card import model_card
-from .serialization import load_adapter, read_adapter_config
+from .serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, load_adapter, read_adapter_config
 
 FORMATS = ("diffusers", "lora", "single_file")
 ADAPTED_COMPONENT = "unet"  # adapter_config.json's module paths are relative to the pipeline's UNet
@@ -44,9 +44,14 @@ class MergedPipeline:
     base: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]]  # (component, module) -> (weight, bias)
 
 
-def adapted_modules(document: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(component, module path)`` of every module the adapter changes (today every path is in the UNet)."""
-    return [(ADAPTED_COMPONENT, name) for name in document["modules"]]
+def adapted_modules(document: dict[str, Any], adapter_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(component, module path)`` of every module the adapter changes: the UNet's, then those of the text-encoder
+    adapters ``--train_text_encoder`` writes in subfolders named after the pipeline's encoders."""
+    found = [(ADAPTED_COMPONENT, name) for name in document["modules"]]
+    for component in TEXT_ENCODER_FOLDERS:
+        if (Path(adapter_dir) / component / CONFIG_NAME).is_file():
+            found += [(component, name) for name in read_adapter_config(Path(adapter_dir) / component)["modules"]]
+    return found
 
 
 def _linear(pipeline: Any, component: str, module: str) -> nn.Linear:
@@ -95,7 +100,7 @@ def load_merged(adapter_dir: str | os.PathLike, base_model: str | None = None) -
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model; pass --pretrained_model_name_or_path")
     pipeline = load_pipeline_for_export(str(base_model))
     base = {}
-    for component, module in adapted_modules(document):
+    for component, module in adapted_modules(document, adapter_dir):
         layer = _linear(pipeline, component, module)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         base[(component, module)] = (layer.weight.detach().clone(), bias)

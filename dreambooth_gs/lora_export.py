@@ -26,7 +26,8 @@ from .lowrank import low_rank, relative_error, total_relative_error
 
 LORA_LAYOUTS = ("diffusers", "kohya")
 FULL_RANK = "full"  # rank=FULL_RANK keeps every module's full rank min(out, in)
-KOHYA_PREFIXES = {"unet": "lora_unet_"}  # per component; the text encoder's ("lora_te_") comes with its adapters
+# Per component; SDXL's two text encoders are lora_te1_ / lora_te2_ (kohya's sd-scripts), SD's one is lora_te_.
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,12 @@ class ModuleDelta:
         return not bool(self.weight.abs().max() > 0) and not self.bias_changed
 
 
-def kohya_name(component: str, module: str) -> str:
+def kohya_name(component: str, module: str, two_text_encoders: bool = False) -> str:
     """``lora_unet_down_blocks_0_..._to_q``: kohya's module name (the diffusers path with '.' -> '_')."""
     if component not in KOHYA_PREFIXES:
         raise ValueError(f"the kohya layout has no prefix for component {component!r} (known: {list(KOHYA_PREFIXES)})")
-    return KOHYA_PREFIXES[component] + module.replace(".", "_")
+    prefix = "lora_te1_" if component == "text_encoder" and two_text_encoders else KOHYA_PREFIXES[component]
+    return prefix + module.replace(".", "_")
 
 
 def lora_tensors(
@@ -80,6 +82,7 @@ def lora_tensors(
     factors = {d.name: low_rank(d.weight, rank=_module_rank(d, rank), max_error=max_error) for d in changed}
     with_bias = layout == "diffusers" and any(d.bias_changed for d in changed)
     alpha = max(f.rank for f in factors.values())
+    two_text_encoders = any(d.component == "text_encoder_2" for d in changed)
     tensors: dict[str, torch.Tensor] = {}
     rows = []
     for delta in changed:
@@ -90,7 +93,7 @@ def lora_tensors(
             tensors[f"{delta.name}.lora_B.weight"] = up.contiguous()
             applied = up.double() @ down.double()
         else:
-            name = kohya_name(delta.component, delta.module)
+            name = kohya_name(delta.component, delta.module, two_text_encoders)
             up, down = (f.up * (f.rank / alpha)).to(dtype), f.down.to(dtype)
             tensors[f"{name}.lora_down.weight"] = down.contiguous()
             tensors[f"{name}.lora_up.weight"] = up.contiguous()

@@ -5,7 +5,7 @@ pipeline around the trained UNet. Nothing here knows a family: :mod:`dreambooth_
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -155,6 +155,17 @@ def add_adapter(unet: torch.nn.Module, options: TrainingOptions) -> tuple[torch.
     return unet, method.name
 
 
+def add_text_encoder_adapters(parts: Components, options: TrainingOptions) -> dict[str, torch.nn.Module]:
+    """``--train_text_encoder``: the same method on every text encoder's attention projections (trainable
+    parameters in float32); returns the adapted encoders by their pipeline names (``text_encoder``, ...)."""
+    text_options = replace(options, target_modules=list(parts.family.text_encoder_targets))
+    adapted = {}
+    for name, encoder in zip(parts.family.text_encoder_names, parts.text_encoders):
+        add_adapter(encoder, text_options)
+        adapted[name] = encoder
+    return adapted
+
+
 def make_pipeline(parts: Components, unet: torch.nn.Module):
     """The family's pipeline (DDIM sampler) around ``unet`` and the frozen components, for sampling."""
     from diffusers import DDIMScheduler
@@ -172,8 +183,15 @@ class TextConditioning:
     can be encoded (from a table keyed by the prompt), as diffusers' ``--pre_compute_text_embeddings`` does.
     """
 
-    def __init__(self, parts: Components, max_length: int | None = None, use_attention_mask: bool = False):
+    def __init__(
+        self,
+        parts: Components,
+        max_length: int | None = None,
+        use_attention_mask: bool = False,
+        trainable: bool = False,
+    ):
         self.family = parts.family
+        self.trainable = trainable  # --train_text_encoder: encode with gradients
         self.tokenizers = parts.tokenizers
         self.text_encoders = list(parts.text_encoders)
         self.max_length = max_length
@@ -182,17 +200,17 @@ class TextConditioning:
         if max_length is not None:
             self.encode([""])  # refuses a length the encoders cannot take, before anything is written
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
-        """(N,) prompts -> their conditioning (N rows)."""
+        """(N,) prompts -> their conditioning (N rows); with gradients only when the encoders are trained."""
         if self._table is not None:
             missing = [p for p in prompts if p not in self._table]
             if missing:
                 raise ValueError(f"prompt {missing[0]!r} was not among the precomputed ones")
             return Conditioning.stack([self._table[p] for p in prompts])
-        return self.family.encode(
-            self.tokenizers, self.text_encoders, list(prompts), self.max_length, self.use_attention_mask
-        )
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self.family.encode(
+                self.tokenizers, self.text_encoders, list(prompts), self.max_length, self.use_attention_mask
+            )
 
     def negative(self, count: int) -> Conditioning:
         """The empty-prompt conditioning for classifier-free guidance (``count`` rows)."""

@@ -52,7 +52,7 @@ def diffusion_loss(
     with torch.no_grad():
         latents = parts.vae.encode(pixel_values).latent_dist.sample(generator=generator)
         latents = (latents * parts.vae.config.scaling_factor).to(weight_dtype)  # (B', 4, R/8, R/8)
-        conditioning = text.encode(batch["prompts"]).to(unet.device)  # hidden states (B', L, C)
+    conditioning = text.encode(batch["prompts"]).to(unet.device)  # (B', L, C); with gradients for --train_text_encoder
     noise = sample_noise(latents, generator, noise_offset)
     scheduler = parts.noise_scheduler
     timesteps = torch.randint(

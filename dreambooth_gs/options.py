@@ -104,6 +104,16 @@ class TrainingOptions:
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         metadata=_help("Linear modules to adapt, or with --adapter full to train (names or name suffixes)."),
     )
+    train_text_encoder: bool = field(
+        default=False,
+        metadata=_help(
+            "Also adapt every text encoder's attention projections (q_proj, k_proj, v_proj, out_proj) with the same "
+            "method; saved in <output_dir>/text_encoder[_2]/ beside the UNet's adapter."
+        ),
+    )
+    text_encoder_lr: float | None = field(
+        default=None, metadata=_help("Learning rate of the text encoders' adapters. Default: the UNet's rate.")
+    )
     gsoft_nblocks: int | None = field(default=None, metadata=_help("GSOFT blocks r (default 32)."))
     gsoft_block_size: int | None = field(default=None, metadata=_help("GSOFT block size instead of --gsoft_nblocks."))
     gsoft_no_scale: bool = field(default=False, metadata=_help("Do not train GSOFT's output scale vector."))
@@ -244,6 +254,13 @@ class TrainingOptions:
             raise ValueError(f"--noise_offset must be 0 or more (0.05-0.1 is usual), got {self.noise_offset}")
         if self.tokenizer_max_length is not None and self.tokenizer_max_length < 2:
             raise ValueError(f"--tokenizer_max_length must be at least 2, got {self.tokenizer_max_length}")
+        if self.train_text_encoder and self.pre_compute_text_embeddings:
+            raise ValueError(
+                "--train_text_encoder trains the text encoders, so their embeddings cannot be precomputed; drop "
+                "--pre_compute_text_embeddings or --train_text_encoder"
+            )
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise ValueError("--text_encoder_lr is only used with --train_text_encoder; add it or drop the rate")
         if self.hub_model_id is not None and not self.push_to_hub:
             raise ValueError("--hub_model_id is only used with --push_to_hub; add --push_to_hub or drop it")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -16,7 +16,15 @@ from .checkpoints import list_checkpoints, partial_saves
 
 SET_ASIDE_PREFIX = ".earlier-run-"
 # Files and folders a finished run writes beside its checkpoints (the tracker folder is added by the caller).
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_args.json", "README.md", "validation")
+RUN_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "training_args.json",
+    "README.md",
+    "validation",
+    "text_encoder",  # --train_text_encoder's adapters
+    "text_encoder_2",
+)
 
 
 def earlier_run_files(output_dir: Path, logging_dir: str) -> list[Path]:

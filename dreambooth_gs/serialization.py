@@ -28,6 +28,7 @@ from .injection import merge_adapter, remove_adapter, require_targets, trainable
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_NAME = "dreambooth_gs"
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # --train_text_encoder's adapters, by pipeline attribute
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,17 +109,42 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bool = True) -> list[str]:
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors strictly.
 
-    ``model`` is a torch model or a diffusers pipeline (the adapter goes into its ``unet``). Works for every
-    method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft, full). With ``merge=True`` (the
-    default) the adapter is folded into the weights (plain layers, no inference overhead); with ``merge=False`` it
-    stays switchable (``disable_adapters``, ``merge_adapter`` later). A ``full`` folder holds the projections'
-    weights themselves: they are copied in, whatever ``merge`` says. On any error the model is left as it was.
-    Returns the adapted module names.
+    ``model`` is a torch model or a diffusers pipeline: the adapter goes into its ``unet``, and the adapters of
+    ``--train_text_encoder`` (subfolders ``text_encoder/``, ``text_encoder_2/``) into the pipeline's text encoders
+    of those names. Works for every method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft,
+    full). With ``merge=True`` (the default) the adapter is folded into the weights (plain layers, no inference
+    overhead); with ``merge=False`` it stays switchable (``disable_adapters``, ``merge_adapter`` later). A ``full``
+    folder holds the projections' weights themselves: they are copied in, whatever ``merge`` says. On any error
+    the model (every component of a pipeline) is left as it was. Returns the adapted module names.
     """
-    if not isinstance(model, nn.Module):
-        if not isinstance(getattr(model, "unet", None), nn.Module):
-            raise TypeError(f"load_adapter needs a torch model or a pipeline with a .unet, got {type(model).__name__}")
-        model = model.unet
+    if isinstance(model, nn.Module):
+        return _load_into_model(model, Path(directory), merge)
+    if not isinstance(getattr(model, "unet", None), nn.Module):
+        raise TypeError(f"load_adapter needs a torch model or a pipeline with a .unet, got {type(model).__name__}")
+    directory = Path(directory)
+    parts = [(model.unet, directory)]
+    for name in TEXT_ENCODER_FOLDERS:
+        if (directory / name / CONFIG_NAME).is_file():
+            encoder = getattr(model, name, None)
+            if not isinstance(encoder, nn.Module):
+                raise ValueError(f"{directory} holds a {name} adapter but the pipeline has no {name}")
+            parts.append((encoder, directory / name))
+    names, done = [], []
+    try:
+        for component, folder in parts:
+            names += _load_into_model(component, folder, merge=False)
+            done.append(component)
+    except Exception:
+        for component in done:
+            remove_adapter(component)
+        raise
+    if merge:
+        for component, _ in parts:
+            merge_adapter(component)
+    return names
+
+
+def _load_into_model(model: nn.Module, directory: Path, merge: bool) -> list[str]:
     directory = Path(directory)
     document = read_adapter_config(directory)
     tensors = _read_tensors(directory / WEIGHTS_NAME)

@@ -8,6 +8,7 @@ targets are all checked before anything is written, so a refused run changes no 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -61,13 +62,15 @@ def validate(
     n = options.num_validation_images
     was_training = unet.training
     unet.eval()
+    with torch.no_grad():
+        text_kwargs = parts.family.pipeline_text_kwargs(text.encode([prompt] * n), text.negative(n))
     with torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
         images = generate_images(
             pipeline,
             [prompt] * n,
             [options.seed + i for i in range(n)],
             options.validation_inference_steps,
-            text_kwargs=parts.family.pipeline_text_kwargs(text.encode([prompt] * n), text.negative(n)),
+            text_kwargs=text_kwargs,
         )
     unet.train(was_training)
     folder = output_dir / "validation"
@@ -118,8 +121,9 @@ def check_hardware(options: TrainingOptions, accelerator: Accelerator) -> None:
             raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
 
 
-def make_optimizer(options: TrainingOptions, params: list[torch.nn.Parameter], learning_rate: float):
-    """AdamW, or bitsandbytes' AdamW8bit with ``--use_8bit_adam`` (checked by :func:`check_hardware`)."""
+def make_optimizer(options: TrainingOptions, params: list, learning_rate: float):
+    """AdamW, or bitsandbytes' AdamW8bit with ``--use_8bit_adam`` (checked by :func:`check_hardware`); ``params``
+    are tensors or parameter groups (dicts with their own ``lr``)."""
     optimizer_class = torch.optim.AdamW
     if options.use_8bit_adam:
         import bitsandbytes
@@ -179,7 +183,10 @@ def train(options: TrainingOptions) -> Path:
     if parts.is_demo:
         options = with_demo_defaults(options)
     unet, method = models.add_adapter(parts.unet, options)  # refuses bad targets and block counts
-    text = models.TextConditioning(parts, options.tokenizer_max_length, options.text_encoder_use_attention_mask)
+    text_encoders = models.add_text_encoder_adapters(parts, options) if options.train_text_encoder else {}
+    text = models.TextConditioning(
+        parts, options.tokenizer_max_length, options.text_encoder_use_attention_mask, trainable=bool(text_encoders)
+    )
 
     repo_id = None
     if options.push_to_hub and accelerator.is_main_process:
@@ -190,7 +197,9 @@ def train(options: TrainingOptions) -> Path:
     # -- every check passed: from here on the run writes ------------------------------------------------------------
     _prepare_output_dir(accelerator, output_dir, earlier)
     if options.with_prior_preservation:
-        with disable_adapters(unet):  # the class images come from the base model
+        with contextlib.ExitStack() as base_model:  # the class images come from the base model
+            for model in (unet, *text_encoders.values()):
+                base_model.enter_context(disable_adapters(model))
             _ensure_class_images(options, parts, unet, accelerator)
     if options.pre_compute_text_embeddings:
         prompts = [parts.instance_prompt, ""]
@@ -202,8 +211,11 @@ def train(options: TrainingOptions) -> Path:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for encoder in text_encoders.values() for p in encoder.parameters() if p.requires_grad]
     if options.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        for encoder in text_encoders.values():
+            encoder.gradient_checkpointing_enable()
 
     dataset = DreamBoothDataset(
         instance_data_dir=parts.instance_data_dir,
@@ -224,7 +236,10 @@ def train(options: TrainingOptions) -> Path:
     )
     max_steps = options.max_train_steps or DEFAULT_MAX_TRAIN_STEPS
     learning_rate = requested_learning_rate(options, accelerator.num_processes)
-    optimizer = make_optimizer(options, params, learning_rate)
+    groups = [{"params": params, "lr": learning_rate}]
+    if text_params:
+        groups.append({"params": text_params, "lr": options.text_encoder_lr or learning_rate})
+    optimizer = make_optimizer(options, groups, learning_rate)
     lr_scheduler = get_scheduler(
         options.lr_scheduler,
         optimizer=optimizer,
@@ -233,7 +248,7 @@ def train(options: TrainingOptions) -> Path:
     )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     noise = GeneratorState(options.seed + accelerator.process_index, accelerator.device)
-    register_adapter_hooks(accelerator, parts.model_id)
+    register_adapter_hooks(accelerator, parts.model_id, text_encoders)
 
     steps_per_epoch = math.ceil(len(dataloader) / options.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -288,7 +303,8 @@ def train(options: TrainingOptions) -> Path:
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, options.max_grad_norm)
+                    _average_text_encoder_gradients(accelerator, text_params)
+                    accelerator.clip_grad_norm_(params + text_params, options.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -314,7 +330,7 @@ def train(options: TrainingOptions) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(accelerator, unet, output_dir, options, parts, method, global_step, learning_rate)
+        _save_final(accelerator, unet, text_encoders, output_dir, options, parts, method, global_step, learning_rate)
         grid = validate(options, parts, text, unet, accelerator, global_step, output_dir)
         accelerator.print(f"adapter saved to {output_dir}" + (f"; validation grid {grid}" if grid else ""))
         if repo_id is not None:
@@ -337,9 +353,20 @@ def _learning_rate_after_resume(accelerator: Accelerator, lr_scheduler, requeste
     return restored
 
 
+def _average_text_encoder_gradients(accelerator: Accelerator, text_params: list[torch.nn.Parameter]) -> None:
+    """The text encoders are not wrapped in DDP (their adapters are called inside the family's encoding), so their
+    gradients are averaged over the processes here, as DDP does for the UNet's."""
+    if accelerator.num_processes == 1:
+        return
+    for param in text_params:
+        if param.grad is not None:
+            param.grad = accelerator.reduce(param.grad, reduction="mean")
+
+
 def _save_final(
     accelerator: Accelerator,
     unet,
+    text_encoders: dict[str, torch.nn.Module],
     output_dir: Path,
     options: TrainingOptions,
     parts: models.Components,
@@ -350,6 +377,8 @@ def _save_final(
     """The final adapter and its record; a full disk is one clear error and leaves the last checkpoint intact."""
     try:
         save_adapter(accelerator.unwrap_model(unet), output_dir, base_model=parts.model_id)
+        for name, encoder in text_encoders.items():
+            save_adapter(encoder, output_dir / name, base_model=parts.model_id)
         _write_run_info(output_dir, options, parts, method, step, learning_rate)
     except Exception as err:
         if is_disk_full(err):

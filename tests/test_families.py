@@ -152,3 +152,53 @@ def test_the_evaluator_scores_sdxl_runs(sdxl_run, tmp_path):
     out = evaluate_clip.main(evaluate_clip.parse_args(["--runs", str(sdxl_run), "--output_dir", str(tmp_path), *flags]))
     rows = (Path(out) / "results.csv").read_text().splitlines()
     assert len(rows) >= 3 and "gsoft" in rows[1]
+
+
+# -- --train_text_encoder ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_text_run(tiny_sdxl, tmp_path_factory) -> Path:
+    flags = [
+        "--max_train_steps",
+        "2",
+        "--train_text_encoder",
+        "--text_encoder_lr",
+        "5e-2",
+        "--checkpointing_steps",
+        "1",
+    ]
+    return train_sdxl(tiny_sdxl, tmp_path_factory.mktemp("sdxl-te") / "run", *flags)
+
+
+def test_train_text_encoder_adapts_both_encoders_and_loads_into_the_pipeline(tiny_sdxl, sdxl_text_run):
+    from diffusers import StableDiffusionXLPipeline
+
+    for name in ("text_encoder", "text_encoder_2"):
+        document = json.loads((sdxl_text_run / name / "adapter_config.json").read_text())
+        assert document["method"] == "gsoft" and all(m.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))
+                                                     for m in document["modules"])  # fmt: skip
+        assert (sdxl_text_run / "checkpoint-2" / name / "adapter_model.safetensors").is_file()
+    ids = torch.tensor([[49406, 320, 1929, 49407]])
+    outputs = {}
+    for merge in (None, False, True):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        if merge is not None:
+            load_adapter(pipe, sdxl_text_run, merge=merge)
+        with torch.no_grad():
+            outputs[merge] = [pipe.text_encoder(ids)[0], pipe.text_encoder_2(ids)[0]]
+    for trained, base, unmerged in zip(outputs[True], outputs[None], outputs[False]):
+        assert (trained - base).abs().max() > 1e-4  # the trained adapter changes each encoder's output
+        torch.testing.assert_close(trained, unmerged, rtol=1e-4, atol=1e-5)
+
+
+def test_train_text_encoder_resumes_exactly(tiny_sdxl, sdxl_text_run, tmp_path):
+    import shutil
+
+    shutil.copytree(sdxl_text_run / "checkpoint-1", tmp_path / "run" / "checkpoint-1")
+    flags = ["--max_train_steps", "2", "--train_text_encoder", "--text_encoder_lr", "5e-2"]
+    resumed = train_sdxl(tiny_sdxl, tmp_path / "run", *flags, "--resume_from_checkpoint", "latest")
+    for name in ("", "text_encoder", "text_encoder_2"):
+        straight = load_file(sdxl_text_run / name / "adapter_model.safetensors")
+        again = load_file(resumed / name / "adapter_model.safetensors")
+        assert max((straight[k] - again[k]).abs().max().item() for k in straight) < 1e-5, name

@@ -203,3 +203,37 @@ def test_a_refused_run_creates_no_hub_repository(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="valid block counts"):
         run(tmp_path / "out", "--push_to_hub", "--gsoft_nblocks", "3")
     assert created == [] and not (tmp_path / "out").exists()
+
+
+# -- --train_text_encoder on SD ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> Path:
+    return run(tmp_path_factory.mktemp("te") / "out", "--train_text_encoder", "--text_encoder_lr", "5e-2")
+
+
+def test_train_text_encoder_refuses_precomputed_embeddings():
+    with pytest.raises(SystemExit):
+        parse_args(["--train_text_encoder", "--pre_compute_text_embeddings"])
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_text_encoder_adapters_export_to_lora_exactly(text_run, tmp_path, layout):
+    """load_adapter and diffusers' load_lora_weights of the full-rank export give the same text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_gs import export_adapter, load_adapter
+
+    base = json.loads((text_run / "adapter_config.json").read_text())["base_model"]
+    export_adapter(text_run, "lora", tmp_path / "lora", rank="full", lora_format=layout)
+    ids = torch.tensor([[49406, 320, 1929, 49407]])
+    outputs = []
+    for load in (lambda p: None, lambda p: load_adapter(p, text_run), lambda p: p.load_lora_weights(tmp_path / "lora")):
+        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+        load(pipe)
+        with torch.no_grad():
+            outputs.append(pipe.text_encoder(ids)[0])
+    base_out, merged, lora = outputs
+    assert (merged - base_out).abs().max() > 1e-4
+    torch.testing.assert_close(lora, merged, rtol=1e-4, atol=1e-5)

@@ -75,6 +75,7 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values (the first one is used)
     single_file_types: tuple[str, ...] = ()  # diffusers' infer_diffusers_model_type names
     text_encoder_names: tuple[str, ...] = ("text_encoder",)  # pipeline attributes, in order
+    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention
     vae_in_fp32: bool = False  # keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16)
 
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
