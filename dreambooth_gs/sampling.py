@@ -44,7 +44,7 @@ def load_pipeline(
     from .serialization import load_adapter
 
     family = families.detect(base_model, override=model_family)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+    kwargs = dict(family.pipeline_load_kwargs)
     if torch_dtype != torch.float32:  # pipelines load in float32 by default; casting after loading warns
         kwargs["torch_dtype"] = torch_dtype
     pipeline_class = family.pipeline_class()

@@ -76,6 +76,7 @@ class Family:
     single_file_types: tuple[str, ...] = ()  # diffusers' infer_diffusers_model_type names
     text_encoder_names: tuple[str, ...] = ("text_encoder",)  # pipeline attributes, in order
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention
+    pipeline_load_kwargs: dict = {}  # from_pretrained arguments for sampling pipelines (e.g. no safety checker)
     vae_in_fp32: bool = False  # keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16)
 
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:

@@ -14,6 +14,7 @@ class StableDiffusion(Family):
     pipeline_classes = ("StableDiffusionPipeline",)
     single_file_types = ("v1", "v2")
     text_encoder_names = ("text_encoder",)
+    pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
         from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
