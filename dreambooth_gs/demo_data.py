@@ -1,7 +1,7 @@
 """A procedural demo subject (a striped toy robot) so that DreamBooth runs end to end without downloaded data.
 
 ``make_demo_subject`` draws the same toy in varied positions, sizes and backgrounds, deterministically from a seed;
-``datasets/demo_subject/`` holds its output (class noun: "toy").
+``dreambooth_gs/resources/demo_subject/`` holds its output (class noun: "toy").
 """
 
 from __future__ import annotations

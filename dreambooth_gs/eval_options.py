@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .eval_plan import BASE_PROMPT, DATASET_DIR, SUBJECTS_FILE
+from .eval_plan import BASE_PROMPT, DATASET_DIR
 from .metrics import DEFAULT_DINO_MODEL
+from .resources import SUBJECTS_FILE
 
 
 def _help(text: str) -> dict[str, str]:

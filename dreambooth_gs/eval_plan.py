@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import find_images
+from .resources import PROMPTS_DIR
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPTS_DIR = ROOT / "prompts"
-SUBJECTS_FILE = ROOT / "datasets" / "subjects.json"
-DATASET_DIR = ROOT / "datasets" / "dreambooth"
+DATASET_DIR = Path("datasets") / "dreambooth"  # where scripts/fetch_dreambooth_dataset.py puts the real images
 RUN_INFO_NAME = "training_args.json"
 RECORD_NAME = "generation.json"
 DEFAULT_TOKEN = "sks"
@@ -90,7 +88,7 @@ def format_prompt(template: str, token: str, class_name: str, where: str = "the 
 
 
 def load_subjects(path: str | os.PathLike) -> dict[str, dict]:
-    """``{name: {"class_name": ..., "prompt_set": ...}}`` from a subjects file (``datasets/subjects.json``).
+    """``{name: {"class_name": ..., "prompt_set": ...}}`` from a subjects file (``resources/subjects.json``).
 
     The file holds ``{"subjects": [{"name", "class_name", "type"}, ...]}``; type ``object`` uses the ``objects``
     prompt set and ``live`` the ``live`` one (a ``prompt_set`` key overrides).

@@ -1,7 +1,7 @@
 """DreamBooth evaluation: trained runs -> generated images -> CLIP-I / CLIP-T / DINO rows -> reports.
 
 The protocol (DreamBooth, as used by the OFT / BOFT / GSOFT papers): per subject the 25 prompts of its prompt set
-(``prompts/objects.txt`` or ``prompts/live.txt``) with ``images_per_prompt`` (10) images each, plus ``base_images``
+(``resources/prompts/objects.txt`` or ``live.txt``) with ``images_per_prompt`` (10) images each, plus ``base_images``
 (30) images of the base prompt "a photo of {token} {class}"; DDIM, 50 steps, guidance 7.0. CLIP-I (and DINO) compare
 the base-prompt images with the subject's real images; CLIP-T compares each contextual prompt, placeholder token
 removed, with its images. The bookkeeping (runs, prompts, seeds, paths) is in :mod:`.eval_plan`, the outputs in

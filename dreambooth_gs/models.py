@@ -15,8 +15,8 @@ from . import families, methods
 from .data import find_images
 from .families import Conditioning, Family
 from .options import TrainingOptions
+from .resources import DEMO_SUBJECT_DIR
 
-DEMO_SUBJECT_DIR = Path(__file__).resolve().parent.parent / "datasets" / "demo_subject"
 SUBJECT_FILE = "subject.json"  # optional, beside instance images: {"class_name": "dog"}
 
 

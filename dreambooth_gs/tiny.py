@@ -1,5 +1,5 @@
-"""Tiny pipelines with random weights, built offline from configs/tiny_sd/ (SD) or configs/tiny_sdxl/ (SDXL), for
-tests and CPU demos.
+"""Tiny pipelines with random weights, built offline from the shipped configs (resources/tiny_sd/ for SD,
+resources/tiny_sdxl/ for SDXL), for tests and CPU demos.
 
 The tokenizer is the real SD 1.x / 2.x CLIP tokenizer: its BPE vocabulary ships inside open_clip, so nothing is
 downloaded. Weights are never committed: the pipeline is built at run time into a cache folder.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-TINY_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "tiny_sd"
-TINY_SDXL_CONFIG_DIR = TINY_CONFIG_DIR.parent / "tiny_sdxl"
+from .resources import TINY_SD_CONFIG_DIR as TINY_CONFIG_DIR
+
 CLIP_CONTEXT_LENGTH = 77
 # CLIP's BPE file: a header line, then merges; CLIP keeps the first 49152 - 256 - 2 of them so that
 # 256 bytes + 256 end-of-word bytes + merges + 2 special tokens = 49408 tokens.

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from dreambooth_gs.cli import run_cli
 from dreambooth_gs.data import scan_images
-from dreambooth_gs.eval_plan import DATASET_DIR, SUBJECTS_FILE, load_subjects
+from dreambooth_gs.eval_plan import DATASET_DIR, load_subjects
+from dreambooth_gs.resources import SUBJECTS_FILE
 
 REPOSITORY = "https://github.com/google/dreambooth"
 DATASET_FOLDER = "dataset"

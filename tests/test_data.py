@@ -17,9 +17,10 @@ from dreambooth_gs.data import (
     load_images,
 )
 from dreambooth_gs.demo_data import make_demo_subject
+from dreambooth_gs.resources import DEMO_SUBJECT_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_SUBJECT = REPO / "datasets" / "demo_subject"
+DEMO_SUBJECT = DEMO_SUBJECT_DIR
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 

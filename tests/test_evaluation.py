@@ -34,6 +34,7 @@ from dreambooth_gs.eval_plan import (  # noqa: E402
     split_label,
 )
 from dreambooth_gs.metrics import load_clip_scorer, mean_cosine_to  # noqa: E402
+from dreambooth_gs.resources import SUBJECTS_FILE  # noqa: E402
 
 COMMON = [
     "a {token} {class} in the jungle",
@@ -106,7 +107,7 @@ def test_prompt_set_errors(tmp_path):
      ("pink_sunglasses", "glasses", "objects"), ("red_cartoon", "cartoon", "objects")],
 )  # fmt: skip
 def test_subjects_file(name, class_name, prompt_set):
-    subjects = load_subjects(ROOT / "datasets" / "subjects.json")
+    subjects = load_subjects(SUBJECTS_FILE)
     assert len(subjects) == 30 and sum(s["prompt_set"] == "live" for s in subjects.values()) == 9
     assert subjects[name] == {"class_name": class_name, "prompt_set": prompt_set}
 

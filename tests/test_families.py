@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 import evaluate_clip  # noqa: E402
 from dreambooth_gs import families, load_adapter  # noqa: E402
-from dreambooth_gs.tiny import TINY_SDXL_CONFIG_DIR, build_tiny_pipeline  # noqa: E402
+from dreambooth_gs.resources import TINY_SDXL_CONFIG_DIR  # noqa: E402
+from dreambooth_gs.tiny import build_tiny_pipeline  # noqa: E402
 from train_dreambooth_gsoft import main, parse_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")
