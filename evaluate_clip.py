@@ -1,30 +1,8 @@
-"""Evaluate DreamBooth runs: generate the protocol's images, score CLIP-I / CLIP-T / DINO, write tables and plots.
+"""The ``dreambooth-gs-eval`` command as a script: a thin wrapper of ``dreambooth_gs.commands.evaluate``."""
 
-    python evaluate_clip.py --runs out/dog-gsoft out/dog-lora --output_dir out/eval/dog   # 25 x 10 + 30 images a run
-    accelerate launch evaluate_clip.py --runs out/*-gsoft out/*-lora                        # generation on every GPU
-    python evaluate_clip.py --runs out/demo --clip_model tiny-random --dino_model tiny-random \\
-        --images_per_prompt 1 --base_images 2 --max_prompts 2 --num_inference_steps 2     # offline smoke run
+from dreambooth_gs.commands.evaluate import main, parse_args, run
 
-Writes into --output_dir: images/ (resumable: existing PNGs are kept), results.csv (one row per run x prompt),
-summary.md (a table per method, mean and std over subjects; failures), plots/ (CLIP-I vs CLIP-T per method) and
-grids/ (one image grid per subject, a row per method). See docs/evaluation.md.
-"""
-
-from __future__ import annotations
-
-import sys
-
-from dreambooth_gs.cli import parse_options, run_cli
-from dreambooth_gs.evaluation import EvaluationOptions, evaluate
-
-
-def parse_args(input_args: list[str] | None = None) -> EvaluationOptions:
-    return parse_options(EvaluationOptions, input_args, "evaluate_clip.py", __doc__)
-
-
-def main(args: EvaluationOptions):
-    return evaluate(args)
-
+__all__ = ["main", "parse_args", "run"]
 
 if __name__ == "__main__":
-    run_cli(main, parse_args(sys.argv[1:]), "evaluate_clip.py")
+    run()
