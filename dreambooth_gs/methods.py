@@ -54,8 +54,6 @@ def copy_strictly(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tens
 class GSKind:
     """This toolkit's GSOFT / Double GSOFT / BOFT layers (``gsoft_`` parameters)."""
 
-    config_class = GSOFTConfig
-
     @staticmethod
     def inject(model: nn.Module, method: str, config: GSOFTConfig) -> list[str]:
         return inject_adapter(model, config)

@@ -59,6 +59,24 @@ def clip_tokenize(tokenizer, prompts: list[str], max_length: int | None) -> tupl
     return tokens.input_ids, tokens.attention_mask
 
 
+def load_unet_vae_scheduler(model_id: str, revision: str | None, variant: str | None, vae_path: str | None):
+    """``(vae, unet, noise_scheduler)`` of a diffusers folder or hub id (the UNet families share this layout);
+    ``vae_path`` swaps in another VAE (a hub id or folder of its own)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    kwargs = {"revision": revision}
+    vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
+    unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
+    scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs)
+    return load_vae(vae_path, revision) if vae_path else vae, unet, scheduler
+
+
+def load_vae(vae_path: str, revision: str | None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(vae_path, revision=revision)
+
+
 def check_max_length(text_encoders: list[torch.nn.Module], max_length: int | None) -> None:
     for encoder in text_encoders:
         limit = getattr(encoder.config, "max_position_embeddings", None)

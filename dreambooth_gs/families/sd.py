@@ -6,7 +6,15 @@ from pathlib import Path
 
 import torch
 
-from .base import Conditioning, Family, LoadedParts, check_max_length, clip_tokenize
+from .base import (
+    Conditioning,
+    Family,
+    LoadedParts,
+    check_max_length,
+    clip_tokenize,
+    load_unet_vae_scheduler,
+    load_vae,
+)
 
 
 class StableDiffusion(Family):
@@ -17,7 +25,7 @@ class StableDiffusion(Family):
     pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
-        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
 
         try:
@@ -25,15 +33,12 @@ class StableDiffusion(Family):
                 pipe = StableDiffusionPipeline.from_single_file(model_id)
                 tokenizer, encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
                 scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+                vae = load_vae(vae_path, revision) if vae_path else vae
             else:
                 kwargs = {"revision": revision}
                 tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs)
                 encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs)
-                vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
-                unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
-                scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs)
-            if vae_path is not None:
-                vae = AutoencoderKL.from_pretrained(vae_path, revision=revision)
+                vae, unet, scheduler = load_unet_vae_scheduler(model_id, revision, variant, vae_path)
         except (OSError, ValueError) as err:
             raise self.load_error(model_id, err) from err
         return LoadedParts([tokenizer], [encoder], vae, unet, scheduler)

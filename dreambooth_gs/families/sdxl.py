@@ -8,7 +8,15 @@ from pathlib import Path
 
 import torch
 
-from .base import Conditioning, Family, LoadedParts, check_max_length, clip_tokenize
+from .base import (
+    Conditioning,
+    Family,
+    LoadedParts,
+    check_max_length,
+    clip_tokenize,
+    load_unet_vae_scheduler,
+    load_vae,
+)
 
 
 class StableDiffusionXL(Family):
@@ -19,7 +27,7 @@ class StableDiffusionXL(Family):
     vae_in_fp32 = True  # SDXL's own VAE overflows in fp16; users swap in an fp16-safe one with --pretrained_vae_...
 
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
-        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from diffusers import DDPMScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         try:
@@ -27,6 +35,7 @@ class StableDiffusionXL(Family):
                 pipe = StableDiffusionXLPipeline.from_single_file(model_id)
                 tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
                 vae, unet, scheduler = pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)
+                vae = load_vae(vae_path, revision) if vae_path else vae
             else:
                 kwargs = {"revision": revision}
                 tokenizers = [CLIPTokenizer.from_pretrained(model_id, subfolder=f, **kwargs) for f in TOKENIZERS]
@@ -36,11 +45,7 @@ class StableDiffusionXL(Family):
                         model_id, subfolder="text_encoder_2", variant=variant, **kwargs
                     ),
                 ]
-                vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
-                unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
-                scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs)
-            if vae_path is not None:
-                vae = AutoencoderKL.from_pretrained(vae_path, revision=revision)
+                vae, unet, scheduler = load_unet_vae_scheduler(model_id, revision, variant, vae_path)
         except (OSError, ValueError) as err:
             raise self.load_error(model_id, err) from err
         return LoadedParts(tokenizers, encoders, vae, unet, scheduler, extra={"custom_vae": vae_path is not None})
