@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .fileio import atomic_write, first_line
-from .ldm_layout import TEXT_LAYOUTS, default_text_layout, pipeline_to_ldm
+from .ldm_layout import TEXT_LAYOUTS, default_text_layout, pipeline_to_ldm, sdxl_pipeline_to_ldm
 from .lora_export import FULL_RANK, LORA_LAYOUTS, ModuleDelta, lora_tensors, report_markdown, report_summary
 from .model_card import model_card
 from .serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, load_adapter, read_adapter_config
@@ -198,27 +198,37 @@ def export_lora(
 
 
 def export_single_file(merged: MergedPipeline, output: Path, text_layout: str, dtype: torch.dtype) -> dict[str, Any]:
-    """UNet, VAE and text encoder in the original SD 1.x / 2.x single-file layout (one ``.safetensors``)."""
+    """UNet, VAE and text encoder(s) in the original single-file layout (one ``.safetensors``): SD 1.x / 2.x, or
+    SDXL (``conditioner.embedders.0`` CLIP + ``.1`` OpenCLIP; its layout is fixed, so ``text_layout`` must be auto)."""
     pipe = merged.pipeline
     for component in ("unet", "vae", "text_encoder"):
         if not isinstance(getattr(pipe, component, None), nn.Module):
-            raise ValueError(f"--format single_file needs a Stable Diffusion 1.x / 2.x pipeline; it has no {component}")
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError("--format single_file supports Stable Diffusion 1.x / 2.x, not SDXL (two text encoders)")
-    if text_layout == "auto":
-        text_layout = default_text_layout(pipe.text_encoder.config.hidden_act)
+            raise ValueError(
+                f"--format single_file needs a Stable Diffusion 1.x / 2.x / XL pipeline; it has no {component}"
+            )
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if sdxl and text_layout != "auto":
+        raise ValueError(
+            f"--text_encoder_layout {text_layout} is for SD 1.x / 2.x; SDXL's layout is fixed (CLIP + OpenCLIP), "
+            "leave it at auto"
+        )
 
     def plain(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
 
-    tensors = pipeline_to_ldm(
+    unet_vae = (
         plain(pipe.unet),
         pipe.unet.config.layers_per_block,
         plain(pipe.vae),
         len(pipe.vae.config.up_block_types),
-        plain(pipe.text_encoder),
-        text_layout,
     )
+    if sdxl:
+        text_layout = "sdxl"
+        tensors = sdxl_pipeline_to_ldm(*unet_vae, plain(pipe.text_encoder), plain(pipe.text_encoder_2))
+    else:
+        if text_layout == "auto":
+            text_layout = default_text_layout(pipe.text_encoder.config.hidden_act)
+        tensors = pipeline_to_ldm(*unet_vae, plain(pipe.text_encoder), text_layout)
     output.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**_metadata(merged, "single_file"), "text_encoder_layout": text_layout}
     atomic_write(output, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,8 +1,8 @@
-"""Diffusers state dicts -> the original (CompVis / LDM) single-file layout of Stable Diffusion 1.x / 2.x.
+"""Diffusers state dicts -> the original (CompVis / LDM / SGM) single-file layout of Stable Diffusion 1.x / 2.x / XL.
 
 Pure key mapping, no IO: the inverse of the ``convert_ldm_*`` functions in diffusers'
-``loaders/single_file_utils.py`` (what ``StableDiffusionPipeline.from_single_file`` reads), written from the facts
-they encode:
+``loaders/single_file_utils.py`` (what ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.from_single_file``
+read), written from the facts they encode:
 
 * UNet (``model.diffusion_model.``): ``input_blocks.0.0`` is ``conv_in``; down block ``b`` layer ``l`` is
   ``input_blocks.{1 + b (L + 1) + l}`` (``.0`` its resnet, ``.1`` its attention, ``L`` = layers_per_block) and its
@@ -10,12 +10,16 @@ they encode:
   attention, resnet); up block ``b`` layer ``l`` is ``output_blocks.{b (L + 1) + l}`` with the upsampler after the
   last layer's attention (``.2.conv``) or resnet (``.1.conv``). Resnets rename ``norm1 -> in_layers.0``,
   ``conv1 -> in_layers.2``, ``norm2 -> out_layers.0``, ``conv2 -> out_layers.3``, ``time_emb_proj ->
-  emb_layers.1``, ``conv_shortcut -> skip_connection``; attention blocks keep their names.
+  emb_layers.1``, ``conv_shortcut -> skip_connection``; attention blocks keep their names (any number of
+  ``transformer_blocks``). SDXL's text_time embedding ``add_embedding.linear_{1,2}`` is ``label_emb.0.{0,2}``.
 * VAE (``first_stage_model.``): ``down_blocks.{i}.resnets.{j} -> down.{i}.block.{j}``, decoder up blocks in reverse
   order (``up_blocks.{i} -> up.{n - 1 - i}``), ``mid_block.resnets.{k} -> mid.block_{k + 1}``, the mid attention
   ``-> mid.attn_1`` with ``q / k / v / proj_out`` as 1x1 convolutions, ``conv_shortcut -> nin_shortcut``.
 * Text encoder, SD 1.x (OpenAI CLIP): ``cond_stage_model.transformer.text_model.*`` with transformers' own names.
   SD 2.x (OpenCLIP): ``cond_stage_model.model.*`` with ``resblocks``, fused ``attn.in_proj_*`` (q, k, v stacked).
+* SDXL: the first encoder (CLIP) as ``conditioner.embedders.0.transformer.text_model.*``, the second
+  (``CLIPTextModelWithProjection``) as OpenCLIP under ``conditioner.embedders.1.model.*``, its projection as
+  ``text_projection`` = the transpose of transformers' ``text_projection.weight`` (OpenCLIP computes ``x @ P``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 TEXT_LAYOUTS = ("clip", "open_clip")
 
 UNET_TOP = {
@@ -36,6 +42,8 @@ UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's text_time conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -81,9 +89,9 @@ def _rename_head(rest: str, table: dict[str, str]) -> str | None:
 def _refuse_unmapped(component: str, unmapped: list[str]) -> None:
     if unmapped:
         raise ValueError(
-            f"cannot write the {component} in the original SD 1.x / 2.x single-file layout: no LDM name for "
-            f"{unmapped[:3]}{' ...' if len(unmapped) > 3 else ''} (only Stable Diffusion 1.x / 2.x pipelines are "
-            "supported; use --format diffusers instead)"
+            f"cannot write the {component} in the original single-file layout: no LDM name for "
+            f"{unmapped[:3]}{' ...' if len(unmapped) > 3 else ''} (only Stable Diffusion 1.x / 2.x / XL pipelines "
+            "are supported; use --format diffusers instead)"
         )
 
 
@@ -96,7 +104,7 @@ def _layer_key(slot: str, kind: str, rest: str) -> str | None:
 
 
 def _unet_key(key: str, per_block: int, up_has_attention: set[int]) -> str | None:
-    """The LDM name (without prefix) of one diffusers UNet key, or None when SD 1.x / 2.x has no such tensor."""
+    """The LDM name (without prefix) of one diffusers UNet key, or None when SD 1.x / 2.x / XL has no such tensor."""
     module, _, param = key.rpartition(".")
     if module in UNET_TOP:
         return f"{UNET_TOP[module]}.{param}"
@@ -180,29 +188,35 @@ def _text_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
 
 
-def clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` state dict in SD 1.x names (``cond_stage_model.transformer.text_model.*``)."""
+def clip_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` state dict in SD 1.x names (``cond_stage_model.transformer.text_model.*``;
+    SDXL's first encoder: ``prefix=SDXL_CLIP_PREFIX``)."""
     keys = _text_keys(state_dict)
     _refuse_unmapped(
         "text encoder", [k for k in keys if not k.startswith(("embeddings.", "encoder.layers.", "final_layer_norm."))]
     )
-    return {CLIP_PREFIX + k: v for k, v in keys.items()}
+    return {prefix + k: v for k, v in keys.items()}
 
 
-def open_clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def open_clip_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
     """A transformers ``CLIPTextModel`` state dict in SD 2.x OpenCLIP names (``cond_stage_model.model.*``), with each
-    layer's q / k / v projections fused into ``attn.in_proj_weight`` / ``in_proj_bias`` (stacked q, k, v)."""
+    layer's q / k / v projections fused into ``attn.in_proj_weight`` / ``in_proj_bias`` (stacked q, k, v).
+
+    A ``CLIPTextModelWithProjection`` (SDXL's second encoder, ``prefix=SDXL_OPEN_CLIP_PREFIX``) also has
+    ``text_projection.weight`` (projection_dim, hidden): OpenCLIP's ``text_projection`` is its transpose."""
     keys = _text_keys(state_dict)
     out, unmapped, fused = {}, [], {}
     for key, tensor in keys.items():
         if key in OPEN_CLIP_TOP:
-            out[OPEN_CLIP_PREFIX + OPEN_CLIP_TOP[key]] = tensor
+            out[prefix + OPEN_CLIP_TOP[key]] = tensor
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()  # (hidden, projection_dim)
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
             fused.setdefault((int(m[1]), m[3]), {})[m[2]] = tensor
         elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)) and (
             rest := _rename_head(m[2], OPEN_CLIP_LAYER)
         ):
-            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m[1]}.{rest}"] = tensor
+            out[f"{prefix}transformer.resblocks.{m[1]}.{rest}"] = tensor
         else:
             unmapped.append(key)
     for (layer, kind), parts in sorted(fused.items()):
@@ -210,7 +224,7 @@ def open_clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             unmapped.append(f"encoder.layers.{layer}.self_attn (has only {sorted(parts)} projections' {kind})")
             continue
         stacked = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # (3 hidden, hidden) or (3 hidden,)
-        out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = stacked
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = stacked
     _refuse_unmapped("text encoder", unmapped)
     return out
 
@@ -233,3 +247,21 @@ def pipeline_to_ldm(
         raise ValueError(f"unknown text encoder layout {text_layout!r}; choose one of {', '.join(TEXT_LAYOUTS)}")
     text = clip_to_ldm(text_encoder) if text_layout == "clip" else open_clip_to_ldm(text_encoder)
     return {**unet_to_ldm(unet, unet_layers_per_block), **vae_to_ldm(vae, vae_num_up_blocks), **text}
+
+
+def sdxl_pipeline_to_ldm(
+    unet: dict[str, torch.Tensor],
+    unet_layers_per_block: int,
+    vae: dict[str, torch.Tensor],
+    vae_num_up_blocks: int,
+    text_encoder: dict[str, torch.Tensor],
+    text_encoder_2: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """One state dict in SDXL's original single-file layout: UNet and VAE as for SD, the first text encoder as CLIP
+    (``conditioner.embedders.0.transformer.*``), the second as OpenCLIP (``conditioner.embedders.1.model.*``)."""
+    return {
+        **unet_to_ldm(unet, unet_layers_per_block),
+        **vae_to_ldm(vae, vae_num_up_blocks),
+        **clip_to_ldm(text_encoder, SDXL_CLIP_PREFIX),
+        **open_clip_to_ldm(text_encoder_2, SDXL_OPEN_CLIP_PREFIX),
+    }

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from dreambooth_gs import FullConfig, GSOFTConfig, enable_full_finetuning, inject_adapter, save_adapter
 from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
 from dreambooth_gs.export import LORA_FILES, REPORT_JSON, REPORT_MD, export_adapter, export_lora, load_merged
-from dreambooth_gs.ldm_layout import unet_to_ldm, vae_to_ldm
+from dreambooth_gs.ldm_layout import SDXL_OPEN_CLIP_PREFIX, unet_to_ldm, vae_to_ldm
+from dreambooth_gs.resources import TINY_SDXL_CONFIG_DIR
+from dreambooth_gs.tiny import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,6 +56,17 @@ def base_pipe(tiny_dir):
     return _pipeline(tiny_dir)
 
 
+def _save_random_adapter(unet, method: str, folder: Path, base_model: str) -> None:
+    """Put ``method``'s adapter into ``unet``, move every trainable tensor off its identity init, save it."""
+    dict(METHODS)[method](unet)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in unet.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+    save_adapter(unet, folder, base_model=base_model)
+
+
 @pytest.fixture(scope="module")
 def adapters(base_pipe, tiny_dir, tmp_path_factory):
     """method -> (adapter folder, MergedPipeline), built on first use."""
@@ -62,14 +75,8 @@ def adapters(base_pipe, tiny_dir, tmp_path_factory):
     def get(method: str):
         if method not in cache:
             pipe = copy.deepcopy(base_pipe)
-            dict(METHODS)[method](pipe.unet)
-            g = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for param in pipe.unet.parameters():
-                    if param.requires_grad:
-                        param.add_(torch.randn(param.shape, generator=g) * 0.05)
             folder = tmp_path_factory.mktemp(f"adapter-{method}")
-            save_adapter(pipe.unet, folder, base_model=tiny_dir)
+            _save_random_adapter(pipe.unet, method, folder, tiny_dir)
             cache[method] = (folder, load_merged(folder))
         return cache[method]
 
@@ -203,6 +210,62 @@ def test_single_file_round_trips_through_from_single_file(tmp_path, tiny_dir, ad
         for p in (loaded, merged)
     ]
     assert (images[0] == images[1]).all()
+
+
+# (id, config changes over resources/tiny_sdxl/). The shipped tiny SDXL has two 32-wide text encoders: diffusers'
+# create_diffusers_clip_model_from_ldm then takes conditioner.embedders.0 (CLIP, same width) for text_encoder_2 as
+# well and leaves its text_projection unloaded, so from_single_file cannot read that encoder back; a 48-wide second
+# encoder (as in real SDXL, 768 vs 1280) makes the whole pipeline round-trip.
+SDXL_CASES = [
+    ("shipped", {}),
+    ("wide_text_encoder_2", {"text_encoder_2.json": {"hidden_size": 48}, "unet.json": {"cross_attention_dim": 80}}),
+]
+
+
+@pytest.mark.parametrize("changes", [c for _, c in SDXL_CASES], ids=[i for i, _ in SDXL_CASES])
+def test_sdxl_single_file_round_trips_through_from_single_file(tmp_path, changes):
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    for path in TINY_SDXL_CONFIG_DIR.glob("*.json"):
+        (config_dir / path.name).write_text(json.dumps({**json.loads(path.read_text()), **changes.get(path.name, {})}))
+    base = str(build_tiny_pipeline(tmp_path / "tiny-sdxl", config_dir=config_dir))
+    _save_random_adapter(StableDiffusionXLPipeline.from_pretrained(base).unet, "gsoft", tmp_path / "adapter", base)
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match="SDXL's layout is fixed"):
+        export_adapter(tmp_path / "adapter", "single_file", out, text_encoder_layout="clip")
+    result = export_adapter(tmp_path / "adapter", "single_file", out)
+    tensors = load_file(out)
+    assert {"model.diffusion_model.label_emb.0.0.weight", "conditioner.embedders.0.transformer.text_model."
+            "embeddings.position_embedding.weight", "conditioner.embedders.1.model.positional_embedding",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            "first_stage_model.decoder.up.0.block.0.conv1.weight"} <= tensors.keys()  # fmt: skip
+    assert result["text_encoder_layout"] == "sdxl"
+    merged = load_merged(tmp_path / "adapter").pipeline
+    projection = merged.text_encoder_2.text_projection.weight  # (projection_dim, hidden); OpenCLIP stores x @ P
+    assert torch.equal(tensors[SDXL_OPEN_CLIP_PREFIX + "text_projection"], projection.T)
+    # The second encoder through diffusers' own OpenCLIP converter, whatever from_single_file picks for it.
+    expected = merged.text_encoder_2.state_dict()
+    back = convert_open_clip_checkpoint(merged.text_encoder_2, tensors, prefix=SDXL_OPEN_CLIP_PREFIX)
+    assert back.keys() == expected.keys() - {"text_model.embeddings.position_ids"}
+    assert all(torch.equal(back[k], expected[k]) for k in back)
+
+    loaded = StableDiffusionXLPipeline.from_single_file(str(out), config=base, local_files_only=True)
+    same_width = merged.text_encoder.config.hidden_size == merged.text_encoder_2.config.hidden_size
+    for component in ("unet", "vae", "text_encoder") + (() if same_width else ("text_encoder_2",)):
+        expected = getattr(merged, component).state_dict()
+        actual = getattr(loaded, component).state_dict()
+        assert actual.keys() == expected.keys()
+        assert all(torch.equal(actual[k], expected[k]) for k in expected), component
+    if same_width:
+        return  # text_encoder_2 holds the first encoder's weights (see SDXL_CASES): no generation to compare
+    latents = [
+        p("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+        for p in (loaded, merged)
+    ]
+    assert torch.equal(latents[0].images, latents[1].images)
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd2"])

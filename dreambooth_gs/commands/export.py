@@ -12,7 +12,7 @@ lora:         OUT/pytorch_lora_weights.safetensors (pipe.load_lora_weights(OUT))
               OUT/lora_kohya.safetensors (A1111 / ComfyUI keys), plus export_report.json / .md with the relative
               error ||delta - BA||_F / ||delta||_F of every module. An orthogonal adapter's change is not low-rank:
               --rank full reproduces it to float precision, lower ranks approximate it (see docs/export.md).
-single_file:  one .safetensors in the original SD 1.x / 2.x layout (A1111, ComfyUI, from_single_file).
+single_file:  one .safetensors in the original SD 1.x / 2.x / XL layout (A1111, ComfyUI, from_single_file).
 
 The base model is the adapter's adapter_config.json "base_model" unless --pretrained_model_name_or_path is given.
 """
@@ -79,7 +79,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=("auto", *TEXT_LAYOUTS),
         default="auto",
         help="single_file: clip (SD 1.x cond_stage_model.transformer.*) or open_clip (SD 2.x "
-        "cond_stage_model.model.*, fused q/k/v); auto: open_clip for a GELU text encoder (SD 2.x), else clip.",
+        "cond_stage_model.model.*, fused q/k/v); auto: open_clip for a GELU text encoder (SD 2.x), else clip. SDXL: "
+        "auto only (its fixed conditioner.embedders.0 CLIP + .1 OpenCLIP layout).",
     )
     parser.add_argument(
         "--save_dtype", choices=DTYPES, default="float32", help="dtype of the written weights (merging is in fp32)."
