@@ -8,7 +8,11 @@ OFT (same block count; exact Cayley as the trainer's OFT baseline, and PEFT's de
 approximation, which is not exactly orthogonal, for reference). Writes its table into docs/benchmarks.md and
 README.md (between the layer_speed markers).
 
-    python benchmarks/bench_layer_speed.py [--rounds 7] [--no-write]
+``--shapes sdxl`` times SDXL's projections at 1024 px instead (one latent: 4096 tokens x 640, 1024 x 1280, and the
+cross-attention to_k / to_v from 77 text tokens x 2048 to 640 and 1280, whose input needs no gradient, as with
+frozen text encoders), one torch thread by default, into docs/benchmarks.md only (layer_speed_sdxl markers).
+
+    python benchmarks/bench_layer_speed.py [--shapes sd|sdxl] [--rounds 7] [--threads N] [--no-write]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,15 +33,44 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import load_line, machine_line  # noqa: E402
+from benchmarks.common import THREADS_HELP, load_line, machine_line  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
 from dreambooth_gs import GSOFTConfig, inject_adapter  # noqa: E402
 from dreambooth_gs.functional import gs_linear  # noqa: E402
 
-CASES = [  # (tokens, in_features = out_features): SD's 64x64 latents at 320 channels, 16x16 at 1280
-    (8192, 320),
-    (512, 1280),
-]
+
+@dataclass(frozen=True)
+class Case:
+    """One projection shape: x is (tokens, in_features), the output (tokens, out_features)."""
+
+    tokens: int
+    in_features: int
+    out_features: int
+    input_grad: bool = True  # False for cross-attention to_k / to_v: the text encoders' output needs no gradient
+    calls: int = 0  # how many of the UNet's projections have this shape (0: not summed)
+
+    @property
+    def name(self) -> str:
+        if self.in_features == self.out_features:
+            return f"{self.tokens} x {self.in_features}"
+        return f"{self.tokens} x {self.in_features} -> {self.out_features}"
+
+
+SHAPE_SETS = {
+    # SD at 512 px, two latents' tokens side by side: 2 x 64x64 at 320 channels, 2 x 16x16 at 1280
+    "sd": [Case(8192, 320, 320), Case(512, 1280, 1280)],
+    # SDXL at 1024 px, one latent (the SDXL recipe's --train_batch_size 1): 64x64 at 640, 32x32 at 1280, and the
+    # cross-attention to_k / to_v from 77 tokens of both text encoders' 2048-wide output
+    "sdxl": [
+        # calls: 10 transformer blocks at 640 and 60 at 1280, each with 6 projections reading the hidden states
+        # (self-attention q / k / v / out, cross-attention q / out) and 2 reading the text (cross-attention k / v)
+        Case(4096, 640, 640, calls=60),
+        Case(1024, 1280, 1280, calls=360),
+        Case(77, 2048, 640, input_grad=False, calls=20),
+        Case(77, 2048, 1280, input_grad=False, calls=120),
+    ],
+}
+SECTIONS = {"sd": "layer_speed", "sdxl": "layer_speed_sdxl"}
 NBLOCKS = 32
 GOAL = 1.10  # issue 2: GSOFT r=32 at most 1.10x PEFT LoRA r=4 and 1.10x PEFT OFT r=32
 GOAL_ROW = f"GSOFT r={NBLOCKS} (auto)"
@@ -115,16 +149,17 @@ def step_time(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, repeat
         module.zero_grad(set_to_none=True)
         start = time.perf_counter()
         out = module(x)
-        out.backward(grad_out if out.shape == grad_out.shape else torch.ones_like(out))
+        if out.requires_grad:  # the frozen floor on a frozen input has no backward at all
+            out.backward(grad_out if out.shape == grad_out.shape else torch.ones_like(out))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def run_case(tokens: int, dim: int, rounds: int, repeats: int) -> dict[str, float]:
+def run_case(case: Case, rounds: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
-    linear = nn.Linear(dim, dim)
-    x = torch.randn(tokens, dim, requires_grad=True)
-    grad_out = torch.randn(tokens, dim)
+    linear = nn.Linear(case.in_features, case.out_features)
+    x = torch.randn(case.tokens, case.in_features, requires_grad=case.input_grad)
+    grad_out = torch.randn(case.tokens, case.out_features)
     methods = methods_for(linear)
     for module in methods.values():  # warm-up
         step_time(module, x, grad_out, 2)
@@ -135,20 +170,25 @@ def run_case(tokens: int, dim: int, rounds: int, repeats: int) -> dict[str, floa
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def auto_side(tokens: int, dim: int) -> str:
+def auto_side(case: Case) -> str:
     """The side ``forward_mode='auto'`` picks for this shape while training."""
-    layer = ours(nn.Linear(dim, dim), nblocks=NBLOCKS)[0]
-    return layer.forward_side(torch.empty(tokens, dim))
+    layer = ours(nn.Linear(case.in_features, case.out_features), nblocks=NBLOCKS)[0]
+    return layer.forward_side(torch.empty(case.tokens, case.in_features))
 
 
-def table(results: dict[tuple[int, int], dict[str, float]]) -> tuple[str, list[str]]:
+def table(results: dict[Case, dict[str, float]]) -> tuple[str, list[str]]:
     """The per-case tables and one line per goal check."""
     lines, checks = [], []
-    for (tokens, dim), medians in results.items():
+    for case, medians in results.items():
         lora, oft = medians["PEFT LoRA r=4"], medians[f"PEFT OFT r={NBLOCKS}"]
+        features = (
+            f"{case.in_features} features"
+            if case.in_features == case.out_features
+            else f"{case.in_features} -> {case.out_features} features"
+        )
+        grad = "input requires grad" if case.input_grad else "input needs no grad (text), floor is forward only"
         lines += [
-            f"**{tokens} tokens x {dim} features** (forward + backward, input requires grad; auto side: "
-            f"{auto_side(tokens, dim)})",
+            f"**{case.tokens} tokens x {features}** (forward + backward, {grad}; auto side: {auto_side(case)})",
             "",
             f"| method | median ms | / LoRA r=4 | / OFT r={NBLOCKS} |",
             "|---|---:|---:|---:|",
@@ -159,8 +199,28 @@ def table(results: dict[tuple[int, int], dict[str, float]]) -> tuple[str, list[s
         ours_s = medians[GOAL_ROW]
         for label, ref in (("PEFT LoRA r=4", lora), (f"PEFT OFT r={NBLOCKS}", oft)):
             verdict = "met" if ours_s / ref <= GOAL else "MISSED"
-            checks.append(f"{tokens} x {dim}: {GOAL_ROW} / {label} = {ours_s / ref:.2f} (goal <= {GOAL}): {verdict}")
+            checks.append(f"{case.name}: {GOAL_ROW} / {label} = {ours_s / ref:.2f} (goal <= {GOAL}): {verdict}")
     return "\n".join(lines), checks
+
+
+def unet_sum(results: dict[Case, dict[str, float]]) -> str:
+    """Each method's times summed over the UNet's projection calls (the cases' ``calls``), '' if not given."""
+    if not all(case.calls for case in results):
+        return ""
+    names = [name for name in next(iter(results.values())) if not name.startswith("part of")]
+    sums = {name: sum(case.calls * medians[name] for case, medians in results.items()) for name in names}
+    lora, oft = sums["PEFT LoRA r=4"], sums[f"PEFT OFT r={NBLOCKS}"]
+    calls = sum(case.calls for case in results)
+    lines = [
+        f"**Summed over the UNet's {calls} projection calls** (one forward + backward of each, batch 1; "
+        + ", ".join(f"{case.calls} x ({case.name})" for case in results)
+        + "): what the projections alone would cost in one training step, at these medians",
+        "",
+        f"| method | sum (s) | / LoRA r=4 | / OFT r={NBLOCKS} |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {t:.2f} | {t / lora:.2f} | {t / oft:.2f} |" for name, t in sums.items()]
+    return "\n".join(lines) + "\n\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,22 +228,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (median over rounds)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method per round")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ and README.md alone")
+    parser.add_argument(
+        "--shapes",
+        choices=sorted(SHAPE_SETS),
+        default="sd",
+        help="sd: SD at 512 px (README's table); sdxl: SDXL base at 1024 px, its own section in docs/benchmarks.md",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"{THREADS_HELP}; with --shapes sd the default is torch's own, as the README's table was measured",
+    )
     args = parser.parse_args(argv)
-    results = {case: run_case(*case, args.rounds, args.repeats) for case in CASES}
+    threads = args.threads if args.threads is not None else (1 if args.shapes == "sdxl" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    results = {case: run_case(case, args.rounds, args.repeats) for case in SHAPE_SETS[args.shapes]}
     tables, checks = table(results)
+    if args.shapes == "sd":
+        title = f"### One projection: GSOFT vs PEFT LoRA / OFT ({machine_line()})"
+        shapes = ""
+    else:
+        title = f"### One projection at SDXL's shapes (1024 px): GSOFT vs PEFT LoRA / OFT ({machine_line()})"
+        shapes = (
+            " Shapes of one 1024 px latent (batch 1, tokens flattened into rows as in the SD table, whose 8192 and "
+            "512 tokens are two 512 px latents): self- and cross-attention to_q / to_k / to_v / to_out.0 at 64x64 "
+            "= 4096 tokens x 640 and 32x32 = 1024 tokens x 1280, and cross-attention to_k / to_v from the 77 text "
+            "tokens, 2048 wide (both text encoders), to 640 and 1280. The text needs no gradient (frozen text "
+            "encoders), so those rows time the adapters' own backward only. 'PEFT OFT r=32' is 32 blocks per "
+            "layer (`OFTConfig(r=32, oft_block_size=0)`, exact Cayley)."
+        )
     body = (
-        f"### One projection: GSOFT vs PEFT LoRA / OFT ({machine_line()})\n\n"
-        f"Written by `benchmarks/bench_layer_speed.py`: forward + backward of one projection with a dense random "
-        f"output gradient, medians of {args.rounds} interleaved rounds of {args.repeats} calls each.\n\n"
+        f"{title}\n\n"
+        f"Written by `benchmarks/bench_layer_speed.py{'' if args.shapes == 'sd' else ' --shapes sdxl'}`: forward + "
+        f"backward of one projection with a dense random "
+        f"output gradient, medians of {args.rounds} interleaved rounds of {args.repeats} calls each.{shapes}\n\n"
         + tables
+        + unet_sum(results)
         + "\nGoals (issue 2):\n\n"
         + "\n".join(f"- {check}" for check in checks)
         + f"\n\nMeasured with {load_line()}.\n"
     )
     print(body)
     if not args.no_write:
-        for path in (ROOT / "docs" / "benchmarks.md", ROOT / "README.md"):
-            replace_section(path, "layer_speed", body)
+        paths = [ROOT / "docs" / "benchmarks.md"] + ([ROOT / "README.md"] if args.shapes == "sd" else [])
+        for path in paths:
+            replace_section(path, SECTIONS[args.shapes], body)
 
 
 if __name__ == "__main__":

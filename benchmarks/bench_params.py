@@ -4,7 +4,11 @@ Counted on the meta device (shapes only, well under a second per row): every ada
 through the same code the trainer uses, and the trainable tensors are summed. PEFT's BOFT is counted as it is
 built here (one butterfly factor after its CUDA extension fails to build) and labelled so.
 
-    python benchmarks/bench_params.py [--no-write]
+``--unet sdxl`` counts the same configurations (plus LoRA r=16 and PEFT's OFT with 32 blocks) on the SDXL base 1.0
+UNet (`configs/sdxl_base_unet.json`), next to their SD-2-base counts, with the block layout each one gets at
+SDXL's projection widths and a line for any configuration that does not divide them; its own section.
+
+    python benchmarks/bench_params.py [--unet sd2|sdxl] [--no-write]
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    BOFT,
     DOCS,
+    DOUBLE,
+    FULL,
     GSOFT,
+    LORA,
     PEFT_OFT,
+    PEFT_OFT_32_BLOCKS,
     TABLE_2,
     Method,
     apply_method,
@@ -32,6 +41,24 @@ from benchmarks.report import replace_section  # noqa: E402
 PEFT_BOFT_AS_RUN = [
     Method(f"PEFT BOFT ({r},{m}) as run here", "peft_boft_fallback", {"nblocks": r, "n_butterfly_factor": m})
     for r, m in ((32, 4), (32, 6), (16, 5))
+]
+LORA_16 = Method("LoRA r=16 (PEFT)", "lora", {"rank": 16})
+# SDXL: the issue's rows first (GSOFT r=32 / r=16, Double GSOFT r=64, BOFT (32,4), LoRA r=4 / r=16, OFT with 32
+# blocks and, as in the SD-2 table, with blocks of 32), then the rest of Table 2 for the divisibility check.
+SDXL_METHODS = [
+    LORA[0],
+    LORA_16,
+    GSOFT[0],
+    GSOFT[1],
+    DOUBLE[0],
+    BOFT[0],
+    PEFT_OFT_32_BLOCKS,
+    PEFT_OFT,
+    *LORA[1:],
+    GSOFT[2],
+    *DOUBLE[1:],
+    *BOFT[1:],
+    FULL,
 ]
 
 
@@ -47,9 +74,9 @@ def factors_built(model) -> str:
     return ", ".join(map(str, sorted(counts)))
 
 
-def count(method: Method) -> tuple[int, int, str]:
-    """(trainable parameters, adapted layers, butterfly factors built) of ``method`` on a meta SD-2-base UNet."""
-    unet = build_unet("sd2", device="meta")
+def count(method: Method, size: str = "sd2") -> tuple[int, int, str]:
+    """(trainable parameters, adapted layers, butterfly factors built) of ``method`` on a meta UNet (``size``)."""
+    unet = build_unet(size, device="meta")
     layers = len(projection_linears(unet))
     params = apply_method(unet, method)
     return sum(p.numel() for p in params), layers, factors_built(unet)
@@ -70,11 +97,117 @@ def rows_for(methods: list[Method]) -> tuple[list[list[str]], dict[str, int]]:
     return rows, counts
 
 
+def block_layout(method: Method, widths: list[int]) -> tuple[str, list[int]]:
+    """'blocks x size' of ``method``'s orthogonal blocks at each width (''/'—' if it has none) and the widths it
+    does not divide. The GSOFT family and OFT act on the input width (Double GSOFT on the output width too, which
+    is one of the same widths here); a block count r divides d when d % r == 0, a block size b when d % b == 0."""
+    if method.kind not in ("gsoft", "double_gsoft", "boft", "oft"):
+        return "—", []
+    cells, bad = [], []
+    for d in widths:
+        if "nblocks" in method.options:
+            r = method.options["nblocks"]
+            blocks, size = r, d // r
+            ok = d % r == 0
+        else:
+            size = method.options["block_size"]
+            blocks = d // size
+            ok = d % size == 0
+        if method.kind == "boft" and method.options.get("n_butterfly_factor", 1) > 1:
+            ok = ok and size % 2 == 0  # several butterfly factors need an even block size
+        sparse = method.kind in ("gsoft", "double_gsoft") and ok and size < blocks  # two GS factors: dense iff b >= r
+        cells.append(f"{blocks} x {size}" + (" (b < r)" if sparse else "") if ok else f"{d}: does not divide")
+        if not ok:
+            bad.append(d)
+    return " / ".join(cells), bad
+
+
+def sdxl_body() -> str:
+    """The SDXL section: counts on the meta SDXL UNet, SD-2-base's for the same rows, block layouts, divisibility."""
+    unet = build_unet("sdxl", device="meta")
+    linears = [m for _, m in projection_linears(unet)]
+    in_widths = sorted({m.in_features for m in linears})
+    out_widths = sorted({m.out_features for m in linears})
+    reference = count(GSOFT[0], "sdxl")[0]
+    lora = count(LORA[0], "sdxl")[0]
+    rows, counts, problems = [], {}, []
+    for method in SDXL_METHODS:
+        layout, bad = block_layout(method, in_widths)
+        try:
+            n, layers, _ = count(method, "sdxl")
+        except ValueError as err:
+            problems.append(f"{method.label}: {str(err).splitlines()[0]}")
+            rows.append([method.label, "refused", "—", "—", "—", "—", layout, "—"])
+            continue
+        if bad:
+            problems.append(f"{method.label}: built although {bad} are not divided (check the layout)")
+        counts[method.label] = n
+        sd2 = count(method, "sd2")[0]
+        rows.append(
+            [
+                method.label,
+                f"{n:,}",
+                millions(n),
+                f"{n / sd2:.2f}",
+                f"{n / reference:.2f}",
+                f"{n / lora:.2f}",
+                layout,
+                str(layers),
+            ]
+        )
+    header = ["adapter", "trainable parameters", "ours", "/ SD-2-base", "/ GSOFT r=32", "/ LoRA r=4"]
+    header += [f"blocks x size at {' / '.join(map(str, in_widths))} in", "adapted layers"]
+    full = counts[FULL.label]
+    per_width = {d: sum(m.in_features == d for m in linears) for d in in_widths}
+    per_out = {d: sum(m.out_features == d for m in linears) for d in out_widths}
+    divides = (
+        "Every configuration here divides SDXL's projection widths (in: "
+        + ", ".join(f"{d} ({per_width[d]} layers)" for d in in_widths)
+        + f"; out: {', '.join(map(str, out_widths))})."
+        if not problems
+        else "Configurations that do not fit SDXL's widths:\n\n" + "\n".join(f"- {p}" for p in problems)
+    )
+    return "\n".join(
+        [
+            f"### Trainable parameters (SDXL base 1.0 UNet, every to_q / to_k / to_v / to_out.0: {len(linears)} "
+            "projections)",
+            "",
+            "Written by `benchmarks/bench_params.py --unet sdxl`: each adapter injected into a meta-device SDXL UNet "
+            "(`configs/sdxl_base_unet.json`, 2.57B parameters) by the same code the trainer uses; the trainable "
+            "tensors summed; '/ SD-2-base' divides by the same row's count on SD-2-base (table above). GSOFT-family "
+            "counts include the per-output scale vector. PEFT's OFT is counted two ways: 'OFT r=32 blocks' is "
+            "PEFT's `OFTConfig(r=32, oft_block_size=0)`, 32 blocks per layer whatever its width (the convention of "
+            "the projection timings, `bench_layer_speed.py`); 'OFT b=32' is `oft_block_size=32`, blocks of 32 "
+            "(the SD-2 table's and the trainer's `--adapter oft` convention), so 20 / 40 / 64 blocks at SDXL's "
+            "widths. The block layout is that of the input side (Double GSOFT also rotates the output side, "
+            f"{' / '.join(map(str, out_widths))} wide, with the same block count).",
+            "",
+            markdown_table(header, rows, align="lrrrrrlr"),
+            "",
+            "SDXL has "
+            + " and ".join(f"{per_out[d] // 8} transformer blocks at {d}" for d in out_widths)
+            + " (8 projections each; their cross-attention to_k / to_v read the 2048-wide text). "
+            "'(b < r)': with a block size b below the block count r, two GS factors give a sparse Q (the library "
+            "warns); "
+            "GSOFT r=32 is dense at 1280 and 2048 but not at 640, as on SD-2-base's 320- and 640-wide layers. "
+            f"Full fine-tuning of its {len(linears)} projections trains {millions(full)} parameters; GSOFT r=32 is "
+            f"{counts[GSOFT[0].label] / full:.1%} of that. {divides}",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unet", choices=("sd2", "sdxl"), default="sd2", help="the UNet to count on")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--quick", action="store_true", help="same as the full run (it takes seconds); no write")
     args = parser.parse_args(argv)
+    if args.unet == "sdxl":
+        body = sdxl_body()
+        print(body)
+        if not (args.no_write or args.quick):
+            replace_section(DOCS, "params_sdxl", body)
+        return
     rows, counts = rows_for([*TABLE_2, PEFT_OFT, *PEFT_BOFT_AS_RUN])
     header = ["adapter", "trainable parameters", "ours", "paper (Table 2)", "ours / paper", "/ GSOFT r=32"]
     header += ["butterfly factors built", "adapted layers"]

@@ -27,6 +27,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SD2_CONFIG_PATH = ROOT / "configs" / "sd2_base_unet.json"
+SDXL_CONFIG_PATH = ROOT / "configs" / "sdxl_base_unet.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "images"
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -52,12 +53,14 @@ MID_UNET_OVERRIDES = {
 
 
 def unet_config(size: str = "sd2") -> dict[str, Any]:
-    """UNet2DConditionModel kwargs: ``"sd2"`` (SD-2-base) or ``"mid"`` (SD-2-base widths, 2 levels, 1 layer)."""
-    config = {k: v for k, v in json.loads(SD2_CONFIG_PATH.read_text()).items() if not k.startswith("_")}
+    """UNet2DConditionModel kwargs: ``"sd2"`` (SD-2-base), ``"mid"`` (SD-2-base widths, 2 levels, 1 layer) or
+    ``"sdxl"`` (SDXL base 1.0)."""
+    if size not in ("sd2", "mid", "sdxl"):
+        raise ValueError(f"unknown UNet size {size!r}; use 'sd2', 'mid' or 'sdxl'")
+    path = SDXL_CONFIG_PATH if size == "sdxl" else SD2_CONFIG_PATH
+    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     if size == "mid":
         config.update(MID_UNET_OVERRIDES)
-    elif size != "sd2":
-        raise ValueError(f"unknown UNet size {size!r}; use 'sd2' or 'mid'")
     return config
 
 
@@ -128,7 +131,7 @@ class Method:
 
     label: str
     kind: str  # floor | full | gsoft | double_gsoft | boft | lora | oft | peft_boft_fallback
-    options: dict[str, int] = field(default_factory=dict)
+    options: dict[str, int] = field(default_factory=dict)  # oft: block_size, or nblocks (PEFT's r)
     paper_millions: float | None = None
 
 
@@ -145,6 +148,7 @@ DOUBLE = [
     for r, paper in ((64, 6.5), (32, 13.0), (16, 25.9))
 ]
 PEFT_OFT = Method("OFT b=32 (PEFT)", "oft", {"block_size": 32})
+PEFT_OFT_32_BLOCKS = Method("OFT r=32 blocks (PEFT)", "oft", {"nblocks": 32})  # the layer benchmark's OFT
 PEFT_BOFT = Method(
     "PEFT BOFT (32,4) as run here: 1 factor after CUDA fallback",
     "peft_boft_fallback",
@@ -161,7 +165,7 @@ def apply_method(model: nn.Module, method: Method) -> list[nn.Parameter]:
 
     ``full`` clones the projection weights first, so a shared copy never trains the base model's tensors.
     """
-    from peft import BOFTConfig, inject_adapter_in_model
+    from peft import BOFTConfig, OFTConfig, inject_adapter_in_model
 
     from dreambooth_gs import GSOFTConfig, inject_adapter, trainable_parameters
     from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
@@ -176,7 +180,12 @@ def apply_method(model: nn.Module, method: Method) -> list[nn.Parameter]:
         if method.kind in ("gsoft", "double_gsoft", "boft"):
             inject_adapter(model, GSOFTConfig(method=method.kind, **method.options))
             return [p for _, p in trainable_parameters(model)]
-        if method.kind in ("lora", "oft"):
+        if method.kind == "oft" and "nblocks" in method.options:  # a block count: make_peft_config takes sizes
+            config = OFTConfig(
+                r=method.options["nblocks"], oft_block_size=0, target_modules=list(TARGETS), use_cayley_neumann=False
+            )
+            inject_peft_adapter(model, "oft", config)
+        elif method.kind in ("lora", "oft"):
             inject_peft_adapter(model, method.kind, make_peft_config(method.kind, TARGETS, **method.options))
         elif method.kind == "peft_boft_fallback":  # PEFT's BOFT exactly as it runs here (one factor on CPU)
             config = BOFTConfig(

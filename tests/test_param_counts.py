@@ -1,4 +1,5 @@
-"""Table 2 of the paper: trainable parameters on SD-2-base UNet attention projections (meta device, no weights)."""
+"""Trainable parameters on the UNet attention projections (meta device, no weights): Table 2 of the paper on
+SD-2-base, and SDXL base 1.0's counts pinned from its architecture."""
 
 import json
 from pathlib import Path
@@ -66,3 +67,61 @@ def test_table_2_parameter_counts(method, kwargs, millions):
     assert abs(count / 1e6 - millions) <= 0.1, f"{count / 1e6:.2f}M vs {millions}M in Table 2"
     assert all(p.requires_grad for _, p in params)
     assert sum(p.requires_grad for p in unet.parameters()) == len(params)
+
+
+# SDXL base 1.0: the counts follow from its architecture alone. Transformer blocks per width: 640 wide, 2 down
+# attentions x 2 layers + 3 up attentions x 2 layers = 10; 1280 wide, (2 down + 3 up) x 10 layers + the mid block's
+# 10 = 60. Each block has 8 projections: self-attention q / k / v / out and cross-attention q / out read the
+# d-wide hidden states; cross-attention k / v read the 2048-wide text. Every projection writes d features.
+SDXL_CONFIG_PATH = CONFIG_PATH.with_name("sdxl_base_unet.json")
+SDXL_TEXT_WIDTH = 2048
+SDXL_BLOCKS_PER_WIDTH = {640: 10, 1280: 60}
+
+
+def sdxl_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in json.loads(SDXL_CONFIG_PATH.read_text()).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return UNet2DConditionModel(**config)
+
+
+def sdxl_count(per_linear) -> int:
+    """Sum of ``per_linear(d_in, d_out)`` over SDXL's projections, from the block counts above (no model)."""
+    total = 0
+    for d, blocks in SDXL_BLOCKS_PER_WIDTH.items():
+        total += blocks * (6 * per_linear(d, d) + 2 * per_linear(SDXL_TEXT_WIDTH, d))
+    return total
+
+
+# (method, injection kwargs, trainable parameters per Linear (d_in, d_out), the pinned total)
+SDXL_CASES = [
+    ("gsoft", {"nblocks": 32}, lambda i, o: 2 * 32 * (i // 32) ** 2 + o, 75_765_760),
+    ("gsoft", {"nblocks": 16}, lambda i, o: 2 * 16 * (i // 16) ** 2 + o, 150_865_920),
+    ("double_gsoft", {"nblocks": 64}, lambda i, o: 2 * 64 * ((i // 64) ** 2 + (o // 64) ** 2) + o, 63_815_680),
+    ("lora", {"rank": 4}, lambda i, o: 4 * (i + o), 5_806_080),
+    ("lora", {"rank": 16}, lambda i, o: 16 * (i + o), 23_224_320),
+]
+
+
+@pytest.mark.filterwarnings("ignore:.*sparse")
+@pytest.mark.parametrize(
+    ("method", "kwargs", "per_linear", "pinned"),
+    SDXL_CASES,
+    ids=[f"{m}-{next(iter(k.values()))}" for m, k, *_ in SDXL_CASES],
+)
+def test_sdxl_parameter_counts(method, kwargs, per_linear, pinned):
+    from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
+
+    unet = sdxl_unet()
+    linears = [m for n, m in unet.named_modules() if isinstance(m, nn.Linear) and is_target(n, ATTENTION)]
+    assert len(linears) == 8 * sum(SDXL_BLOCKS_PER_WIDTH.values())
+    assert sorted({m.in_features for m in linears}) == [640, 1280, SDXL_TEXT_WIDTH]
+    if method == "lora":
+        names = inject_peft_adapter(unet, "lora", make_peft_config("lora", ATTENTION, **kwargs))
+    else:
+        names = inject_adapter(unet, GSOFTConfig(method=method, **kwargs))
+    assert len(names) == len(linears)
+    count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    assert sdxl_count(per_linear) == pinned
+    assert count == pinned, f"{count:,} trainable parameters, expected {pinned:,}"
