@@ -23,7 +23,7 @@ from . import methods
 from .config import GSOFTConfig
 from .fileio import atomic_write
 from .full import full_parameters
-from .injection import merge_adapter, remove_adapter, require_targets, trainable_parameters
+from .injection import merge_adapter, remove_adapter, require_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,7 +33,7 @@ TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # --train_text_encode
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The GS-family adapter's trainable tensors by name (float32, detached, contiguous)."""
-    return methods.plain_tensors(trainable_parameters(model))
+    return methods.GSKind.state_dict(model)
 
 
 def describe_adapter(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
