@@ -174,19 +174,26 @@ class DreamBoothDataset(Dataset):
 
 
 def collate_examples(examples: list[dict], with_prior_preservation: bool) -> dict:
-    """Batch dataset items: ``pixel_values`` (B or 2B, 3, R, R), ``prompts`` (a list), ``original_sizes`` and
-    ``crop_top_lefts`` (B or 2B, 2).
+    """Batch dataset items: ``pixel_values`` (B or 2B, 3, R, R) (or, for items cached by ``--cache_latents``,
+    ``latent_parameters`` (B or 2B, 2C, h, w)), ``prompts`` (a list), ``original_sizes`` and ``crop_top_lefts``
+    (B or 2B, 2).
 
     With prior preservation the B instance examples come first, then the B class examples, so the loss can
     ``chunk(2)`` the model output into instance and prior halves (as diffusers' DreamBooth does).
     """
-    if with_prior_preservation and any("class_images" not in e for e in examples):
+    cached = "instance_latents" in examples[0]  # --cache_latents: VAE latent distributions instead of images
+    image_key = "latents" if cached else "images"
+    if with_prior_preservation and any(f"class_{image_key}" not in e for e in examples):
         raise ValueError("with_prior_preservation=True but the examples have no class_images; pass class_data_dir")
     kinds = ("instance", "class") if with_prior_preservation else ("instance",)
     ordered = [(kind, e) for kind in kinds for e in examples]
-    pixel_values = torch.stack([e[f"{kind}_images"] for kind, e in ordered])  # (B', 3, R, R)
+    stacked = torch.stack([e[f"{kind}_{image_key}"] for kind, e in ordered])  # (B', 3, R, R) or (B', 2C, h, w)
+    if cached:
+        images = {"latent_parameters": stacked}
+    else:
+        images = {"pixel_values": stacked.to(memory_format=torch.contiguous_format).float()}
     return {
-        "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
+        **images,
         "prompts": [e[f"{kind}_prompt"] for kind, e in ordered],
         "original_sizes": torch.stack([e[f"{kind}_original_size"] for kind, e in ordered]),  # (B', 2)
         "crop_top_lefts": torch.stack([e[f"{kind}_crop_top_left"] for kind, e in ordered]),  # (B', 2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -251,9 +251,12 @@ def get(name: str) -> Method:
 
 
 def for_options(options) -> tuple[Method, Any]:
-    """``(method, config)`` the trainer's options ask for (``--adapter boft --boft_backend peft``: PEFT's BOFT)."""
+    """``(method, config)`` the trainer's options ask for (``--adapter boft --boft_backend peft``: PEFT's BOFT);
+    no ``target_modules`` means the UNet families' attention projections (the trainer fills in the family's)."""
     name = "peft_boft" if options.adapter == "boft" and options.boft_backend == "peft" else options.adapter
     method = get(name)
+    if options.target_modules is None:
+        options = replace(options, target_modules=list(GSOFTConfig().target_modules))
     return method, method.make_config(options)
 
 

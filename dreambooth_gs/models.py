@@ -4,6 +4,7 @@ pipeline around the trained UNet. Nothing here knows a family: :mod:`dreambooth_
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from accelerate import Accelerator
 
 from . import families, methods
 from .data import find_images
-from .families import Conditioning, Family
+from .families import Conditioning, Family, TextSettings
 from .options import TrainingOptions
 from .resources import DEMO_SUBJECT_DIR
 
@@ -28,8 +29,8 @@ class Components:
     family: Family
     tokenizers: list
     text_encoders: list  # a family's encoders in order (None once --pre_compute_text_embeddings freed them)
-    vae: torch.nn.Module
-    unet: torch.nn.Module
+    vae: torch.nn.Module | None  # None once --cache_latents freed it
+    denoiser: torch.nn.Module
     noise_scheduler: object
     model_id: str
     is_demo: bool
@@ -38,6 +39,21 @@ class Components:
     instance_prompt: str
     class_prompt: str
     resolution: int
+    device: torch.device  # where the denoiser trains
+    offload: bool = False  # --offload: the VAE and text encoders wait on the CPU
+    latent_shift_and_scale: tuple[float, float] = (0.0, 1.0)  # the VAE's (shift_factor, scaling_factor)
+
+    @contextlib.contextmanager
+    def on_device(self, *modules: torch.nn.Module | None):
+        """With ``--offload``, move ``modules`` to the training device for the block, then back to the CPU."""
+        moved = [m for m in modules if m is not None] if self.offload and self.device.type != "cpu" else []
+        for module in moved:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in moved:
+                module.to("cpu")
 
 
 def _resolve_model(options: TrainingOptions, accelerator: Accelerator) -> tuple[str, bool]:
@@ -108,7 +124,7 @@ def load_components(
     model_id, is_demo = _resolve_model(options, accelerator)
     family = families.detect(model_id, options.revision, options.model_family)
     loaded = family.load(model_id, options.revision, options.variant, options.pretrained_vae_model_name_or_path)
-    vae, unet = loaded.vae, loaded.unet
+    vae, denoiser = loaded.vae, loaded.denoiser
     if options.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
@@ -117,20 +133,31 @@ def load_components(
                 "--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU; install xformers "
                 "(pip install xformers) on a GPU machine or drop the flag"
             )
-        unet.enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
     # Frozen weights in the training dtype (adapters stay float32); SDXL's own VAE stays float32 (fp16 overflows).
+    # With --offload the VAE and text encoders stay on the CPU until they run.
     keep_vae_fp32 = family.vae_in_fp32 and not loaded.extra.get("custom_vae")
-    for model in (*loaded.text_encoders, vae, unet):
+    for model in (*loaded.text_encoders, vae, denoiser):
+        if model is None:  # a text encoder the folder leaves out (SD3 without T5)
+            continue
         model.requires_grad_(False)
-        model.to(accelerator.device)
+        if model is denoiser or not options.offload:
+            model.to(accelerator.device)
         if weight_dtype != torch.float32 and not (model is vae and keep_vae_fp32):
             model.to(dtype=weight_dtype)
+    resolution = options.resolution or family.default_resolution(denoiser, vae)
+    multiple = family.resolution_multiple(denoiser, vae)
+    if resolution % multiple:
+        raise ValueError(
+            f"--resolution {resolution} is not a multiple of {multiple} (the {family.name} VAE's factor x its latent "
+            f"patches); use {resolution - resolution % multiple or multiple}"
+        )
     return Components(
         family=family,
         tokenizers=loaded.tokenizers,
-        text_encoders=[encoder.eval() for encoder in loaded.text_encoders],
+        text_encoders=[None if encoder is None else encoder.eval() for encoder in loaded.text_encoders],
         vae=vae.eval(),
-        unet=unet,
+        denoiser=denoiser,
         noise_scheduler=loaded.noise_scheduler,
         model_id=model_id,
         is_demo=is_demo,
@@ -138,21 +165,68 @@ def load_components(
         class_name=subject.class_name,
         instance_prompt=subject.instance_prompt,
         class_prompt=subject.class_prompt,
-        resolution=options.resolution or family.default_resolution(unet, vae),
+        resolution=resolution,
+        device=accelerator.device,
+        offload=options.offload,
+        latent_shift_and_scale=(vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor),
     )
 
 
-def add_adapter(unet: torch.nn.Module, options: TrainingOptions) -> tuple[torch.nn.Module, str]:
-    """Inject the requested adapter into ``unet`` (trainable parameters in float32); returns ``(unet, method)``.
+def family_options(options: TrainingOptions, family: Family) -> TrainingOptions:
+    """``options`` with the family's defaults filled in (targets; flow matching's weighting, preconditioning and
+    T5 length); refuses flags the family's objective does not have (one line)."""
+    changes = {}
+    if options.target_modules is None:
+        changes["target_modules"] = list(family.default_targets)
+    if family.objective == "flow":
+        for flag, value, ddpm_only in (
+            ("--snr_gamma", options.snr_gamma, options.snr_gamma is not None),
+            ("--noise_offset", options.noise_offset, options.noise_offset > 0),
+        ):
+            if ddpm_only:
+                raise ValueError(
+                    f"{flag} {value} applies to the DDPM objective of the UNet families; {family.name} trains with "
+                    "flow matching (use --weighting_scheme)"
+                )
+        if options.weighting_scheme is None:
+            changes["weighting_scheme"] = family.default_weighting_scheme
+        if options.precondition_outputs is None:
+            changes["precondition_outputs"] = int(family.default_precondition_outputs)
+    else:
+        for flag in ("weighting_scheme", "precondition_outputs", "max_sequence_length"):
+            if getattr(options, flag) is not None:
+                raise ValueError(
+                    f"--{flag} applies to the flow-matching families (sd3, flux); {family.name} trains with the DDPM "
+                    "objective: drop it"
+                )
+    if options.offload and options.train_text_encoder:
+        raise ValueError(
+            "--offload moves the text encoders off the GPU between uses, but --train_text_encoder trains them; "
+            "drop one of the two"
+        )
+    return replace(options, **changes)
+
+
+def text_settings(options: TrainingOptions, denoiser: torch.nn.Module) -> TextSettings:
+    return TextSettings(
+        max_length=options.tokenizer_max_length,
+        use_attention_mask=options.text_encoder_use_attention_mask,
+        max_sequence_length=options.max_sequence_length,
+        context_width=denoiser.config.get("joint_attention_dim"),
+    )
+
+
+def add_adapter(denoiser: torch.nn.Module, options: TrainingOptions) -> tuple[torch.nn.Module, str]:
+    """Inject the requested adapter into ``denoiser`` (trainable parameters in float32); returns ``(denoiser, method)``.
 
     ``full`` injects nothing: the targeted projections' own weights and biases become the trainable parameters.
     """
     method, config = methods.for_options(options)
-    method.inject(unet, config)
-    for param in unet.parameters():
+    method.inject(denoiser, config)
+    for param in denoiser.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    return unet, method.name
+    return denoiser, method.name
 
 
 def add_text_encoder_adapters(parts: Components, options: TrainingOptions) -> dict[str, torch.nn.Module]:
@@ -161,16 +235,16 @@ def add_text_encoder_adapters(parts: Components, options: TrainingOptions) -> di
     text_options = replace(options, target_modules=list(parts.family.text_encoder_targets))
     adapted = {}
     for name, encoder in zip(parts.family.text_encoder_names, parts.text_encoders):
-        add_adapter(encoder, text_options)
-        adapted[name] = encoder
+        if name in parts.family.trainable_text_encoders and encoder is not None:
+            add_adapter(encoder, text_options)
+            adapted[name] = encoder
     return adapted
 
 
-def make_pipeline(parts: Components, unet: torch.nn.Module):
-    """The family's pipeline (DDIM sampler) around ``unet`` and the frozen components, for sampling."""
-    from diffusers import DDIMScheduler
-
-    pipeline = parts.family.make_pipeline(parts, unet, DDIMScheduler.from_config(parts.noise_scheduler.config))
+def make_pipeline(parts: Components, denoiser: torch.nn.Module):
+    """The family's pipeline (its sampler: DDIM, or flow-matching Euler) around ``denoiser`` and the frozen
+    components, for sampling."""
+    pipeline = parts.family.make_pipeline(parts, denoiser, parts.family.make_sampler(parts.noise_scheduler))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -178,26 +252,21 @@ def make_pipeline(parts: Components, unet: torch.nn.Module):
 class TextConditioning:
     """Prompts -> the family's text conditioning (hidden states (B, L, C), pooled embeddings where it has them).
 
-    ``max_length`` pads / truncates every prompt (default: the tokenizer's maximum); ``use_attention_mask`` hands
-    the encoders the padding mask. After :meth:`precompute` the encoders are freed and only the prompts given there
-    can be encoded (from a table keyed by the prompt), as diffusers' ``--pre_compute_text_embeddings`` does.
+    ``settings`` say how (CLIP's length and mask, T5's length; see :class:`~dreambooth_gs.families.TextSettings`).
+    After :meth:`precompute` the encoders are freed and only the prompts given there can be encoded (from a table
+    keyed by the prompt), as diffusers' ``--pre_compute_text_embeddings`` does.
     """
 
-    def __init__(
-        self,
-        parts: Components,
-        max_length: int | None = None,
-        use_attention_mask: bool = False,
-        trainable: bool = False,
-    ):
+    def __init__(self, parts: Components, settings: TextSettings | None = None, trainable: bool = False):
         self.family = parts.family
         self.trainable = trainable  # --train_text_encoder: encode with gradients
         self.tokenizers = parts.tokenizers
         self.text_encoders = list(parts.text_encoders)
-        self.max_length = max_length
-        self.use_attention_mask = use_attention_mask
+        self.settings = settings or TextSettings()
+        self._on_device = parts.on_device
         self._table: dict[str, Conditioning] | None = None
-        if max_length is not None:
+        self.family.check_text_settings(self.settings)
+        if self.settings.max_length is not None:
             self.encode([""])  # refuses a length the encoders cannot take, before anything is written
 
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -207,12 +276,10 @@ class TextConditioning:
             if missing:
                 raise ValueError(f"prompt {missing[0]!r} was not among the precomputed ones")
             return Conditioning.stack([self._table[p] for p in prompts])
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            return self.family.encode(
-                self.tokenizers, self.text_encoders, list(prompts), self.max_length, self.use_attention_mask
-            )
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()), self._on_device(*self.text_encoders):
+            return self.family.encode(self.tokenizers, self.text_encoders, list(prompts), self.settings)
 
-    def negative(self, count: int) -> Conditioning:
+    def negative(self, count: int) -> Conditioning | None:
         """The empty-prompt conditioning for classifier-free guidance (``count`` rows)."""
         return self.family.negative(self.encode, count)
 

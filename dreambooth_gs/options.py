@@ -42,14 +42,18 @@ class TrainingOptions:
     pretrained_model_name_or_path: str | None = field(
         default=None,
         metadata=_help(
-            "SD 1.x / 2.x or SDXL: a hub id, a local diffusers folder or a single-file .safetensors checkpoint "
+            "SD 1.x / 2.x, SDXL, SD3 / SD3.5 or Flux.1: a hub id, a local diffusers folder or a single-file "
+            ".safetensors checkpoint "
             "(the family is detected from model_index.json or the file's keys). Default: a tiny random-weight demo "
             "pipeline built offline (for trying the tool, not for real images)."
         ),
     )
     model_family: str | None = field(
         default=None,
-        metadata=_choices(FAMILY_NAMES, "Model family (sd: SD 1.x / 2.x, sdxl). Default: detected from the model."),
+        metadata=_choices(
+            FAMILY_NAMES,
+            "Model family (sd: SD 1.x / 2.x, sdxl, sd3: SD3 / SD3.5, flux: Flux.1). Default: detected from the model.",
+        ),
     )
     pretrained_vae_model_name_or_path: str | None = field(
         default=None,
@@ -100,9 +104,13 @@ class TrainingOptions:
             "the UNet frozen).",
         ),
     )
-    target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        metadata=_help("Linear modules to adapt, or with --adapter full to train (names or name suffixes)."),
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "Linear modules to adapt, or with --adapter full to train (names or name suffixes). Default: the "
+            "family's attention projections (SD / SDXL: to_q to_k to_v to_out.0; SD3 / Flux: attn.to_q attn.to_k "
+            "attn.to_v attn.to_out.0 attn.add_q_proj attn.add_k_proj attn.add_v_proj attn.to_add_out)."
+        ),
     )
     train_text_encoder: bool = field(
         default=False,
@@ -162,6 +170,47 @@ class TrainingOptions:
     noise_offset: float = field(
         default=0.0, metadata=_help("Offset noise: add this times one N(0, 1) value per latent channel to the noise.")
     )
+    # -- flow matching (SD3 / SD3.5, Flux.1), as diffusers' train_dreambooth_lora_sd3.py / _flux.py --------------
+    weighting_scheme: Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"] | None = field(
+        default=None,
+        metadata=_help(
+            "Flow matching: how timesteps are drawn (logit_normal, mode) or the loss weighted (sigma_sqrt, cosmap); "
+            "none: uniform. Default: diffusers' per family (sd3 logit_normal, flux none)."
+        ),
+    )
+    logit_mean: float = field(default=0.0, metadata=_help("Mean of the logit_normal timestep density."))
+    logit_std: float = field(default=1.0, metadata=_help("Std of the logit_normal timestep density."))
+    mode_scale: float = field(default=1.29, metadata=_help("Scale of the mode timestep density."))
+    precondition_outputs: int | None = field(
+        default=None,
+        metadata={
+            "help": "1: precondition the transformer's output as in EDM (predict the clean latents); 0: predict "
+            "the flow (noise - latents). Default: diffusers' per family (sd3 1, flux 0).",
+            "choices": [0, 1],
+        },
+    )
+    max_sequence_length: int | None = field(
+        default=None, metadata=_help("T5 prompt tokens (sd3, flux). Default: diffusers' per family (sd3 77, flux 512).")
+    )
+    guidance_scale: float = field(
+        default=3.5, metadata=_help("Flux: the guidance input of guidance-distilled models (FLUX.1-dev) in training.")
+    )
+    # -- memory ------------------------------------------------------------------------------------------------
+    cache_latents: bool = field(
+        default=False,
+        metadata=_help(
+            "Encode the training images with the VAE once, before training (each step then samples from the "
+            "cached latent distribution); random flips and crops are drawn once. Without validation or prior "
+            "preservation the VAE is then freed."
+        ),
+    )
+    offload: bool = field(
+        default=False,
+        metadata=_help(
+            "Keep the VAE and text encoders on the CPU and move each to the GPU only while it runs (encoding a batch, "
+            "validation): the GPU holds the denoiser alone between those calls."
+        ),
+    )
     learning_rate: float | None = field(
         default=None,
         metadata=_help(
@@ -207,9 +256,11 @@ class TrainingOptions:
     logging_dir: str = field(default="logs", metadata=_help("Tracker folder, relative to output_dir."))
     pre_compute_text_embeddings: bool = field(
         default=False,
-        metadata=_help(
-            "Encode the instance, class and validation prompts once, then free the text encoder (less memory)."
-        ),
+        metadata={
+            "help": "Encode the instance, class and validation prompts once, then free the text encoders (less "
+            "memory: essential with T5-XXL); --cache_text_embeddings is the same flag.",
+            "aliases": ["--cache_text_embeddings"],
+        },
     )
     tokenizer_max_length: int | None = field(
         default=None, metadata=_help("Pad / truncate prompts to this many tokens. Default: the tokenizer's maximum.")
@@ -263,6 +314,10 @@ class TrainingOptions:
             raise ValueError("--text_encoder_lr is only used with --train_text_encoder; add it or drop the rate")
         if self.hub_model_id is not None and not self.push_to_hub:
             raise ValueError("--hub_model_id is only used with --push_to_hub; add --push_to_hub or drop it")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"--max_sequence_length must be at least 1, got {self.max_sequence_length}")
+        if self.logit_std <= 0:
+            raise ValueError(f"--logit_std must be positive, got {self.logit_std}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
 

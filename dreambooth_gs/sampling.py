@@ -36,10 +36,9 @@ def load_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     model_family: str | None = None,
 ):
-    """The family's pipeline (DDIM sampler, no safety checker) from a hub id, a local diffusers folder or a
-    single-file checkpoint, with the adapter of ``adapter_dir`` loaded (merged into the weights by default)."""
-    from diffusers import DDIMScheduler
-
+    """The family's pipeline (its sampler: DDIM for the UNet families, flow-matching Euler for SD3 / Flux; no
+    safety checker) from a hub id, a local diffusers folder or a single-file checkpoint, with the adapter of
+    ``adapter_dir`` loaded (merged into the weights by default)."""
     from . import families
     from .serialization import load_adapter
 
@@ -56,7 +55,7 @@ def load_pipeline(
                 pipeline = pipeline_class.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as err:
         raise family.load_error(base_model, err) from err
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.scheduler = family.make_sampler(pipeline.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     if adapter_dir is not None:
         load_adapter(pipeline, adapter_dir, merge=merge)  # merging computes in float32 and casts to the weights' dtype

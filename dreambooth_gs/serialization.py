@@ -21,6 +21,7 @@ from torch import nn
 
 from . import methods
 from .config import GSOFTConfig
+from .families import FAMILIES
 from .fileio import atomic_write
 from .full import full_parameters
 from .injection import merge_adapter, remove_adapter, require_targets
@@ -28,7 +29,9 @@ from .injection import merge_adapter, remove_adapter, require_targets
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_NAME = "dreambooth_gs"
-TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")  # --train_text_encoder's adapters, by pipeline attribute
+# --train_text_encoder's adapters, by pipeline attribute; the pipeline attributes of the denoisers
+TEXT_ENCODER_FOLDERS = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.trainable_text_encoders))
+DENOISER_NAMES = tuple(dict.fromkeys(f.denoiser_name for f in FAMILIES.values()))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -109,20 +112,24 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bool = True) -> list[str]:
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors strictly.
 
-    ``model`` is a torch model or a diffusers pipeline: the adapter goes into its ``unet``, and the adapters of
-    ``--train_text_encoder`` (subfolders ``text_encoder/``, ``text_encoder_2/``) into the pipeline's text encoders
-    of those names. Works for every method the trainer writes (gsoft, double_gsoft, boft, lora, oft, peft_boft,
-    full). With ``merge=True`` (the default) the adapter is folded into the weights (plain layers, no inference
-    overhead); with ``merge=False`` it stays switchable (``disable_adapters``, ``merge_adapter`` later). A ``full``
-    folder holds the projections' weights themselves: they are copied in, whatever ``merge`` says. On any error
-    the model (every component of a pipeline) is left as it was. Returns the adapted module names.
+    ``model`` is a torch model or a diffusers pipeline: the adapter goes into its denoiser (``unet``, or
+    ``transformer`` for SD3 / Flux), and the adapters of ``--train_text_encoder`` (subfolders ``text_encoder/``,
+    ``text_encoder_2/``) into the pipeline's text encoders of those names. Works for every method the trainer writes
+    (gsoft, double_gsoft, boft, lora, oft, peft_boft, full). With ``merge=True`` (the default) the adapter is folded
+    into the weights (plain layers, no inference overhead); with ``merge=False`` it stays switchable
+    (``disable_adapters``, ``merge_adapter`` later). A ``full`` folder holds the projections' weights themselves:
+    they are copied in, whatever ``merge`` says. On any error the model (every component of a pipeline) is left as
+    it was. Returns the adapted module names.
     """
     if isinstance(model, nn.Module):
         return _load_into_model(model, Path(directory), merge)
-    if not isinstance(getattr(model, "unet", None), nn.Module):
-        raise TypeError(f"load_adapter needs a torch model or a pipeline with a .unet, got {type(model).__name__}")
+    denoiser = pipeline_denoiser(model)
+    if denoiser is None:
+        raise TypeError(
+            f"load_adapter needs a torch model or a pipeline with a .unet or .transformer, got {type(model).__name__}"
+        )
     directory = Path(directory)
-    parts = [(model.unet, directory)]
+    parts = [(denoiser, directory)]
     for name in TEXT_ENCODER_FOLDERS:
         if (directory / name / CONFIG_NAME).is_file():
             encoder = getattr(model, name, None)
@@ -142,6 +149,14 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
         for component, _ in parts:
             merge_adapter(component)
     return names
+
+
+def pipeline_denoiser(pipeline: Any) -> nn.Module | None:
+    """A diffusers pipeline's denoiser: its ``unet`` (SD, SDXL) or ``transformer`` (SD3, Flux); None if neither."""
+    for name in DENOISER_NAMES:
+        if isinstance(getattr(pipeline, name, None), nn.Module):
+            return getattr(pipeline, name)
+    return None
 
 
 def _load_into_model(model: nn.Module, directory: Path, merge: bool) -> list[str]:

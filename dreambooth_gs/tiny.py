@@ -1,14 +1,18 @@
 """Tiny pipelines with random weights, built offline from the shipped configs (resources/tiny_sd/ for SD,
-resources/tiny_sdxl/ for SDXL), for tests and CPU demos.
+tiny_sdxl/ for SDXL, tiny_sd3/ for SD3 / SD3.5, tiny_flux/ for Flux.1), for tests and CPU demos.
 
-The tokenizer is the real SD 1.x / 2.x CLIP tokenizer: its BPE vocabulary ships inside open_clip, so nothing is
-downloaded. Weights are never committed: the pipeline is built at run time into a cache folder.
+A config folder holds ``pipeline.json`` (the pipeline class) and one JSON per component, named as the pipeline
+names it (``unet.json`` or ``transformer.json``, ``vae.json``, ``text_encoder[_2|_3].json``, ``scheduler.json``),
+each with the ``_class_name`` of a diffusers or transformers class. The CLIP tokenizer is the real SD / SDXL / SD3 /
+Flux one: its BPE vocabulary ships inside open_clip; a T5 encoder gets ByT5's tokenizer, which needs no file. So
+nothing is downloaded. Weights are never committed: the pipeline is built at run time into a cache folder.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -27,7 +31,10 @@ CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 # Bump when the build changes in a way that makes an old cached pipeline stale.
 BUILD_FORMAT = 1
 MARKER_FILE = "dreambooth_gs_tiny.json"
-REQUIRED_FILES = (
+PIPELINE_FILE = "pipeline.json"  # in a config folder: {"_class_name": "StableDiffusion3Pipeline", ...}
+# Components in the order their weights are seeded (seed, seed + 1, ...); a folder has a subset of them.
+MODEL_NAMES = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+REQUIRED_FILES = (  # what every saved SD pipeline holds (other families: see required_files)
     "model_index.json",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
@@ -38,8 +45,6 @@ REQUIRED_FILES = (
     "tokenizer/tokenizer_config.json",
     "scheduler/scheduler_config.json",
 )
-SDXL_FILES = ("text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/tokenizer_config.json")
-CONFIG_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 
 def default_tiny_pipeline_dir() -> Path:
@@ -101,25 +106,49 @@ def _public(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def component_names(config_dir: str | os.PathLike) -> list[str]:
+    """The models of ``config_dir`` in seeding order, then ``scheduler``."""
+    config_dir = Path(config_dir)
+    names = [n for n in MODEL_NAMES if (config_dir / f"{n}.json").is_file()]
+    if not names:
+        raise ValueError(f"{config_dir} holds no tiny pipeline configs (unet.json or transformer.json, vae.json, ...)")
+    return [*names, "scheduler"]
+
+
 def tiny_fingerprint(config_dir: str | os.PathLike, seed: int) -> str:
     """Hash of the configs, seed and build format: a cached pipeline with another fingerprint is stale."""
     digest = hashlib.sha256(f"format={BUILD_FORMAT};seed={seed}".encode())
-    for name in CONFIG_NAMES:
-        if name != "text_encoder_2" or _is_sdxl(Path(config_dir)):
-            digest.update(json.dumps(_read_config(Path(config_dir), f"{name}.json"), sort_keys=True).encode())
+    for name in component_names(config_dir):
+        digest.update(json.dumps(_read_config(Path(config_dir), f"{name}.json"), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
-def _is_sdxl(config_dir: Path) -> bool:
-    return (config_dir / "text_encoder_2.json").is_file()
+def required_files(directory: str | os.PathLike) -> list[str]:
+    """The files a saved pipeline in ``directory`` must hold, from its ``model_index.json`` (each model's config
+    and weights, each tokenizer's and the scheduler's config)."""
+    directory = Path(directory)
+    index_path = directory / "model_index.json"
+    if not index_path.is_file():
+        return ["model_index.json"]
+    files = ["model_index.json"]
+    for name, entry in json.loads(index_path.read_text()).items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        if name.startswith("tokenizer"):
+            files.append(f"{name}/tokenizer_config.json")
+        elif name == "scheduler":
+            files.append(f"{name}/scheduler_config.json")
+        else:
+            weights = "model.safetensors" if entry[0] == "transformers" else "diffusion_pytorch_model.safetensors"
+            files += [f"{name}/config.json", f"{name}/{weights}"]
+    return files
 
 
 def is_complete_pipeline(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds every file a saved tiny pipeline needs (SDXL: the second encoder too)."""
+    """Whether ``directory`` holds every file its saved pipeline needs (see :func:`required_files`)."""
     directory = Path(directory)
-    index = directory / "model_index.json"
-    sdxl = index.is_file() and "text_encoder_2" in json.loads(index.read_text())
-    return all((directory / f).is_file() for f in REQUIRED_FILES + (SDXL_FILES if sdxl else ()))
+    files = required_files(directory)
+    return len(files) > 1 and all((directory / f).is_file() for f in files)
 
 
 def _read_fingerprint(directory: Path) -> str | None:
@@ -127,70 +156,77 @@ def _read_fingerprint(directory: Path) -> str | None:
     return json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
 
 
+def _make_model(config: dict):
+    """A diffusers or transformers model (random weights) from a config holding its ``_class_name``."""
+    import diffusers
+    import transformers
+
+    class_name = config.get("_class_name", "")
+    if hasattr(diffusers, class_name):
+        return getattr(diffusers, class_name).from_config(_public(config))
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None:
+        raise ValueError(f"unknown model class {class_name!r} in a tiny config")
+    return model_class(model_class.config_class(**_public(config)))
+
+
+def _tokenizer_for(encoder: torch.nn.Module, clip_tokenizer):
+    """The tokenizer a text encoder is paired with: the CLIP tokenizer, or ByT5's (no files) for a T5."""
+    if encoder.config.model_type == "t5":
+        from transformers import ByT5Tokenizer
+
+        tokenizer = ByT5Tokenizer()
+    else:
+        tokenizer = clip_tokenizer
+    if len(tokenizer) != encoder.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has {len(tokenizer)} tokens but the {encoder.config.model_type} "
+            f"text encoder's config says vocab_size={encoder.config.vocab_size}; set vocab_size to {len(tokenizer)}"
+        )
+    return tokenizer
+
+
 def make_tiny_pipeline(
     seed: int = 0, config_dir: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None
 ):
-    """A StableDiffusionPipeline, or a StableDiffusionXLPipeline when ``config_dir`` has a ``text_encoder_2.json``
-    (random weights, deterministic from ``seed``), from the tiny configs, in memory.
+    """The pipeline of ``config_dir`` (its ``pipeline.json`` class; default: tiny SD) with random weights,
+    deterministic from ``seed``, in memory.
 
-    The UNet, VAE and text encoder(s) are initialised from ``seed``, ``seed + 1``, ``seed + 2`` (and ``seed + 3``).
-    ``tokenizer_dir`` is where the tokenizer files are written (a temporary folder when None).
+    The models are initialised from ``seed``, ``seed + 1``, ... in :data:`MODEL_NAMES` order (the denoiser, the
+    VAE, then the text encoders). ``tokenizer_dir`` is where the CLIP tokenizer files are written (a temporary
+    folder when None).
     """
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import diffusers
 
     config_dir = Path(config_dir) if config_dir is not None else TINY_CONFIG_DIR
-    sdxl = _is_sdxl(config_dir)
-    names = [n for n in CONFIG_NAMES if n != "text_encoder_2" or sdxl]
+    names = component_names(config_dir)
     configs = {n: _read_config(config_dir, f"{n}.json") for n in names}
+    components = {}
     # fork_rng: seed each model's init without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(_public(configs["unet"]))
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL.from_config(_public(configs["vae"]))
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_public(configs["text_encoder"])))
-        if sdxl:
-            torch.manual_seed(seed + 3)
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_public(configs["text_encoder_2"])))
-    scheduler = DDPMScheduler.from_config(_public(configs["scheduler"]))
+        for offset, name in enumerate(names[:-1]):
+            torch.manual_seed(seed + offset)
+            components[name] = _make_model(configs[name])
+    components["scheduler"] = getattr(diffusers, configs["scheduler"]["_class_name"]).from_config(
+        _public(configs["scheduler"])
+    )
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = build_clip_tokenizer(tmp)
+            clip_tokenizer = build_clip_tokenizer(tmp)
     else:
-        tokenizer = build_clip_tokenizer(tokenizer_dir)
-    if len(tokenizer) != text_encoder.config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but text_encoder.json says vocab_size="
-            f"{text_encoder.config.vocab_size}; set vocab_size to {len(tokenizer)}"
-        )
-    if sdxl:
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-        )
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        clip_tokenizer = build_clip_tokenizer(tokenizer_dir)
+    for name in [n for n in names if n.startswith("text_encoder")]:
+        components[name.replace("text_encoder", "tokenizer")] = _tokenizer_for(components[name], clip_tokenizer)
+    pipeline_class = getattr(diffusers, _read_config(config_dir, PIPELINE_FILE)["_class_name"])
+    parameters = inspect.signature(pipeline_class.__init__).parameters
+    for name, parameter in parameters.items():  # e.g. SD's safety_checker / feature_extractor: none
+        if name not in components and name != "self" and parameter.default is inspect.Parameter.empty:
+            components[name] = None
+    if "requires_safety_checker" in parameters:
+        components["requires_safety_checker"] = False
+    return pipeline_class(**components)
 
 
 def build_tiny_pipeline(
@@ -222,7 +258,7 @@ def build_tiny_pipeline(
         marker = {"fingerprint": fingerprint, "seed": seed, "config_dir": str(config_dir), "format": BUILD_FORMAT}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         if not is_complete_pipeline(staging):
-            missing = [f for f in REQUIRED_FILES + SDXL_FILES if not (staging / f).is_file()]
+            missing = [f for f in required_files(staging) if not (staging / f).is_file()]
             raise RuntimeError(f"save_pretrained did not write {missing} into {staging}")
         _swap_into_place(staging, directory, fingerprint)
     finally:

@@ -38,7 +38,7 @@ from .checkpoints import (
 from .data import DreamBoothDataset, collate_examples, generate_class_images
 from .fileio import atomic_write, atomic_write_text, is_disk_full
 from .injection import disable_adapters
-from .objectives import diffusion_loss
+from .objectives import LossSettings, encode_latent_parameters, training_loss
 from .options import DEFAULT_MAX_TRAIN_STEPS, TrainingOptions, with_demo_defaults
 from .run_folder import check_fresh_start, discard_set_aside, set_aside
 from .sampling import generate_images, image_grid
@@ -49,7 +49,7 @@ def validate(
     options: TrainingOptions,
     parts: models.Components,
     text: models.TextConditioning,
-    unet,
+    denoiser,
     accelerator: Accelerator,
     step: int,
     output_dir: Path,
@@ -57,22 +57,25 @@ def validate(
     """Draw validation images, save them as one PNG grid and log them to the trackers."""
     if not options.validation_prompt or not accelerator.is_main_process:
         return None
-    pipeline = models.make_pipeline(parts, accelerator.unwrap_model(unet))
+    pipeline = models.make_pipeline(parts, accelerator.unwrap_model(denoiser))
     prompt = _validation_prompt(options, parts)
     n = options.num_validation_images
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     with torch.no_grad():
         text_kwargs = parts.family.pipeline_text_kwargs(text.encode([prompt] * n), text.negative(n))
-    with torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no"):
+    autocast = torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no")
+    with autocast, parts.on_device(parts.vae):
         images = generate_images(
             pipeline,
             [prompt] * n,
             [options.seed + i for i in range(n)],
             options.validation_inference_steps,
+            height=parts.resolution,
+            width=parts.resolution,
             text_kwargs=text_kwargs,
         )
-    unet.train(was_training)
+    denoiser.train(was_training)
     folder = output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.png"
@@ -182,11 +185,10 @@ def train(options: TrainingOptions) -> Path:
     parts = models.load_components(options, accelerator, weight_dtype, subject)
     if parts.is_demo:
         options = with_demo_defaults(options)
-    unet, method = models.add_adapter(parts.unet, options)  # refuses bad targets and block counts
+    options = models.family_options(options, parts.family)  # the family's targets and objective defaults
+    denoiser, method = models.add_adapter(parts.denoiser, options)  # refuses bad targets and block counts
     text_encoders = models.add_text_encoder_adapters(parts, options) if options.train_text_encoder else {}
-    text = models.TextConditioning(
-        parts, options.tokenizer_max_length, options.text_encoder_use_attention_mask, trainable=bool(text_encoders)
-    )
+    text = models.TextConditioning(parts, models.text_settings(options, parts.denoiser), trainable=bool(text_encoders))
 
     repo_id = None
     if options.push_to_hub and accelerator.is_main_process:
@@ -198,22 +200,20 @@ def train(options: TrainingOptions) -> Path:
     _prepare_output_dir(accelerator, output_dir, earlier)
     if options.with_prior_preservation:
         with contextlib.ExitStack() as base_model:  # the class images come from the base model
-            for model in (unet, *text_encoders.values()):
+            for model in (denoiser, *text_encoders.values()):
                 base_model.enter_context(disable_adapters(model))
-            _ensure_class_images(options, parts, unet, accelerator)
+            _ensure_class_images(options, parts, denoiser, accelerator)
     if options.pre_compute_text_embeddings:
         prompts = [parts.instance_prompt, ""]
         prompts += [parts.class_prompt] if options.with_prior_preservation else []
         prompts += [_validation_prompt(options, parts)] if options.validation_prompt else []
         text.precompute(prompts)
         parts.text_encoders = [None] * len(parts.text_encoders)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    params = [p for p in unet.parameters() if p.requires_grad]
+        _free_memory()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     text_params = [p for encoder in text_encoders.values() for p in encoder.parameters() if p.requires_grad]
     if options.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders.values():
             encoder.gradient_checkpointing_enable()
 
@@ -227,6 +227,11 @@ def train(options: TrainingOptions) -> Path:
         class_prompt=parts.class_prompt if options.with_prior_preservation else None,
         num_class_images=options.num_class_images if options.with_prior_preservation else None,
     )
+    if options.cache_latents:
+        dataset = cache_latents(dataset, parts, accelerator)
+        if not options.validation_prompt:
+            parts.vae = None  # training reads the cache; nothing decodes
+            _free_memory()
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=options.train_batch_size,
@@ -246,7 +251,7 @@ def train(options: TrainingOptions) -> Path:
         num_warmup_steps=options.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     noise = GeneratorState(options.seed + accelerator.process_index, accelerator.device)
     register_adapter_hooks(accelerator, parts.model_id, text_encoders)
 
@@ -274,8 +279,8 @@ def train(options: TrainingOptions) -> Path:
         total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
     )
     first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
-    prior_weight = options.prior_loss_weight if options.with_prior_preservation else None
-    unet.train()
+    loss_settings = LossSettings.from_options(options)
+    denoiser.train()
     for epoch in range(first_epoch, num_epochs):
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
@@ -283,18 +288,8 @@ def train(options: TrainingOptions) -> Path:
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(dataloader, skip_batches * options.gradient_accumulation_steps)
         for batch in batches:
-            with accelerator.accumulate(unet):
-                loss = diffusion_loss(
-                    batch,
-                    parts,
-                    text,
-                    unet,
-                    noise.generator,
-                    weight_dtype,
-                    prior_weight,
-                    snr_gamma=options.snr_gamma,
-                    noise_offset=options.noise_offset,
-                )
+            with accelerator.accumulate(denoiser):
+                loss = training_loss(batch, parts, text, denoiser, noise.generator, weight_dtype, loss_settings)
                 if not bool(torch.isfinite(accelerator.gather(loss.detach())).all()):
                     last, _ = newest_complete(output_dir)
                     raise ValueError(
@@ -321,7 +316,7 @@ def train(options: TrainingOptions) -> Path:
                     prune_checkpoints(output_dir, options.checkpoints_total_limit)
                     discard_set_aside(output_dir)
             if global_step % options.validation_steps == 0 and global_step < max_steps:
-                validate(options, parts, text, unet, accelerator, global_step, output_dir)
+                validate(options, parts, text, denoiser, accelerator, global_step, output_dir)
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
@@ -330,8 +325,10 @@ def train(options: TrainingOptions) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _save_final(accelerator, unet, text_encoders, output_dir, options, parts, method, global_step, learning_rate)
-        grid = validate(options, parts, text, unet, accelerator, global_step, output_dir)
+        _save_final(
+            accelerator, denoiser, text_encoders, output_dir, options, parts, method, global_step, learning_rate
+        )
+        grid = validate(options, parts, text, denoiser, accelerator, global_step, output_dir)
         accelerator.print(f"adapter saved to {output_dir}" + (f"; validation grid {grid}" if grid else ""))
         if repo_id is not None:
             from .hub import push_adapter_folder
@@ -340,6 +337,40 @@ def train(options: TrainingOptions) -> Path:
             accelerator.print(f"uploaded {output_dir} to the Hub repository {repo_id}")
     accelerator.end_training()
     return output_dir
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class CachedExamples(torch.utils.data.Dataset):
+    """Dataset items whose images were replaced by their VAE latent distributions (``--cache_latents``)."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+
+def cache_latents(dataset: DreamBoothDataset, parts: models.Components, accelerator: Accelerator) -> CachedExamples:
+    """Every example's instance (and class) image through the VAE once: ``{kind}_latents`` (2C, h, w), the mean
+    and log-variance each step samples from, in place of ``{kind}_images``."""
+    examples = []
+    with parts.on_device(parts.vae):
+        for index in tqdm(range(len(dataset)), desc="caching latents", disable=not accelerator.is_local_main_process):
+            example = dict(dataset[index])
+            for kind in ("instance", "class"):
+                image = example.pop(f"{kind}_images", None)
+                if image is not None:
+                    example[f"{kind}_latents"] = encode_latent_parameters(parts.vae, image[None])[0].cpu()
+            examples.append(example)
+    return CachedExamples(examples)
 
 
 def _learning_rate_after_resume(accelerator: Accelerator, lr_scheduler, requested: float) -> float:
@@ -365,7 +396,7 @@ def _average_text_encoder_gradients(accelerator: Accelerator, text_params: list[
 
 def _save_final(
     accelerator: Accelerator,
-    unet,
+    denoiser,
     text_encoders: dict[str, torch.nn.Module],
     output_dir: Path,
     options: TrainingOptions,
@@ -376,7 +407,7 @@ def _save_final(
 ) -> None:
     """The final adapter and its record; a full disk is one clear error and leaves the last checkpoint intact."""
     try:
-        save_adapter(accelerator.unwrap_model(unet), output_dir, base_model=parts.model_id)
+        save_adapter(accelerator.unwrap_model(denoiser), output_dir, base_model=parts.model_id)
         for name, encoder in text_encoders.items():
             save_adapter(encoder, output_dir / name, base_model=parts.model_id)
         _write_run_info(output_dir, options, parts, method, step, learning_rate)
@@ -387,11 +418,13 @@ def _save_final(
     discard_set_aside(output_dir)
 
 
-def _ensure_class_images(options: TrainingOptions, parts: models.Components, unet, accelerator: Accelerator) -> None:
+def _ensure_class_images(
+    options: TrainingOptions, parts: models.Components, denoiser, accelerator: Accelerator
+) -> None:
     """Generate the missing prior-preservation class images with the base model (main process; resumable)."""
     if accelerator.is_main_process:
         made = generate_class_images(
-            models.make_pipeline(parts, unet),
+            models.make_pipeline(parts, denoiser),
             options.class_data_dir,
             parts.class_prompt,
             options.num_class_images,

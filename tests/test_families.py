@@ -53,7 +53,7 @@ def test_folders_are_detected_from_their_pipeline_class(tiny_sd, tiny_sdxl, tmp_
     other = tmp_path / "kandinsky"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
-    with pytest.raises(ValueError, match="is a KandinskyV22Pipeline pipeline; supported families: sd .*, sdxl"):
+    with pytest.raises(ValueError, match="is a KandinskyV22Pipeline pipeline; supported families: sd .*, sdxl .*, sd3 .*, flux "):
         families.detect(str(other))
 
 
@@ -91,7 +91,7 @@ def test_sdxl_conditioning_and_time_ids(tiny_sdxl):
     family = families.get("sdxl")
     encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
     with torch.no_grad():
-        cond = family.encode(tokenizers, encoders, ["a toy", "a dog"], None, False)
+        cond = family.encode(tokenizers, encoders, ["a toy", "a dog"], families.TextSettings())
         expected, _, pooled, _ = pipe.encode_prompt(["a toy", "a dog"], do_classifier_free_guidance=False)
     assert cond.hidden_states.shape == (2, 77, 64)  # both encoders' penultimate states side by side
     torch.testing.assert_close(cond.hidden_states, expected)  # as the pipeline itself encodes

@@ -2,8 +2,10 @@
 loop, checkpoints, validation, prior preservation, the evaluator and ``load_adapter`` know no family.
 
 A family loads its components (tokenizers, text encoders, denoiser, VAE, training noise scheduler), encodes
-prompts (with pooled embeddings where it has them), builds the denoiser's extra inputs for a batch, and builds the
-pipeline used for sampling. :func:`detect` finds the family of a diffusers folder, a hub id or a single file.
+prompts (with pooled embeddings where it has them), calls the denoiser on a training batch (its extra inputs: SDXL's
+time ids, Flux's packing, position ids and guidance), names its objective (DDPM for the UNet families, flow matching
+for the transformers) and builds the pipeline used for sampling. :func:`detect` finds the family of a diffusers
+folder, a hub id or a single file.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import Conditioning, Family, LoadedParts
+from .base import Conditioning, Family, LoadedParts, TextSettings
+from .flux import Flux
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
+}
 BY_PIPELINE_CLASS = {cls: family for family in FAMILIES.values() for cls in family.pipeline_classes}
 
 
@@ -83,4 +89,4 @@ def detect(model_id: str, revision: str | None = None, override: str | None = No
     return BY_PIPELINE_CLASS[class_name]
 
 
-__all__ = ["FAMILIES", "Conditioning", "Family", "LoadedParts", "detect", "get", "supported"]
+__all__ = ["FAMILIES", "Conditioning", "Family", "LoadedParts", "TextSettings", "detect", "get", "supported"]

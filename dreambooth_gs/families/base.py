@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..config import GSOFTConfig
+
 
 @dataclass
 class Conditioning:
@@ -35,6 +37,18 @@ class Conditioning:
         return Conditioning(torch.stack([c.hidden_states for c in items]), pooled)
 
 
+@dataclass(frozen=True)
+class TextSettings:
+    """How prompts are encoded: CLIP's token count and padding mask (the UNet families' ``--tokenizer_max_length``,
+    ``--text_encoder_use_attention_mask``), T5's token count (``--max_sequence_length``) and the denoiser's text
+    width (SD3 pads CLIP's hidden states to it, and stands in zeros for a left-out T5)."""
+
+    max_length: int | None = None
+    use_attention_mask: bool = False
+    max_sequence_length: int | None = None
+    context_width: int | None = None
+
+
 @dataclass
 class LoadedParts:
     """What a family's loader returns: frozen models and the training noise scheduler."""
@@ -42,7 +56,7 @@ class LoadedParts:
     tokenizers: list
     text_encoders: list[torch.nn.Module]
     vae: torch.nn.Module
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     noise_scheduler: Any
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -60,21 +74,25 @@ def clip_tokenize(tokenizer, prompts: list[str], max_length: int | None) -> tupl
 
 
 def load_unet_vae_scheduler(model_id: str, revision: str | None, variant: str | None, vae_path: str | None):
-    """``(vae, unet, noise_scheduler)`` of a diffusers folder or hub id (the UNet families share this layout);
+    """``(vae, denoiser, noise_scheduler)`` of a diffusers folder or hub id (the UNet families share this layout);
     ``vae_path`` swaps in another VAE (a hub id or folder of its own)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     kwargs = {"revision": revision}
     vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
-    unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
+    denoiser = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
     scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs)
-    return load_vae(vae_path, revision) if vae_path else vae, unet, scheduler
+    return load_vae(vae_path, revision) if vae_path else vae, denoiser, scheduler
 
 
 def load_vae(vae_path: str, revision: str | None):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(vae_path, revision=revision)
+
+
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def check_max_length(text_encoders: list[torch.nn.Module], max_length: int | None) -> None:
@@ -92,7 +110,12 @@ class Family:
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()  # model_index.json _class_name values (the first one is used)
     single_file_types: tuple[str, ...] = ()  # diffusers' infer_diffusers_model_type names
+    denoiser_name: str = "unet"  # the pipeline attribute holding the denoiser (the adapted model)
+    objective: str = "ddpm"  # "ddpm" (noise / v prediction) or "flow" (flow matching, see objectives.py)
+    sampler: str = "DDIMScheduler"  # the diffusers scheduler validation and evaluation sample with
+    default_targets: tuple[str, ...] = GSOFTConfig().target_modules  # the UNet's attention projections
     text_encoder_names: tuple[str, ...] = ("text_encoder",)  # pipeline attributes, in order
+    trainable_text_encoders: tuple[str, ...] = ("text_encoder",)  # those --train_text_encoder adapts (CLIP's)
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention
     pipeline_load_kwargs: dict = {}  # from_pretrained arguments for sampling pipelines (e.g. no safety checker)
     vae_in_fp32: bool = False  # keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16)
@@ -100,10 +123,27 @@ class Family:
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
         raise NotImplementedError
 
-    def encode(
-        self, parts_tokenizers, text_encoders, prompts: list[str], max_length: int | None, use_mask: bool
-    ) -> Conditioning:
+    def encode(self, tokenizers, text_encoders, prompts: list[str], settings: TextSettings) -> Conditioning:
         raise NotImplementedError
+
+    def check_text_settings(self, settings: TextSettings) -> None:
+        """Refuse text settings this family cannot honour (one line), before anything is written."""
+        if settings.max_sequence_length is not None:
+            raise ValueError(f"--max_sequence_length sets T5's prompt length; the {self.name} family has no T5")
+
+    def predict(
+        self,
+        denoiser: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+        batch: dict[str, torch.Tensor],
+        resolution: int,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """The denoiser's output for (B, C, h, w) noisy latents at ``timesteps`` (B,), shaped like the latents."""
+        extra = self.unet_kwargs(conditioning, batch, resolution)  # SDXL: pooled embeds and time ids
+        return denoiser(noisy_latents, timesteps, conditioning.hidden_states, **extra).sample
 
     def negative(self, encode, count: int) -> Conditioning:
         """The unconditional (empty prompt) conditioning used for classifier-free guidance at sampling time."""
@@ -118,14 +158,24 @@ class Family:
 
         return getattr(diffusers, self.pipeline_classes[0])
 
-    def make_pipeline(self, parts, unet: torch.nn.Module, scheduler):
+    def make_pipeline(self, parts, denoiser: torch.nn.Module, scheduler):
         raise NotImplementedError
 
     def pipeline_text_kwargs(self, conditioning: Conditioning, negative: Conditioning) -> dict:
         return {"prompt_embeds": conditioning.hidden_states, "negative_prompt_embeds": negative.hidden_states}
 
-    def default_resolution(self, unet: torch.nn.Module, vae: torch.nn.Module) -> int:
-        return unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    def default_resolution(self, denoiser: torch.nn.Module, vae: torch.nn.Module) -> int:
+        return denoiser.config.sample_size * vae_scale_factor(vae)
+
+    def resolution_multiple(self, denoiser: torch.nn.Module, vae: torch.nn.Module) -> int:
+        """Training resolutions must be multiples of this (the VAE's factor, times the latent patch size)."""
+        return vae_scale_factor(vae)
+
+    def make_sampler(self, noise_scheduler):
+        """The scheduler to sample with, from the training scheduler's config (DDIM for the UNet families)."""
+        import diffusers
+
+        return getattr(diffusers, self.sampler).from_config(noise_scheduler.config)
 
     def load_error(self, model_id: str, err: BaseException) -> ValueError:
         from ..fileio import first_line

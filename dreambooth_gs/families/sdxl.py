@@ -12,6 +12,7 @@ from .base import (
     Conditioning,
     Family,
     LoadedParts,
+    TextSettings,
     check_max_length,
     clip_tokenize,
     load_unet_vae_scheduler,
@@ -24,6 +25,7 @@ class StableDiffusionXL(Family):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     single_file_types = ("xl_base",)
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    trainable_text_encoders = text_encoder_names
     vae_in_fp32 = True  # SDXL's own VAE overflows in fp16; users swap in an fp16-safe one with --pretrained_vae_...
 
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
@@ -34,7 +36,7 @@ class StableDiffusionXL(Family):
             if Path(model_id).is_file():
                 pipe = StableDiffusionXLPipeline.from_single_file(model_id)
                 tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
-                vae, unet, scheduler = pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)
+                vae, denoiser, scheduler = pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)
                 vae = load_vae(vae_path, revision) if vae_path else vae
             else:
                 kwargs = {"revision": revision}
@@ -45,13 +47,14 @@ class StableDiffusionXL(Family):
                         model_id, subfolder="text_encoder_2", variant=variant, **kwargs
                     ),
                 ]
-                vae, unet, scheduler = load_unet_vae_scheduler(model_id, revision, variant, vae_path)
+                vae, denoiser, scheduler = load_unet_vae_scheduler(model_id, revision, variant, vae_path)
         except (OSError, ValueError) as err:
             raise self.load_error(model_id, err) from err
-        return LoadedParts(tokenizers, encoders, vae, unet, scheduler, extra={"custom_vae": vae_path is not None})
+        return LoadedParts(tokenizers, encoders, vae, denoiser, scheduler, extra={"custom_vae": vae_path is not None})
 
-    def encode(self, tokenizers, text_encoders, prompts, max_length, use_mask) -> Conditioning:
-        check_max_length(text_encoders, max_length)
+    def encode(self, tokenizers, text_encoders, prompts, settings: TextSettings) -> Conditioning:
+        check_max_length(text_encoders, settings.max_length)
+        max_length, use_mask = settings.max_length, settings.use_attention_mask
         hidden, pooled = [], None
         for tokenizer, encoder in zip(tokenizers, text_encoders):
             ids, mask = clip_tokenize(tokenizer, prompts, max_length)  # (N, L), (N, L)
@@ -76,7 +79,7 @@ class StableDiffusionXL(Family):
         device, dtype = conditioning.hidden_states.device, conditioning.hidden_states.dtype
         return {"added_cond_kwargs": {"text_embeds": conditioning.pooled, "time_ids": time_ids.to(device, dtype)}}
 
-    def make_pipeline(self, parts, unet: torch.nn.Module, scheduler):
+    def make_pipeline(self, parts, denoiser: torch.nn.Module, scheduler):
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(
@@ -85,7 +88,7 @@ class StableDiffusionXL(Family):
             text_encoder_2=parts.text_encoders[1],
             tokenizer=parts.tokenizers[0],
             tokenizer_2=parts.tokenizers[1],
-            unet=unet,
+            unet=denoiser,
             scheduler=scheduler,
         )
 
