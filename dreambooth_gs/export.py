@@ -26,10 +26,9 @@ from .fileio import atomic_write, first_line
 from .ldm_layout import TEXT_LAYOUTS, default_text_layout, pipeline_to_ldm, sdxl_pipeline_to_ldm
 from .lora_export import FULL_RANK, LORA_LAYOUTS, ModuleDelta, lora_tensors, report_markdown, report_summary
 from .model_card import model_card
-from .serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, load_adapter, read_adapter_config
+from .serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, denoiser_name, load_adapter, read_adapter_config
 
 FORMATS = ("diffusers", "lora", "single_file")
-ADAPTED_COMPONENT = "unet"  # adapter_config.json's module paths are relative to the pipeline's UNet
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
 REPORT_JSON, REPORT_MD, MODEL_CARD = "export_report.json", "export_report.md", "README.md"
 
@@ -44,10 +43,13 @@ class MergedPipeline:
     base: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]]  # (component, module) -> (weight, bias)
 
 
-def adapted_modules(document: dict[str, Any], adapter_dir: str | os.PathLike) -> list[tuple[str, str]]:
-    """``(component, module path)`` of every module the adapter changes: the UNet's, then those of the text-encoder
+def adapted_modules(
+    document: dict[str, Any], adapter_dir: str | os.PathLike, denoiser: str = "unet"
+) -> list[tuple[str, str]]:
+    """``(component, module path)`` of every module the adapter changes: the denoiser's (adapter_config.json's
+    paths are relative to the pipeline's ``denoiser``: ``unet`` or ``transformer``), then those of the text-encoder
     adapters ``--train_text_encoder`` writes in subfolders named after the pipeline's encoders."""
-    found = [(ADAPTED_COMPONENT, name) for name in document["modules"]]
+    found = [(denoiser, name) for name in document["modules"]]
     for component in TEXT_ENCODER_FOLDERS:
         if (Path(adapter_dir) / component / CONFIG_NAME).is_file():
             found += [(component, name) for name in read_adapter_config(Path(adapter_dir) / component)["modules"]]
@@ -85,9 +87,12 @@ def load_pipeline_for_export(base_model: str) -> Any:
             f"cannot load the base model {base_model!r}: {first_line(err)} (pass a local diffusers folder or a hub "
             "id with --pretrained_model_name_or_path)"
         ) from err
-    if not isinstance(getattr(pipeline, ADAPTED_COMPONENT, None), nn.Module):
-        raise ValueError(f"{base_model!r} is a {type(pipeline).__name__} without a UNet; adapters live in the UNet")
-    if any(p.dtype != torch.float32 for p in pipeline.unet.parameters()):
+    denoiser = denoiser_name(pipeline)
+    if denoiser is None:
+        raise ValueError(
+            f"{base_model!r} is a {type(pipeline).__name__} without a UNet or transformer (the adapted denoiser)"
+        )
+    if any(p.dtype != torch.float32 for p in getattr(pipeline, denoiser).parameters()):
         pipeline.to(torch.float32)  # merge and compare in float32; --save_dtype chooses what is written
     return pipeline
 
@@ -100,7 +105,7 @@ def load_merged(adapter_dir: str | os.PathLike, base_model: str | None = None) -
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model; pass --pretrained_model_name_or_path")
     pipeline = load_pipeline_for_export(str(base_model))
     base = {}
-    for component, module in adapted_modules(document, adapter_dir):
+    for component, module in adapted_modules(document, adapter_dir, denoiser_name(pipeline)):
         layer = _linear(pipeline, component, module)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         base[(component, module)] = (layer.weight.detach().clone(), bias)
@@ -276,5 +281,10 @@ def export_adapter(
     if fmt == "diffusers":
         return export_diffusers(merged, output, adapter_dir, dtype, command)
     if fmt == "lora":
+        if lora_format == "kohya" and denoiser_name(merged.pipeline) != "unet":
+            raise ValueError(
+                f"--lora_format kohya is the UNet families' layout; a {type(merged.pipeline).__name__} LoRA is written "
+                "in the diffusers layout (--lora_format diffusers, what its pipeline's load_lora_weights reads)"
+            )
         return export_lora(merged, output, lora_format, rank, max_error, dtype)
     return export_single_file(merged, output, text_encoder_layout, dtype)

@@ -151,12 +151,15 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
     return names
 
 
+def denoiser_name(pipeline: Any) -> str | None:
+    """The attribute of a diffusers pipeline's denoiser: ``unet`` (SD, SDXL) or ``transformer`` (SD3, Flux)."""
+    return next((n for n in DENOISER_NAMES if isinstance(getattr(pipeline, n, None), nn.Module)), None)
+
+
 def pipeline_denoiser(pipeline: Any) -> nn.Module | None:
-    """A diffusers pipeline's denoiser: its ``unet`` (SD, SDXL) or ``transformer`` (SD3, Flux); None if neither."""
-    for name in DENOISER_NAMES:
-        if isinstance(getattr(pipeline, name, None), nn.Module):
-            return getattr(pipeline, name)
-    return None
+    """A diffusers pipeline's denoiser (see :func:`denoiser_name`); None if it has neither."""
+    name = denoiser_name(pipeline)
+    return None if name is None else getattr(pipeline, name)
 
 
 def _load_into_model(model: nn.Module, directory: Path, merge: bool) -> list[str]:

@@ -186,6 +186,32 @@ def test_the_evaluator_scores_flow_runs(runs, tmp_path, name):
     assert len(rows) >= 3 and "gsoft" in rows[1]
 
 
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_exports_load_in_plain_diffusers(tiny, runs, tmp_path, name):
+    """The merged folder and a full-rank LoRA (``transformer.*`` keys, read by the pipeline's own
+    load_lora_weights) give the adapter's images; the kohya layout is the UNet families' and is refused."""
+    from dreambooth_gs.export import export_adapter
+
+    def latents(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"height": 32, "width": 32, "output_type": "latent"}
+        return torch.stack(generate_images(pipe, ["a sks toy"], [3], 2, 5.0, **kwargs))
+
+    adapted = pipeline(tiny[name])
+    load_adapter(adapted, runs[name])
+    export_adapter(runs[name], "diffusers", tmp_path / "merged")
+    export_adapter(runs[name], "lora", tmp_path / "lora", rank="full")
+    with_lora = pipeline(tiny[name])
+    with_lora.load_lora_weights(tmp_path / "lora")
+    expected = latents(adapted)
+    torch.testing.assert_close(latents(pipeline(tmp_path / "merged")), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(latents(with_lora), expected, rtol=1e-4, atol=1e-4)
+    assert (expected - latents(pipeline(tiny[name]))).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="--lora_format kohya is the UNet families' layout"):
+        export_adapter(runs[name], "lora", tmp_path / "kohya", rank=2, lora_format="kohya")
+    assert not (tmp_path / "kohya").exists()
+
+
 def test_train_text_encoder_adapts_the_clip_encoders_of_sd3_not_t5(tiny, tmp_path):
     out = train(tiny["sd3"], tmp_path / "run", "--max_train_steps", "1", "--train_text_encoder")
     assert (out / "text_encoder" / "adapter_config.json").is_file()
