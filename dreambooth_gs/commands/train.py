@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning of Stable Diffusion 1.x / 2.x and SDXL with GSOFT / Double GSOFT (and PEFT's LoRA / OFT,
+"""DreamBooth fine-tuning of Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5 and Flux.1 with GSOFT / Double GSOFT (and PEFT's LoRA / OFT,
 GS-core BOFT, and full fine-tuning of the projections with --adapter full).
 
     python train_dreambooth_gsoft.py --output_dir out                      # offline demo: tiny random model
@@ -7,7 +7,7 @@ GS-core BOFT, and full fine-tuning of the projections with --adapter full).
     accelerate launch train_dreambooth_gsoft.py ...                         # several GPUs / nodes (DDP)
 
 The output folder holds adapter_config.json + adapter_model.safetensors for every --adapter; load it with
-dreambooth_gs.load_adapter(pipeline.unet, folder, merge=True).
+dreambooth_gs.load_adapter(pipeline, folder) (into pipe.unet or pipe.transformer, merged).
 """
 
 from __future__ import annotations
