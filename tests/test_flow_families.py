@@ -140,6 +140,18 @@ def test_methods_train_and_adapt_the_joint_attention_by_default(tiny, tmp_path, 
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+@pytest.mark.parametrize("name, method", [("sd3", "boft"), ("flux", "oft")])
+def test_boft_and_oft_train_with_prior_preservation_in_bf16(tiny, tmp_path, name, method):
+    flags = ["--adapter", method, "--max_train_steps", "1", "--with_prior_preservation", "--num_class_images", "2"]
+    flags += ["--class_data_dir", str(tmp_path / "class"), "--validation_inference_steps", "2"]
+    flags += ["--mixed_precision", "bf16", "--gradient_checkpointing"]
+    out = train(tiny[name], tmp_path / "out", *flags)
+    assert sorted(p.name for p in (tmp_path / "class").iterdir()) == ["class_00000.png", "class_00001.png"]
+    assert json.loads((out / "training_args.json").read_text())["method"] == method
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+
+
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_resume_is_exact(tiny, tmp_path, name):
     common = ["--max_train_steps", "3", "--checkpointing_steps", "2"]
