@@ -17,10 +17,13 @@ Conventions (Gorbunov et al., NeurIPS 2024):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------------
 # Permutations (index tensors or reshapes, never dense n x n matrices)
@@ -263,40 +266,207 @@ class _GSRotationTransposed(torch.autograd.Function):
 class _GSRotatedLinear(torch.autograd.Function):
     """``s * (W Q x) + bias`` for ``x`` ``(N, d)``, ``W`` ``(out, d)``; ``s`` and ``bias`` ``(out,)`` or None.
 
-    The rotation, the matmul and the output scale in one node: the backward's matmul writes the gradient of
+    The rotation, the matmul and the output scale in one node that keeps for backward only what it cannot cheaply
+    recompute: ``x`` (which the frozen layer's own backward needs too) and, for the scale's gradient, the output
+    ``y`` (when the following op saves ``y`` anyway, as attention does with q / k / v, it costs nothing). ``R x`` is
+    recomputed in backward (one batched matmul of ``b x b`` blocks) and ``W Q x`` is recovered from the output as
+    ``(y - bias) / s`` (or saved itself where ``s`` has a zero entry). The backward's matmul writes the gradient of
     ``(Q x)^T`` feature-major (``W^T grad_y^T``, the same GEMM as ``grad_y W`` with its operands swapped) so the
-    rotation's backward reads it in place (no token-major to feature-major copy), and the scale's two products
-    with the output gradient share one buffer (no autograd nodes, one activation-sized allocation fewer)."""
+    rotation's backward reads it in place (no token-major to feature-major copy)."""
 
     @staticmethod
     def forward(ctx, x, left, right, weight, scale, bias):
-        z_t, u_t = _rotation_forward(x, left, right)
+        _, u_t = _rotation_forward(x, left, right)
+        y0 = torch.mm(u_t.mT, weight.mT)  # (N, out): W Q x
         if scale is None:
-            y0 = None
-            y = torch.mm(u_t.mT, weight.mT) if bias is None else torch.addmm(bias, u_t.mT, weight.mT)  # (N, out)
+            y = y0 if bias is None else y0 + bias
         else:
-            y0 = torch.mm(u_t.mT, weight.mT)  # (N, out), W Q x before the scale (its gradient needs it)
             y = y0 * scale if bias is None else torch.addcmul(bias, y0, scale)
-        ctx.save_for_backward(x, z_t, left, right, weight, u_t if ctx.needs_input_grad[3] else None, scale, y0)
+        keep = _ScaleInput.choose(scale, scale is not None and ctx.needs_input_grad[4], y0, y)
+        ctx.save_for_backward(x, left, right, weight, scale, bias, *keep.tensors)
+        ctx.keep = keep.kind
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, z_t, left, right, weight, u_t, scale, y0 = ctx.saved_tensors
+        x, left, right, weight, scale, bias, *kept = ctx.saved_tensors
         needs = ctx.needs_input_grad
         r, b, _ = right.shape
         grad_bias = grad_y.sum(0) if needs[5] else None
         grad_scale = None
-        if scale is not None:  # grad_s = sum_n grad_y * y0, then grad_y0 = grad_y * s, in one buffer
-            buffer = torch.mul(grad_y, y0)
-            grad_scale = buffer.sum(0) if needs[4] else None
-            grad_y = torch.mul(grad_y, scale, out=buffer)
-        grad_weight = torch.mm(grad_y.mT, u_t.mT) if needs[3] else None
+        if scale is not None:
+            if needs[4]:
+                grad_scale = (grad_y * _ScaleInput.recover(ctx.keep, kept, scale, bias)).sum(0)
+            grad_y = grad_y * scale
+        grad_weight = None
+        if needs[3]:  # the frozen base weight normally needs none; recompute Q x for it
+            grad_weight = torch.mm(grad_y.mT, _rotation_forward(x, left, right)[1].mT)
         if not any(needs[:3]):
             return None, None, None, grad_weight, grad_scale, grad_bias
+        z_t = torch.bmm(right, x.mT.view(r, b, x.shape[0]))  # (r, b, N): R x^T, recomputed
         grad_u_t = torch.mm(weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
         grad_w_t = _strided_groups(grad_u_t, r, b)  # P on the rows, a view
         return (*_rotation_backward(grad_w_t, x, z_t, left, right, needs), grad_weight, grad_scale, grad_bias)
+
+
+@dataclass(frozen=True)
+class _ScaleInput:
+    """What a rotated linear keeps so that backward has ``y0``, the input of the output scale ``y = s * y0 + b``:
+    nothing (no scale gradient), the output ``y`` (then ``y0 = (y - b) / s``), or ``y0`` itself when ``s`` has a
+    zero entry (division impossible)."""
+
+    kind: str  # "none", "output" or "input"
+    tensors: tuple[torch.Tensor, ...]
+
+    @staticmethod
+    def choose(scale, needed: bool, y0: torch.Tensor, y: torch.Tensor) -> _ScaleInput:
+        if not needed:
+            return _ScaleInput("none", ())
+        if scale is not None and bool((scale == 0).any()):
+            return _ScaleInput("input", (y0,))
+        return _ScaleInput("output", (y,))
+
+    @staticmethod
+    def recover(kind: str, kept: list[torch.Tensor], scale, bias) -> torch.Tensor:
+        if kind == "input":
+            return kept[0]
+        y = kept[0] if bias is None else kept[0] - bias
+        return y if scale is None else y / scale
+
+
+@dataclass(frozen=True)
+class RotationPlan:
+    """The rotations of a rotated linear ``y = s * Q_out W Q_in x + b``, as functions of block tensors:
+    ``rotate_in(x, *in_blocks)`` (``Q_in x``), and, for two-sided adapters, ``rotate_out(y, *out_blocks)`` and its
+    inverse ``unrotate_out`` (``Q_out^T y``); ``n_in`` of the blocks belong to ``Q_in``."""
+
+    rotate_in: Callable[..., torch.Tensor]
+    n_in: int
+    rotate_out: Callable[..., torch.Tensor] | None = None
+    unrotate_out: Callable[..., torch.Tensor] | None = None
+
+
+class _RecomputedRotatedLinear(torch.autograd.Function):
+    """``s * Q_out(W Q_in x) + b`` for ``x`` ``(N, d)`` with any rotations (Double GSOFT, BOFT), keeping only
+    ``x`` and the output ``y`` for backward: ``Q_out W Q_in x`` is recovered from ``y`` through the scale and the
+    inverse rotation ``Q_out^T`` (orthogonal), and each rotation is recomputed under autograd in backward (batched
+    matmuls of small blocks, cheap next to the layer's matmul)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, plan: RotationPlan, *blocks):
+        in_blocks, out_blocks = blocks[: plan.n_in], blocks[plan.n_in :]
+        y1 = torch.mm(plan.rotate_in(x, *in_blocks), weight.mT)  # (N, out): W Q_in x
+        y2 = y1 if plan.rotate_out is None else plan.rotate_out(y1, *out_blocks).contiguous()
+        if scale is None:
+            y = y2 if bias is None else y2 + bias
+        else:
+            y = y2 * scale if bias is None else torch.addcmul(bias, y2, scale)
+        needs_y2 = plan.rotate_out is not None and any(ctx.needs_input_grad[5 + plan.n_in :])
+        keep = _ScaleInput.choose(scale, (scale is not None and ctx.needs_input_grad[2]) or needs_y2, y2, y)
+        ctx.save_for_backward(x, weight, scale, bias, *keep.tensors, *blocks)
+        ctx.keep, ctx.plan, ctx.n_kept = keep.kind, plan, len(keep.tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, scale, bias, *rest = ctx.saved_tensors
+        kept, blocks = rest[: ctx.n_kept], rest[ctx.n_kept :]
+        plan, needs = ctx.plan, ctx.needs_input_grad
+        in_blocks, out_blocks = blocks[: plan.n_in], blocks[plan.n_in :]
+        grad_bias = grad_y.sum(0) if needs[3] else None
+        y2 = _ScaleInput.recover(ctx.keep, kept, scale, bias) if kept else None
+        grad_scale = (grad_y * y2).sum(0) if scale is not None and needs[2] else None
+        grad_y2 = grad_y if scale is None else grad_y * scale
+        grad_out_blocks: tuple = (None,) * len(out_blocks)
+        grad_y1 = grad_y2
+        if plan.rotate_out is not None:
+            y1 = plan.unrotate_out(y2, *out_blocks).detach().requires_grad_()  # W Q_in x, recovered
+            with torch.enable_grad(), _no_autocast(x):
+                detached = [b.detach().requires_grad_(need) for b, need in zip(out_blocks, needs[5 + plan.n_in :])]
+                rotated = plan.rotate_out(y1, *detached)
+                wanted = [y1] + [b for b in detached if b.requires_grad]
+                grads = iter(torch.autograd.grad(rotated, wanted, grad_y2))
+            grad_y1 = next(grads)
+            grad_out_blocks = tuple(next(grads) if b.requires_grad else None for b in detached)
+        grad_in_blocks: tuple = (None,) * len(in_blocks)
+        grad_x = grad_weight = None
+        wants_in = needs[0] or any(needs[5 : 5 + plan.n_in]) or needs[1]
+        if wants_in:
+            with torch.enable_grad(), _no_autocast(x):
+                x_in = x.detach().requires_grad_(needs[0])
+                detached = [b.detach().requires_grad_(need) for b, need in zip(in_blocks, needs[5 : 5 + plan.n_in])]
+                u = plan.rotate_in(x_in, *detached)  # Q_in x, recomputed
+                wanted = ([x_in] if needs[0] else []) + [b for b in detached if b.requires_grad]
+                grad_u = torch.mm(grad_y1, weight)  # (N, d)
+                grads = iter(torch.autograd.grad(u, wanted, grad_u)) if wanted else iter(())
+            grad_x = next(grads) if needs[0] else None
+            grad_in_blocks = tuple(next(grads) if b.requires_grad else None for b in detached)
+            if needs[1]:
+                grad_weight = torch.mm(grad_y1.mT, u.detach())
+        return (grad_x, grad_weight, grad_scale, grad_bias, None, *grad_in_blocks, *grad_out_blocks)
+
+
+class _RecomputedWeightLinear(torch.autograd.Function):
+    """``F.linear(x, W', bias)`` with ``W' = transform()`` a differentiable function of ``params`` (the weight
+    side of an adapter: ``W' = diag(s) Q_out W Q_in``), keeping only ``x`` for backward: ``W'`` is recomputed under
+    autograd in backward (weight-sized batched matmuls) and ``grad_y^T x`` flows into ``params`` through it."""
+
+    @staticmethod
+    def forward(ctx, x, bias, transform: Callable[[], torch.Tensor], *params):
+        weight = transform().to(x.dtype)
+        ctx.save_for_backward(x, bias)
+        ctx.transform, ctx.params = transform, params
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        wanted = [p for p, need in zip(ctx.params, needs[3:]) if need]
+        with torch.enable_grad(), _no_autocast(x):
+            weight = ctx.transform()  # W', recomputed with its graph to params
+        grad_x = torch.mm(grad_y, weight.detach().to(grad_y.dtype)) if needs[0] else None
+        grad_bias = grad_y.sum(0) if needs[1] else None
+        grads = iter(())
+        if wanted:
+            grad_weight = torch.mm(grad_y.mT, x).to(weight.dtype)  # (out, d): grad_y^T x
+            grads = iter(torch.autograd.grad(weight, wanted, grad_weight))
+        return (grad_x, grad_bias, None, *(next(grads) if need else None for need in needs[3:]))
+
+
+def recomputed_weight_linear(
+    x: torch.Tensor, bias: torch.Tensor | None, transform: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``F.linear(x, transform(), bias)`` that saves only ``x`` for backward (see :class:`_RecomputedWeightLinear`);
+    ``transform`` computes the weight from ``params`` (read through its closure) and is called again in backward.
+    Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would."""
+    lead, d = x.shape[:-1], x.shape[-1]
+
+    def run(x2d, bias):
+        return _RecomputedWeightLinear.apply(x2d, bias, transform, *params)
+
+    y = _in_autocast_dtype(run, x.reshape(-1, d), bias)
+    return y.view(*lead, y.shape[-1])
+
+
+def rotated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    plan: RotationPlan,
+    blocks: Sequence[torch.Tensor],
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``s * Q_out(F.linear(Q_in x, W)) + bias`` with the rotations of ``plan`` on ``blocks``, saving only ``x``
+    and the output for backward (:class:`_RecomputedRotatedLinear`). Under autocast everything runs in the
+    autocast dtype."""
+    lead, d = x.shape[:-1], x.shape[-1]
+
+    def run(x2d, weight, scale, bias, *blocks):
+        return _RecomputedRotatedLinear.apply(x2d, weight, scale, bias, plan, *blocks)
+
+    y = _in_autocast_dtype(run, x.reshape(-1, d).contiguous(), weight, scale, bias, *blocks)
+    return y.view(*lead, weight.shape[0])
 
 
 def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
@@ -306,6 +476,13 @@ def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
     in place, so the shuffle between the two factors costs no copy."""
     n_tokens = rows.shape[-1]
     return rows.view(b, r, n_tokens).transpose(0, 1)  # (r, b, N)
+
+
+def _no_autocast(like: torch.Tensor):
+    """Autocast off for ``like``'s device: a backward's recomputation runs in the dtype its forward ran in."""
+    if like.device.type in ("cpu", "cuda"):
+        return torch.autocast(like.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _in_autocast_dtype(function: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:

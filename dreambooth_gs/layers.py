@@ -185,24 +185,27 @@ class GSOFTLinear(nn.Module):
         if self.merged or not self.adapter_enabled:
             return self.base_layer(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
+        params = self.adapter_parameters()
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if self.forward_side(x) == "weight":
+            if needs_grad:  # W' recomputed in backward: only x is kept, as for the frozen layer itself
+                return gsf.recomputed_weight_linear(x, bias, lambda: self._transform_weight(weight), params)
             return F.linear(x, self._transform_weight(weight).to(x.dtype), bias)
         factors = self.orthogonal_factors()
-        if self.method == "gsoft":  # s * (W Q x) + bias in one node (its backward skips a transpose of the gradient)
-            scale = None if self.gsoft_s is None else self.gsoft_s.to(x.dtype)
-            bias = None if bias is None else bias.to(x.dtype)
+        scale = None if self.gsoft_s is None else self.gsoft_s.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+        if self.method == "gsoft":  # s * (W Q x) + bias in one node that keeps x (and y for the scale's gradient)
             return gsf.gs_linear(x, *self._gs_blocks(factors, "in", x.dtype), weight, scale, bias)
         if self.method == "boft":
-            y = F.linear(self._rotate(x, factors, "in", transpose=False), weight)
-        else:  # W Q_in x in one node, then Q_out
-            y = gsf.gs_linear(x, *self._gs_blocks(factors, "in", x.dtype), weight)
-        if self.method == "double_gsoft":
-            y = self._rotate(y, factors, "out", transpose=False).contiguous()  # gs_apply may return x^T's view
-        if self.gsoft_s is not None and bias is not None:
-            return torch.addcmul(bias.to(y.dtype), y, self.gsoft_s.to(y.dtype))  # bias + s * y in one pass
-        if self.gsoft_s is not None:
-            return y * self.gsoft_s.to(y.dtype)
-        return y if bias is None else y + bias
+            gathers = self._boft_gathers()
+            plan = gsf.RotationPlan(lambda v, blocks: gsf.boft_apply(v, blocks, gathers), n_in=1)
+            blocks = [factors["gsoft_butterfly"].to(x.dtype)]
+        else:  # Double GSOFT: Q_out W Q_in
+            plan = gsf.RotationPlan(
+                gsf.gs_apply, 2, gsf.gs_apply, lambda v, left, right: gsf.gs_apply(v, left, right, transpose=True)
+            )
+            blocks = [*self._gs_blocks(factors, "in", x.dtype), *self._gs_blocks(factors, "out", x.dtype)]
+        return gsf.rotated_linear(x, weight, plan, blocks, scale, bias)
 
     # -- merge / unmerge / enable -----------------------------------------------------------------------------
 

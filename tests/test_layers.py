@@ -253,3 +253,91 @@ def test_extra_repr_describes_the_adapter():
     for part in ("method=boft", "in_features=32", "out_features=24", "nblocks=4, block_size=8",
                  "n_butterfly_factor=2", "merged=False"):  # fmt: skip
         assert part in text, part
+
+
+# -- what backward keeps: recomputation instead of rotated copies (issue 19) ------------------------------------
+
+
+def dense_reference_output(ref, layer, x):
+    """``F.linear(x, diag(s) Q_out W Q_in) + bias`` in float64 from the dense formulas, differentiable in the
+    layer's parameters (through the test's own Cayley / matrix exponential and dense GS / BOFT matrices)."""
+
+    def blocks(a):
+        if layer.parametrization == "cayley":
+            return ref.cayley(a.double())
+        return torch.linalg.matrix_exp((a.double() - a.double().mT) / 2)
+
+    w = layer.base_layer.weight.double()
+    if layer.method == "gsoft":
+        w = w @ ref.gsoft_matrix(blocks(layer.gsoft_L), blocks(layer.gsoft_R))
+    elif layer.method == "double_gsoft":
+        q_in = ref.gsoft_matrix(blocks(layer.gsoft_in_L), blocks(layer.gsoft_in_R))
+        w = ref.gsoft_matrix(blocks(layer.gsoft_out_L), blocks(layer.gsoft_out_R)) @ w @ q_in
+    else:
+        m, r, b, _ = layer.gsoft_butterfly.shape
+        perms = [gsf.butterfly_permutation(r * b, r, b, i) for i in range(m)]
+        w = w @ ref.boft_matrix(blocks(layer.gsoft_butterfly), perms)
+    if layer.gsoft_s is not None:
+        w = w * layer.gsoft_s.double()[:, None]
+    bias = None if layer.base_layer.bias is None else layer.base_layer.bias.double()
+    return F.linear(x.double(), w, bias)
+
+
+@cases
+@pytest.mark.parametrize("mode", ["activation", "weight"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_gradients_with_recomputation_match_the_dense_formulas(
+    ref, randomize_adapter, kwargs, d_in, d_out, mode, autocast
+):
+    layer = make_layer(kwargs, d_in, d_out)
+    randomize_adapter(layer, seed=6)
+    layer.forward_mode = mode
+    x = inputs(d_in, torch.float32).requires_grad_()
+    upstream = torch.randn(2, 5, d_out, generator=torch.Generator().manual_seed(7))
+    params = [x, *layer.adapter_parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    got = torch.autograd.grad(y, params, upstream.to(y.dtype))
+    want = torch.autograd.grad(dense_reference_output(ref, layer, x), params, upstream.double())
+    for tensor, fast, dense in zip(params, got, want):
+        assert fast.dtype == tensor.dtype
+        if autocast:  # bf16 rounding of the activations, not a different gradient
+            assert (fast.double() - dense).norm() <= 0.03 * dense.norm()
+        else:
+            scale = max(1.0, dense.abs().max().item())
+            torch.testing.assert_close(fast.double(), dense.double(), rtol=1e-4, atol=1e-4 * scale)
+
+
+def saved_storages(layer, x) -> dict[int, int]:
+    """Bytes of every distinct storage autograd keeps for one forward of ``layer`` (parameters and buffers out)."""
+    excluded = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = layer(x)
+    return storages, y
+
+
+@cases
+@pytest.mark.parametrize("mode", ["activation", "weight"])
+def test_backward_keeps_no_rotated_copy_of_the_input_or_the_weight(randomize_adapter, kwargs, d_in, d_out, mode):
+    """Activation side: only x and the output (whose storage the next op usually keeps anyway) are activation-sized;
+    weight side: only x (no rotated weight). Everything else kept is block-sized."""
+    layer = make_layer(kwargs, d_in, d_out)
+    randomize_adapter(layer, seed=8)
+    layer.forward_mode = mode
+    x = torch.randn(512, d_in, requires_grad=True)  # many tokens: activations dwarf the blocks
+    storages, y = saved_storages(layer, x)
+    allowed = {x.untyped_storage().data_ptr()}
+    if mode == "activation" and (layer.gsoft_s is not None or layer.method == "double_gsoft"):
+        allowed.add(y.untyped_storage().data_ptr())
+    large = {ptr for ptr, size in storages.items() if size >= 512 * min(d_in, d_out) * 4}
+    assert large <= allowed, (large - allowed, storages)
+    blocks = sum(p.numel() * 4 for p in layer.adapter_parameters())
+    assert sum(size for ptr, size in storages.items() if ptr not in allowed) <= 4 * blocks + 4096
