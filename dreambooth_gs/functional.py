@@ -294,10 +294,11 @@ class _GSRotatedLinear(torch.autograd.Function):
         r, b, _ = right.shape
         grad_bias = grad_y.sum(0) if needs[5] else None
         grad_scale = None
-        if scale is not None:
+        if scale is not None:  # grad_s = sum_n grad_y * y0, then grad_y0 = grad_y * s, in one buffer
+            buffer = torch.mul(grad_y, kept[0]) if needs[4] else None
             if needs[4]:
-                grad_scale = (grad_y * _ScaleInput.recover(ctx.keep, kept, scale, bias)).sum(0)
-            grad_y = grad_y * scale
+                grad_scale = _ScaleInput.scale_gradient(ctx.keep, buffer.sum(0), grad_y, scale, bias)
+            grad_y = torch.mul(grad_y, scale, out=buffer) if buffer is not None else grad_y * scale
         grad_weight = None
         if needs[3]:  # the frozen base weight normally needs none; recompute Q x for it
             grad_weight = torch.mm(grad_y.mT, _rotation_forward(x, left, right)[1].mT)
@@ -325,6 +326,16 @@ class _ScaleInput:
         if scale is not None and bool((scale == 0).any()):
             return _ScaleInput("input", (y0,))
         return _ScaleInput("output", (y,))
+
+    @staticmethod
+    def scale_gradient(kind: str, products: torch.Tensor, grad_y: torch.Tensor, scale, bias) -> torch.Tensor:
+        """``sum_n grad_y * y0`` from ``products = sum_n grad_y * kept``: with the output kept,
+        ``y0 = (y - b) / s`` gives ``(products - b * sum_n grad_y) / s`` (no activation-sized pass beyond one)."""
+        if kind == "input":
+            return products
+        if bias is not None:
+            products = products - bias * grad_y.sum(0)
+        return products / scale
 
     @staticmethod
     def recover(kind: str, kept: list[torch.Tensor], scale, bias) -> torch.Tensor:
@@ -374,12 +385,14 @@ class _RecomputedRotatedLinear(torch.autograd.Function):
         plan, needs = ctx.plan, ctx.needs_input_grad
         in_blocks, out_blocks = blocks[: plan.n_in], blocks[plan.n_in :]
         grad_bias = grad_y.sum(0) if needs[3] else None
-        y2 = _ScaleInput.recover(ctx.keep, kept, scale, bias) if kept else None
-        grad_scale = (grad_y * y2).sum(0) if scale is not None and needs[2] else None
+        grad_scale = None
+        if scale is not None and needs[2]:
+            grad_scale = _ScaleInput.scale_gradient(ctx.keep, (grad_y * kept[0]).sum(0), grad_y, scale, bias)
         grad_y2 = grad_y if scale is None else grad_y * scale
         grad_out_blocks: tuple = (None,) * len(out_blocks)
         grad_y1 = grad_y2
         if plan.rotate_out is not None:
+            y2 = _ScaleInput.recover(ctx.keep, kept, scale, bias)
             y1 = plan.unrotate_out(y2, *out_blocks).detach().requires_grad_()  # W Q_in x, recovered
             with torch.enable_grad(), _no_autocast(x):
                 detached = [b.detach().requires_grad_(need) for b, need in zip(out_blocks, needs[5 + plan.n_in :])]

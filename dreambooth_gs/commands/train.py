@@ -1,5 +1,5 @@
-"""DreamBooth fine-tuning of Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5 and Flux.1 with GSOFT / Double GSOFT (and PEFT's LoRA / OFT,
-GS-core BOFT, and full fine-tuning of the projections with --adapter full).
+"""DreamBooth fine-tuning of Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5 and Flux.1 with GSOFT / Double GSOFT (and
+PEFT's LoRA / OFT, GS-core BOFT, and full fine-tuning of the projections with --adapter full).
 
     python train_dreambooth_gsoft.py --output_dir out                      # offline demo: tiny random model
     python train_dreambooth_gsoft.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-base \\
