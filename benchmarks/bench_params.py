@@ -8,14 +8,23 @@ built here (one butterfly factor after its CUDA extension fails to build) and la
 UNet (`configs/sdxl_base_unet.json`), next to their SD-2-base counts, with the block layout each one gets at
 SDXL's projection widths and a line for any configuration that does not divide them; its own section.
 
-    python benchmarks/bench_params.py [--unet sd2|sdxl] [--no-write]
+``--transformers`` counts the same rows on the real SD3.5 Medium, SD3.5 Large and FLUX.1-dev transformers
+(`configs/*_transformer.json`), at the attention projections the trainer adapts in a transformer (every joint
+block's image and text side; Flux's single blocks' to_q / to_k / to_v), with the same block layout and divisibility
+lines; its own section.
+
+    python benchmarks/bench_params.py [--unet sd2|sdxl | --transformers] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,8 +38,12 @@ from benchmarks.common import (  # noqa: E402
     PEFT_OFT,
     PEFT_OFT_32_BLOCKS,
     TABLE_2,
+    TARGETS,
+    TRANSFORMER_CONFIG_PATHS,
+    TRANSFORMER_TARGETS,
     Method,
     apply_method,
+    build_transformer,
     build_unet,
     markdown_table,
     millions,
@@ -74,12 +87,17 @@ def factors_built(model) -> str:
     return ", ".join(map(str, sorted(counts)))
 
 
+def count_on(build: Callable[[], nn.Module], method: Method, targets: tuple[str, ...]) -> tuple[int, int, str]:
+    """(trainable parameters, adapted layers, butterfly factors built) of ``method`` on a fresh ``build()`` model."""
+    model = build()
+    layers = len(projection_linears(model, targets))
+    params = apply_method(model, method, targets)
+    return sum(p.numel() for p in params), layers, factors_built(model)
+
+
 def count(method: Method, size: str = "sd2") -> tuple[int, int, str]:
     """(trainable parameters, adapted layers, butterfly factors built) of ``method`` on a meta UNet (``size``)."""
-    unet = build_unet(size, device="meta")
-    layers = len(projection_linears(unet))
-    params = apply_method(unet, method)
-    return sum(p.numel() for p in params), layers, factors_built(unet)
+    return count_on(lambda: build_unet(size, device="meta"), method, TARGETS)
 
 
 def rows_for(methods: list[Method]) -> tuple[list[list[str]], dict[str, int]]:
@@ -196,12 +214,151 @@ def sdxl_body() -> str:
     )
 
 
+TRANSFORMER_TITLES = {"sd35_medium": "SD3.5 Medium", "sd35_large": "SD3.5 Large", "flux1_dev": "FLUX.1-dev"}
+# The transformers' table: the issue's rows first, then the rest of Table 2 (for the divisibility check).
+TRANSFORMER_METHODS = SDXL_METHODS
+ORDER = [t.removeprefix("attn.") for t in TRANSFORMER_TARGETS]  # how the 'where' column lists the suffixes
+
+
+def block_lists(names: list[str]) -> str:
+    """Where the adapted projections sit: per block list, 'N x (suffixes)' for each group of equally many."""
+    per_list: dict[str, Counter] = {}
+    for name in names:
+        blocks, _, rest = name.partition(".")
+        suffix = rest.partition(".")[2].removeprefix("attn.")  # transformer_blocks.3.attn.to_q -> to_q
+        per_list.setdefault(blocks, Counter())[suffix] += 1
+    parts = []
+    for blocks, suffixes in per_list.items():
+        by_count: dict[int, list[str]] = {}
+        for suffix in sorted(suffixes, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER)):
+            by_count.setdefault(suffixes[suffix], []).append(suffix)
+        groups = ", ".join(f"{n} x ({', '.join(s)})" for n, s in sorted(by_count.items(), reverse=True))
+        parts.append(f"{blocks}: {groups}")
+    return "; ".join(parts)
+
+
+def transformer_architecture(name: str) -> dict:
+    """What bench_params needs to know of one meta transformer: sizes, widths, adapted and left-out projections."""
+    model = build_transformer(name)
+    adapted = projection_linears(model, TRANSFORMER_TARGETS)
+    adapted_names = {n for n, _ in adapted}
+    left_out = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".attn" in n and n not in adapted_names
+    ]
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "buffers": sum(b.numel() for b in model.buffers()),  # SD3's pos_embed table
+        "joint_blocks": len(getattr(model, "transformer_blocks", [])),
+        "single_blocks": len(getattr(model, "single_transformer_blocks", [])),
+        "in_widths": sorted({m.in_features for _, m in adapted}),
+        "out_widths": sorted({m.out_features for _, m in adapted}),
+        "adapted": len(adapted),
+        "where": block_lists([n for n, _ in adapted]),
+        "left_out": block_lists(left_out) if left_out else "",
+    }
+
+
+def transformers_body() -> str:
+    """The SD3.5 / Flux.1 section: counts on the meta transformers, block layouts, divisibility, one table."""
+    names = list(TRANSFORMER_CONFIG_PATHS)
+    arch = {name: transformer_architecture(name) for name in names}
+    lora = {name: count_on(lambda n=name: build_transformer(n), LORA[0], TRANSFORMER_TARGETS)[0] for name in names}
+    rows, counts, problems = [], {name: {} for name in names}, []
+    for method in TRANSFORMER_METHODS:
+        row, layouts = [method.label], []
+        for name in names:
+            layout, bad = block_layout(method, arch[name]["in_widths"])
+            layouts.append(layout)
+            try:
+                n, layers, _ = count_on(lambda n=name: build_transformer(n), method, TRANSFORMER_TARGETS)
+            except ValueError as err:
+                problems.append(f"{method.label} on {TRANSFORMER_TITLES[name]}: {str(err).splitlines()[0]}")
+                row += ["refused", "—"]
+                continue
+            assert layers == arch[name]["adapted"]
+            if bad:
+                problems.append(f"{method.label} on {TRANSFORMER_TITLES[name]}: built although {bad} is not divided")
+            counts[name][method.label] = n
+            row += [f"{n:,}", f"{n / lora[name]:.2f}"]
+        rows.append(row + [" / ".join(layouts) if method.kind in ("gsoft", "double_gsoft", "boft", "oft") else "—"])
+    widths = " / ".join("+".join(map(str, arch[name]["in_widths"])) for name in names)
+    header = ["adapter"]
+    for name in names:
+        header += [f"{TRANSFORMER_TITLES[name]} ({arch[name]['adapted']} proj.)", "/ LoRA r=4"]
+    header += [f"blocks x size at {widths} in"]
+    arch_rows = [
+        [
+            TRANSFORMER_TITLES[name],
+            f"`configs/{TRANSFORMER_CONFIG_PATHS[name].name}`",
+            f"{arch[name]['parameters'] / 1e9:.2f}B"
+            + (f" + {arch[name]['buffers'] / 1e9:.2f}B" if arch[name]["buffers"] >= 1e7 else ""),
+            f"{arch[name]['joint_blocks']} + {arch[name]['single_blocks']}",
+            " / ".join(map(str, arch[name]["in_widths"])) + " -> " + " / ".join(map(str, arch[name]["out_widths"])),
+            str(arch[name]["adapted"]),
+            arch[name]["where"],
+            arch[name]["left_out"] or "—",
+            millions(counts[name][FULL.label]) if FULL.label in counts[name] else "—",
+        ]
+        for name in names
+    ]
+    arch_header = ["model", "config", "parameters (+ buffers)", "joint + single blocks", "widths (in -> out)"]
+    arch_header += ["adapted projections", "where", "attention Linears not adapted", "full fine-tuning of them"]
+    divides = (
+        "Every configuration here divides the three transformers' projection widths."
+        if not problems
+        else "Configurations that do not fit a transformer's widths:\n\n" + "\n".join(f"- {p}" for p in problems)
+    )
+    gsoft = {name: counts[name].get(GSOFT[0].label) for name in names}
+    shares = ", ".join(
+        f"{TRANSFORMER_TITLES[name]} {gsoft[name] / counts[name][FULL.label]:.1%}"
+        for name in names
+        if gsoft[name] and FULL.label in counts[name]
+    )
+    return "\n".join(
+        [
+            "### Trainable parameters (SD3.5 Medium / Large, FLUX.1-dev: every joint block's attention projections)",
+            "",
+            "Written by `benchmarks/bench_params.py --transformers`: each transformer built on the meta device from "
+            "its diffusers config (`SD3Transformer2DModel` / `FluxTransformer2DModel.from_config`), each adapter "
+            "injected by the same code the trainer uses at the module-name suffixes "
+            + ", ".join(f"`{t}`" for t in TRANSFORMER_TARGETS)
+            + " (image and text side of every joint block, as diffusers' SD3 DreamBooth LoRA script targets by "
+            "default; in Flux the same suffixes match the single blocks' fused-stream to_q / to_k / to_v, whose "
+            "output goes through proj_out with the MLP, so they have no to_out), and the trainable tensors summed. "
+            "GSOFT-family counts include the per-output scale vector; 'OFT r=32 blocks' and 'OFT b=32' are PEFT's "
+            "OFT with 32 blocks per layer and with blocks of 32, as in the SDXL table. The buffers next to SD3.5's "
+            "parameter counts are its positional-embedding table (pos_embed_max_size^2 x width), which Stability's "
+            "2.5B / 8.1B include.",
+            "",
+            markdown_table(arch_header, arch_rows, align="llrrlrllr"),
+            "",
+            markdown_table(header, rows, align="l" + "rr" * len(names) + "l"),
+            "",
+            "'(b < r)': with a block size b below the block count r, two GS factors give a sparse Q (the library "
+            "warns). "
+            + (f"GSOFT r=32 trains {shares} of the adapted projections' own weights and biases. " if shares else "")
+            + divides,
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet", choices=("sd2", "sdxl"), default="sd2", help="the UNet to count on")
+    parser.add_argument(
+        "--transformers",
+        action="store_true",
+        help="count on the SD3.5 Medium / Large and FLUX.1-dev transformers instead (their own section)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--quick", action="store_true", help="same as the full run (it takes seconds); no write")
     args = parser.parse_args(argv)
+    if args.transformers:
+        body = transformers_body()
+        print(body)
+        if not (args.no_write or args.quick):
+            replace_section(DOCS, "params_transformers", body)
+        return
     if args.unet == "sdxl":
         body = sdxl_body()
         print(body)

@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: UNet architectures, the adapter table, shared-weight copies, timing, reporting.
+"""Shared by the benchmark scripts: UNet and transformer architectures, the adapter table, shared-weight copies,
+timing, reporting.
 
 Every configuration of the paper's Table 2 (plus the PEFT baselines as they run on this machine) is one
 :class:`Method`; :func:`apply_method` puts it into a model. Timed comparisons build ONE base UNet and give each
@@ -25,12 +26,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from dreambooth_gs import families
+
 ROOT = Path(__file__).resolve().parents[1]
 SD2_CONFIG_PATH = ROOT / "configs" / "sd2_base_unet.json"
 SDXL_CONFIG_PATH = ROOT / "configs" / "sdxl_base_unet.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "images"
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The real SD3.5 / Flux.1 transformers (meta device only: parameter counts), by the name bench_params.py takes.
+TRANSFORMER_CONFIG_PATHS = {
+    "sd35_medium": ROOT / "configs" / "sd35_medium_transformer.json",
+    "sd35_large": ROOT / "configs" / "sd35_large_transformer.json",
+    "flux1_dev": ROOT / "configs" / "flux1_dev_transformer.json",
+}
+# What the trainer adapts in a transformer: the family's default targets (every joint block's image- and text-side
+# attention projections; in Flux they also match the single blocks' attn.to_q / to_k / to_v; SD3.5 Medium's attn2
+# is not matched).
+TRANSFORMER_TARGETS = families.get("sd3").default_targets
 THREADS_HELP = (
     "torch CPU threads (default 1: on this shared 2-core machine, 2 OpenMP threads competing with other jobs "
     "run 2-25x slower and erratically, while 1 thread stays steady)"
@@ -94,6 +107,24 @@ def build_unet(size: str = "sd2", device: str = "cpu", seed: int = 0, fill: str 
     return unet
 
 
+def transformer_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(diffusers class name, config) of one of :data:`TRANSFORMER_CONFIG_PATHS`' transformers."""
+    if name not in TRANSFORMER_CONFIG_PATHS:
+        raise ValueError(f"unknown transformer {name!r}; use one of {', '.join(TRANSFORMER_CONFIG_PATHS)}")
+    data = json.loads(TRANSFORMER_CONFIG_PATHS[name].read_text())
+    return data["_class_name"], {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def build_transformer(name: str) -> nn.Module:
+    """The transformer ``name`` on the meta device (shapes only, frozen): SD3Transformer2DModel or Flux's."""
+    import diffusers
+
+    class_name, config = transformer_config(name)
+    with torch.device("meta"):
+        model = getattr(diffusers, class_name).from_config(config)
+    return model.requires_grad_(False)
+
+
 def shared_copy(model: nn.Module) -> nn.Module:
     """A structural copy of ``model`` whose parameters and buffers ARE the original's (no weight memory)."""
     memo: dict[int, Any] = {id(p): p for p in model.parameters()}
@@ -101,10 +132,12 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def unshare_projections(model: nn.Module, requires_grad: bool = False) -> list[nn.Parameter]:
+def unshare_projections(
+    model: nn.Module, requires_grad: bool = False, targets: tuple[str, ...] = TARGETS
+) -> list[nn.Parameter]:
     """Give ``model``'s projections their own copies of weight and bias (a shared copy may then merge or train them)."""
     params = []
-    for _, linear in projection_linears(model):
+    for _, linear in projection_linears(model, targets):
         for name in ("weight", "bias"):
             tensor = getattr(linear, name)
             if tensor is not None:
@@ -113,11 +146,11 @@ def unshare_projections(model: nn.Module, requires_grad: bool = False) -> list[n
     return params
 
 
-def projection_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The attention projections (to_q / to_k / to_v / to_out.0) the adapters target."""
+def projection_linears(model: nn.Module, targets: tuple[str, ...] = TARGETS) -> list[tuple[str, nn.Linear]]:
+    """The attention projections the adapters target (a UNet's to_q / to_k / to_v / to_out.0 by default)."""
     from dreambooth_gs.injection import is_target
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, TARGETS)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, targets)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,8 +193,8 @@ BY_LABEL = {m.label: m for m in ALL_METHODS}
 REFERENCE = LORA[0]  # LoRA r=4: the issue's yardstick
 
 
-def apply_method(model: nn.Module, method: Method) -> list[nn.Parameter]:
-    """Put ``method`` into ``model`` (in place; everything else frozen) and return its trainable parameters.
+def apply_method(model: nn.Module, method: Method, targets: tuple[str, ...] = TARGETS) -> list[nn.Parameter]:
+    """Put ``method`` into ``model``'s ``targets`` (in place; everything else frozen); return its trainable parameters.
 
     ``full`` clones the projection weights first, so a shared copy never trains the base model's tensors.
     """
@@ -176,23 +209,23 @@ def apply_method(model: nn.Module, method: Method) -> list[nn.Parameter]:
         if method.kind == "floor":
             return []
         if method.kind == "full":
-            return unshare_projections(model, requires_grad=True)
+            return unshare_projections(model, requires_grad=True, targets=targets)
         if method.kind in ("gsoft", "double_gsoft", "boft"):
-            inject_adapter(model, GSOFTConfig(method=method.kind, **method.options))
+            inject_adapter(model, GSOFTConfig(method=method.kind, target_modules=targets, **method.options))
             return [p for _, p in trainable_parameters(model)]
         if method.kind == "oft" and "nblocks" in method.options:  # a block count: make_peft_config takes sizes
             config = OFTConfig(
-                r=method.options["nblocks"], oft_block_size=0, target_modules=list(TARGETS), use_cayley_neumann=False
+                r=method.options["nblocks"], oft_block_size=0, target_modules=list(targets), use_cayley_neumann=False
             )
             inject_peft_adapter(model, "oft", config)
         elif method.kind in ("lora", "oft"):
-            inject_peft_adapter(model, method.kind, make_peft_config(method.kind, TARGETS, **method.options))
+            inject_peft_adapter(model, method.kind, make_peft_config(method.kind, targets, **method.options))
         elif method.kind == "peft_boft_fallback":  # PEFT's BOFT exactly as it runs here (one factor on CPU)
             config = BOFTConfig(
                 boft_block_num=method.options["nblocks"],
                 boft_block_size=0,
                 boft_n_butterfly_factor=method.options["n_butterfly_factor"],
-                target_modules=list(TARGETS),
+                target_modules=list(targets),
             )
             inject_adapter_in_model(config, model)
         else:

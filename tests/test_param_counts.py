@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dreambooth_gs import GSOFTConfig, inject_adapter, trainable_parameters
+from dreambooth_gs import GSOFTConfig, families, inject_adapter, trainable_parameters
 from dreambooth_gs.injection import is_target
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "sd2_base_unet.json"
@@ -124,4 +124,70 @@ def test_sdxl_parameter_counts(method, kwargs, per_linear, pinned):
     assert len(names) == len(linears)
     count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     assert sdxl_count(per_linear) == pinned
+    assert count == pinned, f"{count:,} trainable parameters, expected {pinned:,}"
+
+
+# SD3.5 Medium / Large and FLUX.1-dev: the counts follow from the block counts and the width alone. The adapted
+# projections are the attention Linears of every joint block, image side (to_q / to_k / to_v / to_out.0) and text
+# side (add_q / add_k / add_v_proj, to_add_out; the last SD3 block is context_pre_only and has no to_add_out), plus
+# FLUX's single blocks' to_q / to_k / to_v (they have no to_out: proj_out mixes attention and MLP). SD3.5 Medium's
+# second, image-only attention attn2 (blocks 0..12) is left out. Every adapted projection is d x d.
+TRANSFORMER_TARGETS = families.get("sd3").default_targets  # what the trainer adapts in SD3 and Flux
+# name: (config file, width d = heads x head width, adapted projections from the block counts, attn2 Linears)
+TRANSFORMERS = {
+    "sd35_medium": ("sd35_medium_transformer.json", 24 * 64, 24 * 7 + 23, 13 * 4),
+    "sd35_large": ("sd35_large_transformer.json", 38 * 64, 38 * 7 + 37, 0),
+    "flux1_dev": ("flux1_dev_transformer.json", 24 * 128, 19 * 8 + 38 * 3, 0),
+}
+
+
+def transformer(name: str) -> nn.Module:
+    import diffusers
+
+    data = json.loads(CONFIG_PATH.with_name(TRANSFORMERS[name][0]).read_text())
+    config = {k: v for k, v in data.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return getattr(diffusers, data["_class_name"]).from_config(config)
+
+
+def gsoft_32(d: int) -> int:
+    return 2 * 32 * (d // 32) ** 2 + d  # two factors of 32 blocks of (d / 32)^2, plus the scale vector
+
+
+def lora_4(d: int) -> int:
+    return 4 * (d + d)  # A (4 x d) and B (d x 4)
+
+
+# (model, method, per-Linear count of a d x d projection, the pinned total)
+TRANSFORMER_CASES = [
+    ("sd35_medium", "gsoft", gsoft_32, 28_457_472),
+    ("sd35_medium", "lora", lora_4, 2_347_008),
+    ("sd35_large", "gsoft", gsoft_32, 112_745_088),
+    ("sd35_large", "lora", lora_4, 5_895_168),
+    ("flux1_dev", "gsoft", gsoft_32, 157_710_336),
+    ("flux1_dev", "lora", lora_4, 6_537_216),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "per_linear", "pinned"), TRANSFORMER_CASES, ids=[f"{n}-{m}" for n, m, *_ in TRANSFORMER_CASES]
+)
+def test_transformer_parameter_counts(name, method, per_linear, pinned):
+    from dreambooth_gs import methods
+    from dreambooth_gs.baselines import make_peft_config
+
+    _, d, projections, attn2 = TRANSFORMERS[name]
+    model = transformer(name)
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, TRANSFORMER_TARGETS)]
+    assert len(linears) == projections
+    assert {(m.in_features, m.out_features) for m in linears} == {(d, d)}
+    assert sum(".attn2." in n for n, m in model.named_modules() if isinstance(m, nn.Linear)) == attn2
+    if method == "lora":
+        config = make_peft_config("lora", TRANSFORMER_TARGETS, rank=4)
+    else:
+        config = GSOFTConfig(method=method, nblocks=32, target_modules=TRANSFORMER_TARGETS)
+    names = methods.get(method).inject(model, config)
+    assert len(names) == projections and not any(".attn2." in n for n in names)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert projections * per_linear(d) == pinned
     assert count == pinned, f"{count:,} trainable parameters, expected {pinned:,}"
