@@ -164,6 +164,7 @@ def _gs_config(method: str, options) -> GSOFTConfig:
         nblocks=nblocks,
         block_size=options.gsoft_block_size,
         scale=not options.gsoft_no_scale,
+        forward_mode=options.gsoft_forward_mode,
         target_modules=tuple(options.target_modules),
     )
 
@@ -181,6 +182,7 @@ def _boft_config(options) -> GSOFTConfig:
         nblocks=nblocks,
         block_size=block_size,
         n_butterfly_factor=options.boft_n_butterfly_factor,
+        forward_mode=options.gsoft_forward_mode,
         target_modules=tuple(options.target_modules),
     )
 
@@ -214,8 +216,8 @@ class Method:
         return self.kind.config_from_dict(self.name, data)
 
 
-GS_FLAGS = ("gsoft_nblocks", "gsoft_block_size", "gsoft_no_scale")
-BOFT_FLAGS = ("boft_block_num", "boft_block_size", "boft_n_butterfly_factor", "boft_backend")
+GS_FLAGS = ("gsoft_nblocks", "gsoft_block_size", "gsoft_no_scale", "gsoft_forward_mode")
+BOFT_FLAGS = ("boft_block_num", "boft_block_size", "boft_n_butterfly_factor", "boft_backend", "gsoft_forward_mode")
 # Default learning rates: GSOFT / Double GSOFT follow the GSOFT paper (AdamW 2e-5); LoRA follows diffusers'
 # DreamBooth LoRA recipe; OFT and BOFT follow their papers' subject-driven settings; full (fine-tuning the
 # projections themselves) takes the usual DreamBooth full fine-tuning rate, 5e-6 (diffusers' train_dreambooth.py

@@ -125,6 +125,15 @@ class TrainingOptions:
     gsoft_nblocks: int | None = field(default=None, metadata=_help("GSOFT blocks r (default 32)."))
     gsoft_block_size: int | None = field(default=None, metadata=_help("GSOFT block size instead of --gsoft_nblocks."))
     gsoft_no_scale: bool = field(default=False, metadata=_help("Do not train GSOFT's output scale vector."))
+    gsoft_forward_mode: Literal["auto", "activation", "weight"] = field(
+        default="auto",
+        metadata=_help(
+            "gsoft / double_gsoft / boft: where training applies the rotation. auto: the faster side for each "
+            "layer's shapes; activation: rotate the tokens (backward keeps the input and, for the scale's gradient, "
+            "the output); weight: rotate the weight (keeps only the input, as LoRA, and pays one more weight-sized "
+            "matmul). Results are the same."
+        ),
+    )
     rank: int = field(
         default=4,
         metadata={"help": "LoRA rank (lora_alpha = rank); --lora_rank is the same flag.", "aliases": ["--lora_rank"]},

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dreambooth_gs import methods
+from dreambooth_gs.injection import adapter_layers
 from dreambooth_gs.options import DEFAULT_LEARNING_RATES, TrainingOptions, with_demo_defaults
 
 TINY_FLAGS = {"gsoft_nblocks": 4, "boft_block_num": 8, "oft_block_size": 8}
@@ -42,3 +43,14 @@ def test_the_trainer_offers_the_registry():
 
 def test_a_model_without_adapter_has_no_method(make_unet):
     assert methods.find(make_unet()) is None
+
+
+@pytest.mark.parametrize("name", ["gsoft", "double_gsoft", "boft"])
+@pytest.mark.parametrize("mode", ["activation", "weight"])
+def test_the_forward_side_flag_reaches_every_layer(name, mode, make_unet):
+    options = with_demo_defaults(TrainingOptions(adapter=name, gsoft_forward_mode=mode, **TINY_FLAGS))
+    method, config = methods.for_options(options)
+    assert config.forward_mode == mode
+    model = make_unet()
+    method.inject(model, config)
+    assert {layer.forward_mode for _, layer in adapter_layers(model)} == {mode}
