@@ -355,6 +355,8 @@ class RotationPlan:
     n_in: int
     rotate_out: Callable[..., torch.Tensor] | None = None
     unrotate_out: Callable[..., torch.Tensor] | None = None
+    # (grad of Q_out y, y, *out_blocks, needs) -> (grad of y, *grads of the blocks); None: autograd recomputes
+    backward_out: Callable[..., tuple] | None = None
 
 
 class _RecomputedRotatedLinear(torch.autograd.Function):
@@ -391,7 +393,10 @@ class _RecomputedRotatedLinear(torch.autograd.Function):
         grad_y2 = grad_y if scale is None else grad_y * scale
         grad_out_blocks: tuple = (None,) * len(out_blocks)
         grad_y1 = grad_y2
-        if plan.rotate_out is not None:
+        if plan.rotate_out is not None and plan.backward_out is not None:
+            y1 = plan.unrotate_out(_ScaleInput.recover(ctx.keep, kept, scale, bias), *out_blocks)  # W Q_in x
+            grad_y1, *grad_out_blocks = plan.backward_out(grad_y2, y1, *out_blocks, (True, *needs[5 + plan.n_in :]))
+        elif plan.rotate_out is not None:
             y2 = _ScaleInput.recover(ctx.keep, kept, scale, bias)
             y1 = plan.unrotate_out(y2, *out_blocks).detach().requires_grad_()  # W Q_in x, recovered
             with torch.enable_grad(), _no_autocast(x):
@@ -445,6 +450,19 @@ class _RecomputedWeightLinear(torch.autograd.Function):
             grad_weight = torch.mm(grad_y.mT, x).to(weight.dtype)  # (out, d): grad_y^T x
             grads = iter(torch.autograd.grad(weight, wanted, grad_weight))
         return (grad_x, grad_bias, None, *(next(grads) if need else None for need in needs[3:]))
+
+
+def gs_rotation_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, needs: Sequence[bool]
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(x, left, right)`` of ``Q x`` (:func:`gs_apply`, ``x`` ``(N, d)``) from ``grad_y`` ``(N, d)``,
+    recomputing the one intermediate ``R x^T`` (a batched matmul) instead of keeping it."""
+    r, b, _ = right.shape
+    n_tokens = x.shape[0]
+    x = x.contiguous()
+    z_t = torch.bmm(right, x.mT.view(r, b, n_tokens))  # (r, b, N)
+    grad_w_t = grad_y.mT.reshape(b, r, n_tokens).transpose(0, 1).contiguous()  # (r, b, N)
+    return _rotation_backward(grad_w_t, x, z_t, left, right, needs)
 
 
 def recomputed_weight_linear(

@@ -147,9 +147,12 @@ class GSOFTLinear(nn.Module):
         prefix = "gsoft_" if self.method == "gsoft" else f"gsoft_{side}_"
         return factors[prefix + "L"].to(dtype), factors[prefix + "R"].to(dtype)
 
-    def _transform_weight(self, weight: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """``diag(s) Q_out W Q_in`` (or its inverse) computed in float32."""
-        factors = self.orthogonal_factors()
+    def _transform_weight(
+        self, weight: torch.Tensor, inverse: bool = False, factors: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``diag(s) Q_out W Q_in`` (or its inverse) computed in float32 (``factors``: the orthogonal blocks, if
+        already computed)."""
+        factors = self.orthogonal_factors() if factors is None else factors
         w = weight.float()
         if inverse and self.gsoft_s is not None:
             w = w / self.gsoft_s.float()[:, None]
@@ -188,8 +191,12 @@ class GSOFTLinear(nn.Module):
         params = self.adapter_parameters()
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if self.forward_side(x) == "weight":
-            if needs_grad:  # W' recomputed in backward: only x is kept, as for the frozen layer itself
-                return gsf.recomputed_weight_linear(x, bias, lambda: self._transform_weight(weight), params)
+            if needs_grad:  # W' recomputed in backward from the blocks: only x is kept, as for the frozen layer
+                factors = self.orthogonal_factors()  # once: backward reuses them
+                blocks = [*factors.values(), *([self.gsoft_s] if self.gsoft_s is not None else [])]
+                return gsf.recomputed_weight_linear(
+                    x, bias, lambda: self._transform_weight(weight, factors=factors), blocks
+                )
             return F.linear(x, self._transform_weight(weight).to(x.dtype), bias)
         factors = self.orthogonal_factors()
         scale = None if self.gsoft_s is None else self.gsoft_s.to(x.dtype)
@@ -202,7 +209,11 @@ class GSOFTLinear(nn.Module):
             blocks = [factors["gsoft_butterfly"].to(x.dtype)]
         else:  # Double GSOFT: Q_out W Q_in
             plan = gsf.RotationPlan(
-                gsf.gs_apply, 2, gsf.gs_apply, lambda v, left, right: gsf.gs_apply(v, left, right, transpose=True)
+                gsf.gs_apply,
+                2,
+                gsf.gs_apply,
+                lambda v, left, right: gsf.gs_apply(v, left, right, transpose=True),
+                gsf.gs_rotation_backward,
             )
             blocks = [*self._gs_blocks(factors, "in", x.dtype), *self._gs_blocks(factors, "out", x.dtype)]
         return gsf.rotated_linear(x, weight, plan, blocks, scale, bias)
