@@ -162,7 +162,12 @@ class Family:
         raise NotImplementedError
 
     def pipeline_text_kwargs(self, conditioning: Conditioning, negative: Conditioning) -> dict:
-        return {"prompt_embeds": conditioning.hidden_states, "negative_prompt_embeds": negative.hidden_states}
+        """The pipeline's precomputed-prompt arguments (with the pooled ones where the family has them)."""
+        kwargs = {"prompt_embeds": conditioning.hidden_states, "negative_prompt_embeds": negative.hidden_states}
+        if conditioning.pooled is not None:
+            kwargs["pooled_prompt_embeds"] = conditioning.pooled
+            kwargs["negative_pooled_prompt_embeds"] = negative.pooled
+        return kwargs
 
     def default_resolution(self, denoiser: torch.nn.Module, vae: torch.nn.Module) -> int:
         return denoiser.config.sample_size * vae_scale_factor(vae)

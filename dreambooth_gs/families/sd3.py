@@ -44,11 +44,3 @@ class StableDiffusion3(FlowFamily):
             pooled_projections=conditioning.pooled,
             return_dict=False,
         )[0]  # (B, C, h, w)
-
-    def pipeline_text_kwargs(self, conditioning: Conditioning, negative: Conditioning) -> dict:
-        return {
-            "prompt_embeds": conditioning.hidden_states,
-            "pooled_prompt_embeds": conditioning.pooled,
-            "negative_prompt_embeds": negative.hidden_states,
-            "negative_pooled_prompt_embeds": negative.pooled,
-        }

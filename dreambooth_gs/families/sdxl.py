@@ -92,13 +92,5 @@ class StableDiffusionXL(Family):
             scheduler=scheduler,
         )
 
-    def pipeline_text_kwargs(self, conditioning: Conditioning, negative: Conditioning) -> dict:
-        return {
-            "prompt_embeds": conditioning.hidden_states,
-            "pooled_prompt_embeds": conditioning.pooled,
-            "negative_prompt_embeds": negative.hidden_states,
-            "negative_pooled_prompt_embeds": negative.pooled,
-        }
-
 
 TOKENIZERS = ("tokenizer", "tokenizer_2")
