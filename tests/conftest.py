@@ -185,3 +185,14 @@ def _randomize_adapter(model: nn.Module, seed: int = 0, std: float = 0.1) -> Non
 @pytest.fixture(scope="session")
 def randomize_adapter():
     return _randomize_adapter
+
+
+@pytest.fixture
+def default_precision():
+    """A fresh accelerate state before and after the test: accelerate keeps one mixed precision per process, so a
+    test that trains in bf16 needs it reset (and leaves it reset for the next one)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

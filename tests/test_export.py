@@ -265,7 +265,9 @@ def test_sdxl_single_file_round_trips_through_from_single_file(tmp_path, changes
         p("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
         for p in (loaded, merged)
     ]
-    assert torch.equal(latents[0].images, latents[1].images)
+    # Equal weights; the loaded second encoder's tensors may sit in another memory layout, so its matmuls round
+    # differently (a few 1e-6 on latents of size ~5, seen with diffusers 0.42): equal to float32 rounding.
+    torch.testing.assert_close(latents[0].images, latents[1].images, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", ["tiny", "sd2"])

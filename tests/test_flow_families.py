@@ -140,6 +140,7 @@ def test_methods_train_and_adapt_the_joint_attention_by_default(tiny, tmp_path, 
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+@pytest.mark.usefixtures("default_precision")
 @pytest.mark.parametrize("name, method", [("sd3", "boft"), ("flux", "oft")])
 def test_boft_and_oft_train_with_prior_preservation_in_bf16(tiny, tmp_path, name, method):
     flags = ["--adapter", method, "--max_train_steps", "1", "--with_prior_preservation", "--num_class_images", "2"]

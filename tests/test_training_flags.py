@@ -42,15 +42,6 @@ def plain(tmp_path_factory) -> dict[str, torch.Tensor]:
     return adapter(run(tmp_path_factory.mktemp("plain") / "out"))
 
 
-@pytest.fixture
-def default_precision():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process
-    yield
-    AcceleratorState._reset_state(True)
-
-
 # -- the loss ----------------------------------------------------------------------------------------------------
 
 
