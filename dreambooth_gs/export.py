@@ -240,6 +240,23 @@ def export_single_file(merged: MergedPipeline, output: Path, text_layout: str, d
     return {"format": "single_file", "output": str(output), "text_encoder_layout": text_layout, "tensors": len(tensors)}
 
 
+def _check_kohya_family(adapter_dir: str | os.PathLike, base_model: str | None) -> None:
+    """Refuse the kohya layout for a transformer family before the base pipeline loads (its model_index is read;
+    a base that cannot be read is left to the load, which says why)."""
+    from . import families
+
+    base = base_model or read_adapter_config(adapter_dir).get("base_model")
+    try:
+        family = families.detect(str(base)) if base else None
+    except ValueError:
+        return
+    if family is not None and family.denoiser_name != "unet":
+        raise ValueError(
+            f"--lora_format kohya is the UNet families' layout; a {family.pipeline_classes[0]} LoRA is written in "
+            "the diffusers layout (--lora_format diffusers, what its pipeline's load_lora_weights reads)"
+        )
+
+
 def export_adapter(
     adapter_dir: str | os.PathLike,
     fmt: str,
@@ -277,14 +294,11 @@ def export_adapter(
     adapter = Path(adapter_dir).resolve()
     if output.resolve() == adapter or output.resolve() in adapter.parents:
         raise ValueError(f"--output {output} would replace the adapter folder {adapter_dir}; choose another path")
+    if fmt == "lora" and lora_format == "kohya":
+        _check_kohya_family(adapter_dir, base_model)
     merged = load_merged(adapter_dir, base_model)
     if fmt == "diffusers":
         return export_diffusers(merged, output, adapter_dir, dtype, command)
     if fmt == "lora":
-        if lora_format == "kohya" and denoiser_name(merged.pipeline) != "unet":
-            raise ValueError(
-                f"--lora_format kohya is the UNet families' layout; a {type(merged.pipeline).__name__} LoRA is written "
-                "in the diffusers layout (--lora_format diffusers, what its pipeline's load_lora_weights reads)"
-            )
         return export_lora(merged, output, lora_format, rank, max_error, dtype)
     return export_single_file(merged, output, text_encoder_layout, dtype)

@@ -348,21 +348,26 @@ class _ScaleInput:
 @dataclass(frozen=True)
 class RotationPlan:
     """The rotations of a rotated linear ``y = s * Q_out W Q_in x + b``, as functions of block tensors:
-    ``rotate_in(x, *in_blocks)`` (``Q_in x``), and, for two-sided adapters, ``rotate_out(y, *out_blocks)`` and its
-    inverse ``unrotate_out`` (``Q_out^T y``); ``n_in`` of the blocks belong to ``Q_in``."""
+    ``rotate_in(x, *in_blocks)`` (``Q_in x``, recomputed under autograd in backward), and, for two-sided adapters,
+    ``rotate_out(y, *out_blocks)``, its inverse ``unrotate_out`` (``Q_out^T y``) and its backward
+    ``backward_out(grad, y, *out_blocks, needs) -> (grad of y, *grads of the blocks)``; ``n_in`` of the blocks
+    belong to ``Q_in``."""
 
     rotate_in: Callable[..., torch.Tensor]
     n_in: int
     rotate_out: Callable[..., torch.Tensor] | None = None
     unrotate_out: Callable[..., torch.Tensor] | None = None
-    # (grad of Q_out y, y, *out_blocks, needs) -> (grad of y, *grads of the blocks); None: autograd recomputes
     backward_out: Callable[..., tuple] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotate_out is not None and (self.unrotate_out is None or self.backward_out is None):
+            raise ValueError("a RotationPlan with rotate_out needs unrotate_out and backward_out too")
 
 
 class _RecomputedRotatedLinear(torch.autograd.Function):
     """``s * Q_out(W Q_in x) + b`` for ``x`` ``(N, d)`` with any rotations (Double GSOFT, BOFT), keeping only
     ``x`` and the output ``y`` for backward: ``Q_out W Q_in x`` is recovered from ``y`` through the scale and the
-    inverse rotation ``Q_out^T`` (orthogonal), and each rotation is recomputed under autograd in backward (batched
+    inverse rotation ``Q_out^T`` (orthogonal), and each rotation's intermediates are recomputed in backward (batched
     matmuls of small blocks, cheap next to the layer's matmul)."""
 
     @staticmethod
@@ -393,19 +398,9 @@ class _RecomputedRotatedLinear(torch.autograd.Function):
         grad_y2 = grad_y if scale is None else grad_y * scale
         grad_out_blocks: tuple = (None,) * len(out_blocks)
         grad_y1 = grad_y2
-        if plan.rotate_out is not None and plan.backward_out is not None:
+        if plan.rotate_out is not None:
             y1 = plan.unrotate_out(_ScaleInput.recover(ctx.keep, kept, scale, bias), *out_blocks)  # W Q_in x
             grad_y1, *grad_out_blocks = plan.backward_out(grad_y2, y1, *out_blocks, (True, *needs[5 + plan.n_in :]))
-        elif plan.rotate_out is not None:
-            y2 = _ScaleInput.recover(ctx.keep, kept, scale, bias)
-            y1 = plan.unrotate_out(y2, *out_blocks).detach().requires_grad_()  # W Q_in x, recovered
-            with torch.enable_grad(), _no_autocast(x):
-                detached = [b.detach().requires_grad_(need) for b, need in zip(out_blocks, needs[5 + plan.n_in :])]
-                rotated = plan.rotate_out(y1, *detached)
-                wanted = [y1] + [b for b in detached if b.requires_grad]
-                grads = iter(torch.autograd.grad(rotated, wanted, grad_y2))
-            grad_y1 = next(grads)
-            grad_out_blocks = tuple(next(grads) if b.requires_grad else None for b in detached)
         grad_in_blocks: tuple = (None,) * len(in_blocks)
         grad_x = grad_weight = None
         wants_in = needs[0] or any(needs[5 : 5 + plan.n_in]) or needs[1]

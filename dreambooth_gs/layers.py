@@ -169,11 +169,14 @@ class GSOFTLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
 
-    def forward_side(self, x: torch.Tensor) -> str:
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters())
+
+    def forward_side(self, x: torch.Tensor, needs_grad: bool | None = None) -> str:
         """Where this call applies the rotation ('activation' or 'weight'); see :func:`choose_forward_side`."""
         if self.forward_mode != "auto":
             return self.forward_mode
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters())
+        needs_grad = self._needs_grad() if needs_grad is None else needs_grad
         n_tokens = x.numel() // max(x.shape[-1], 1)
         return choose_forward_side(
             n_tokens,
@@ -188,9 +191,8 @@ class GSOFTLinear(nn.Module):
         if self.merged or not self.adapter_enabled:
             return self.base_layer(x)
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        params = self.adapter_parameters()
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if self.forward_side(x) == "weight":
+        needs_grad = self._needs_grad()
+        if self.forward_side(x, needs_grad) == "weight":
             if needs_grad:  # W' recomputed in backward from the blocks: only x is kept, as for the frozen layer
                 factors = self.orthogonal_factors()  # once: backward reuses them
                 blocks = [*factors.values(), *([self.gsoft_s] if self.gsoft_s is not None else [])]

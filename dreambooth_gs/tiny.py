@@ -200,6 +200,8 @@ def make_tiny_pipeline(
 
     import diffusers
 
+    from .families.base import tokenizer_name
+
     config_dir = Path(config_dir) if config_dir is not None else TINY_CONFIG_DIR
     names = component_names(config_dir)
     configs = {n: _read_config(config_dir, f"{n}.json") for n in names}
@@ -218,7 +220,7 @@ def make_tiny_pipeline(
     else:
         clip_tokenizer = build_clip_tokenizer(tokenizer_dir)
     for name in [n for n in names if n.startswith("text_encoder")]:
-        components[name.replace("text_encoder", "tokenizer")] = _tokenizer_for(components[name], clip_tokenizer)
+        components[tokenizer_name(name)] = _tokenizer_for(components[name], clip_tokenizer)
     pipeline_class = getattr(diffusers, _read_config(config_dir, PIPELINE_FILE)["_class_name"])
     parameters = inspect.signature(pipeline_class.__init__).parameters
     for name, parameter in parameters.items():  # e.g. SD's safety_checker / feature_extractor: none

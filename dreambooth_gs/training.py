@@ -345,22 +345,9 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class CachedExamples(torch.utils.data.Dataset):
-    """Dataset items whose images were replaced by their VAE latent distributions (``--cache_latents``)."""
-
-    def __init__(self, examples: list[dict]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.examples[index]
-
-
-def cache_latents(dataset: DreamBoothDataset, parts: models.Components, accelerator: Accelerator) -> CachedExamples:
+def cache_latents(dataset: DreamBoothDataset, parts: models.Components, accelerator: Accelerator) -> list[dict]:
     """Every example's instance (and class) image through the VAE once: ``{kind}_latents`` (2C, h, w), the mean
-    and log-variance each step samples from, in place of ``{kind}_images``."""
+    and log-variance each step samples from, in place of ``{kind}_images`` (a list the DataLoader reads as is)."""
     examples = []
     with parts.on_device(parts.vae):
         for index in tqdm(range(len(dataset)), desc="caching latents", disable=not accelerator.is_local_main_process):
@@ -370,7 +357,7 @@ def cache_latents(dataset: DreamBoothDataset, parts: models.Components, accelera
                 if image is not None:
                     example[f"{kind}_latents"] = encode_latent_parameters(parts.vae, image[None])[0].cpu()
             examples.append(example)
-    return CachedExamples(examples)
+    return examples
 
 
 def _learning_rate_after_resume(accelerator: Accelerator, lr_scheduler, requested: float) -> float:

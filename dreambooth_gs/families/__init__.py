@@ -10,10 +10,9 @@ folder, a hub id or a single file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .base import Conditioning, Family, LoadedParts, TextSettings
+from .base import Conditioning, Family, LoadedParts, TextSettings, read_model_index
 from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
@@ -33,15 +32,6 @@ def get(name: str) -> Family:
 
 def supported() -> str:
     return ", ".join(f"{f.name} ({f.pipeline_classes[0]})" for f in FAMILIES.values())
-
-
-def _pipeline_class_of_folder(model_id: str, revision: str | None) -> str:
-    index = Path(model_id) / "model_index.json"
-    if index.is_file():
-        return json.loads(index.read_text()).get("_class_name", "")
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.load_config(model_id, revision=revision).get("_class_name", "")
 
 
 def _family_of_single_file(path: Path) -> Family:
@@ -73,7 +63,7 @@ def detect(model_id: str, revision: str | None = None, override: str | None = No
     if Path(model_id).is_file():
         return _family_of_single_file(Path(model_id))
     try:
-        class_name = _pipeline_class_of_folder(model_id, revision)
+        class_name = read_model_index(model_id, revision).get("_class_name", "")
     except (OSError, ValueError) as err:
         from ..fileio import first_line
 

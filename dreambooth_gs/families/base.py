@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,21 @@ def load_vae(vae_path: str, revision: str | None):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(vae_path, revision=revision)
+
+
+def read_model_index(model_id: str, revision: str | None = None) -> dict:
+    """A diffusers pipeline's ``model_index.json`` (a local folder's, or the hub's through diffusers)."""
+    index = Path(model_id) / "model_index.json"
+    if index.is_file():
+        return json.loads(index.read_text())
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(model_id, revision=revision)
+
+
+def tokenizer_name(text_encoder_name: str) -> str:
+    """The pipeline attribute of a text encoder's tokenizer: ``text_encoder_2`` -> ``tokenizer_2``."""
+    return text_encoder_name.replace("text_encoder", "tokenizer")
 
 
 def vae_scale_factor(vae: torch.nn.Module) -> int:

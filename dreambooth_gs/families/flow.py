@@ -4,12 +4,20 @@ the checks of their text settings. The objective itself lives in :mod:`dreamboot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .base import Family, LoadedParts, TextSettings, clip_tokenize, load_vae, vae_scale_factor
+from .base import (
+    Family,
+    LoadedParts,
+    TextSettings,
+    clip_tokenize,
+    load_vae,
+    read_model_index,
+    tokenizer_name,
+    vae_scale_factor,
+)
 
 
 class FlowFamily(Family):
@@ -43,22 +51,22 @@ class FlowFamily(Family):
         try:
             if Path(model_id).is_file():
                 pipe = self.pipeline_class().from_single_file(model_id)
-                tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer")) for n in self.text_encoder_names]
+                tokenizers = [getattr(pipe, tokenizer_name(n)) for n in self.text_encoder_names]
                 encoders = [getattr(pipe, n) for n in self.text_encoder_names]
                 vae, transformer, config = pipe.vae, pipe.transformer, pipe.scheduler.config
                 scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
             else:
                 kwargs = {"revision": revision}
-                present = self._components(model_id, revision)
+                index = read_model_index(model_id, revision)  # null entries: left out (SD3 without T5)
+                present = {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}
                 tokenizers, encoders = [], []
                 for name, class_name in zip(self.text_encoder_names, self.encoder_classes):
                     if name not in present:  # e.g. SD3 saved without T5 (text_encoder_3=None)
                         tokenizers.append(None)
                         encoders.append(None)
                         continue
-                    tokenizer_folder = name.replace("text_encoder", "tokenizer")
                     tokenizers.append(
-                        transformers.AutoTokenizer.from_pretrained(model_id, subfolder=tokenizer_folder, **kwargs)
+                        transformers.AutoTokenizer.from_pretrained(model_id, subfolder=tokenizer_name(name), **kwargs)
                     )
                     encoder_class = getattr(transformers, class_name)
                     encoders.append(encoder_class.from_pretrained(model_id, subfolder=name, variant=variant, **kwargs))
@@ -73,17 +81,6 @@ class FlowFamily(Family):
             raise self.load_error(model_id, err) from err
         vae = load_vae(vae_path, revision) if vae_path else vae
         return LoadedParts(tokenizers, encoders, vae, transformer, scheduler)
-
-    def _components(self, model_id: str, revision: str | None) -> set[str]:
-        """The pipeline's components that are present (``model_index.json`` entries that are not null)."""
-        index_path = Path(model_id) / "model_index.json"
-        if index_path.is_file():
-            index = json.loads(index_path.read_text())
-        else:
-            from diffusers import DiffusionPipeline
-
-            index = DiffusionPipeline.load_config(model_id, revision=revision)
-        return {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}
 
     def check_text_settings(self, settings: TextSettings) -> None:
         if settings.max_length is not None or settings.use_attention_mask:
@@ -102,7 +99,7 @@ class FlowFamily(Family):
         components = {"transformer": denoiser, "vae": parts.vae, "scheduler": scheduler}
         for name, tokenizer, encoder in zip(self.text_encoder_names, parts.tokenizers, parts.text_encoders):
             components[name] = encoder
-            components[name.replace("text_encoder", "tokenizer")] = tokenizer
+            components[tokenizer_name(name)] = tokenizer
         return self.pipeline_class()(**components)
 
 
