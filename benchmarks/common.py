@@ -202,6 +202,7 @@ def apply_method(model: nn.Module, method: Method, targets: tuple[str, ...] = TA
 
     from dreambooth_gs import GSOFTConfig, inject_adapter, trainable_parameters
     from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
+    from dreambooth_gs.config import UNET_WEIGHT_SIDE_MODULES
 
     model.requires_grad_(False)
     with warnings.catch_warnings():
@@ -211,7 +212,8 @@ def apply_method(model: nn.Module, method: Method, targets: tuple[str, ...] = TA
         if method.kind == "full":
             return unshare_projections(model, requires_grad=True, targets=targets)
         if method.kind in ("gsoft", "double_gsoft", "boft"):
-            inject_adapter(model, GSOFTConfig(method=method.kind, target_modules=targets, **method.options))
+            options = {"weight_side_modules": UNET_WEIGHT_SIDE_MODULES, **method.options}  # the trainer's default
+            inject_adapter(model, GSOFTConfig(method=method.kind, target_modules=targets, **options))
             return [p for _, p in trainable_parameters(model)]
         if method.kind == "oft" and "nblocks" in method.options:  # a block count: make_peft_config takes sizes
             config = OFTConfig(

@@ -11,12 +11,20 @@ METHODS = ("gsoft", "double_gsoft", "boft")
 PARAMETRIZATIONS = ("cayley", "exp")
 FORWARD_MODES = ("auto", "activation", "weight")
 DEFAULT_NBLOCKS = 32
-DEFAULT_BOFT_FACTORS = 4  # the paper's BOFT (32 blocks, 4 factors) row of Table 2
+DEFAULT_BOFT_FACTORS = 4
+# The UNet families' attention projections whose output nothing downstream keeps (to_out.0 feeds the residual sum):
+# the trainer's default weight_side_modules there
+UNET_WEIGHT_SIDE_MODULES = ("to_out.0",)  # the paper's BOFT (32 blocks, 4 factors) row of Table 2
 
 
 def divisors(n: int) -> list[int]:
     """Every positive divisor of ``n``, ascending: the valid block counts (or block sizes) for a dimension."""
     return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def is_target(module_name: str, target_modules: Sequence[str]) -> bool:
+    """A dotted module name matches a target when it equals it or ends with '.' + target."""
+    return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
 
 
 def target_module_names(target_modules: str | Sequence[str]) -> tuple[str, ...]:
@@ -81,9 +89,22 @@ class GSOFTConfig:
             "each layer's shapes). Changes speed only, never results."
         },
     )
+    weight_side_modules: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Modules (matched like target_modules) that train on the weight side when forward_mode is "
+            "'auto': their backward keeps only the input. For projections whose output nothing downstream keeps "
+            "(a UNet's to_out.0 feeds the residual sum), the activation side's kept output is extra memory; the "
+            "weight side avoids it for one weight-sized matmul. Changes speed and memory only, never results."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = target_module_names(self.target_modules)
+        names = (self.weight_side_modules,) if isinstance(self.weight_side_modules, str) else self.weight_side_modules
+        self.weight_side_modules = tuple(names)
+        if not all(isinstance(t, str) and t for t in self.weight_side_modules):
+            raise ValueError(f"weight_side_modules must be module names, got {self.weight_side_modules!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.nblocks is not None and self.block_size is not None:
@@ -127,6 +148,7 @@ class GSOFTConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
+        data["weight_side_modules"] = list(self.weight_side_modules)
         return data
 
     @classmethod

@@ -96,19 +96,23 @@ class _Cayley(torch.autograd.Function):
     """``Q = 2 M - I`` with ``M = (I - K)^-1``, ``K = (A - A^T) / 2``; backward ``dA = skew(2 M^T G M^T)``.
 
     ``dM = M dK M``, so ``<G, dQ> = <2 M^T G M^T, dK>``, and ``dK = skew(dA)`` gives the skew part of that.
-    One custom node instead of autograd's chain of small ops (skew, subtract, inverse, scale)."""
+    One custom node instead of autograd's chain of small ops (skew, subtract, inverse, scale). It keeps its output
+    ``Q`` and recovers ``M = (Q + I) / 2`` in backward: the rotation that uses the blocks keeps ``Q`` anyway, so the
+    blocks cost one copy of saved memory instead of two."""
 
     @staticmethod
     def forward(ctx, params: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(params.shape[-1], dtype=params.dtype, device=params.device)
-        inverse = inverse_positive_real(eye - skew(params))
-        ctx.save_for_backward(inverse)
-        return 2 * inverse - eye
+        blocks = 2 * inverse_positive_real(eye - skew(params)) - eye
+        ctx.save_for_backward(blocks)
+        return blocks
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor) -> torch.Tensor:
-        (inverse,) = ctx.saved_tensors
-        grad_k = 2 * (inverse.mT @ grad_q @ inverse.mT)
+        (blocks,) = ctx.saved_tensors
+        eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+        inverse_t = (blocks + eye).mT / 2  # M^T
+        grad_k = 2 * (inverse_t @ grad_q @ inverse_t)
         return skew(grad_k)
 
 

@@ -9,13 +9,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from .baselines import merge_peft_layers, peft_layers, remove_peft_adapter
-from .config import GSOFTConfig
+from .config import GSOFTConfig, is_target
 from .layers import ADAPTER_PREFIX, GSOFTLinear, dimension_error
-
-
-def is_target(module_name: str, target_modules: tuple[str, ...]) -> bool:
-    """A dotted module name matches a target when it equals it or ends with '.' + target."""
-    return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
 
 
 def _split_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as gsf
-from .config import GSOFTConfig, divisors
+from .config import GSOFTConfig, divisors, is_target
 
 ADAPTER_PREFIX = "gsoft_"
 
 # How many matmul FLOPs cost as much as streaming one activation element through memory once, by device type.
 # CPU: fitted to forward + backward timings of both sides at the SD UNet's attention shapes (1 and 2 threads; 100,
-# from ~190 GFLOP/s matmul over ~1.7 G element-passes/s, chose the slower side at 1024 x 320). GPUs favour matmuls.
+# from ~190 GFLOP/s matmul over ~1.7 G element-passes/s, chose the slower side at 1024 x 320). GPUs favour matmuls;
+# CUDA's 600 is a guess, not yet measured: benchmarks/fit_cost_model.py --device cuda fits it (benchmarks/gpu_check.sh).
 FLOPS_PER_ELEMENT_PASS = {"cpu": 70.0, "cuda": 600.0}
 # Memory passes over the activations that one rotation costs: forward + backward (inputs, blocks, gradients).
 ROTATION_PASSES = {True: 13, False: 4}  # keyed by "adapter gradients needed"
@@ -84,7 +85,8 @@ class GSOFTLinear(nn.Module):
         self.config_dict = config.to_dict()  # what save_adapter writes; all layers of one injection share it
         self.method = config.method
         self.parametrization = config.parametrization
-        self.forward_mode = config.forward_mode
+        weight_side = config.forward_mode == "auto" and is_target(name, config.weight_side_modules)
+        self.forward_mode = "weight" if weight_side else config.forward_mode
         self.merged = False
         self.adapter_enabled = True
         d_in, d_out = base_layer.in_features, base_layer.out_features

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import baselines
-from .config import GSOFTConfig
+from .config import UNET_WEIGHT_SIDE_MODULES, GSOFTConfig
 from .full import FULL_METHOD, FullConfig, enable_full_finetuning, full_config, full_parameters
 from .injection import adapter_layers, inject_adapter, trainable_parameters
 
@@ -166,7 +166,14 @@ def _gs_config(method: str, options) -> GSOFTConfig:
         scale=not options.gsoft_no_scale,
         forward_mode=options.gsoft_forward_mode,
         target_modules=tuple(options.target_modules),
+        weight_side_modules=weight_side_modules(options),
     )
+
+
+def weight_side_modules(options) -> tuple[str, ...]:
+    """--gsoft_weight_side_modules as GSOFTConfig takes it ('none': no module)."""
+    names = options.gsoft_weight_side_modules or ()
+    return () if [name.lower() for name in names] == ["none"] else tuple(names)
 
 
 def _boft_blocks(options) -> tuple[int | None, int | None]:
@@ -184,6 +191,7 @@ def _boft_config(options) -> GSOFTConfig:
         n_butterfly_factor=options.boft_n_butterfly_factor,
         forward_mode=options.gsoft_forward_mode,
         target_modules=tuple(options.target_modules),
+        weight_side_modules=weight_side_modules(options),
     )
 
 
@@ -216,8 +224,15 @@ class Method:
         return self.kind.config_from_dict(self.name, data)
 
 
-GS_FLAGS = ("gsoft_nblocks", "gsoft_block_size", "gsoft_no_scale", "gsoft_forward_mode")
-BOFT_FLAGS = ("boft_block_num", "boft_block_size", "boft_n_butterfly_factor", "boft_backend", "gsoft_forward_mode")
+GS_FLAGS = ("gsoft_nblocks", "gsoft_block_size", "gsoft_no_scale", "gsoft_forward_mode", "gsoft_weight_side_modules")
+BOFT_FLAGS = (
+    "boft_block_num",
+    "boft_block_size",
+    "boft_n_butterfly_factor",
+    "boft_backend",
+    "gsoft_forward_mode",
+    "gsoft_weight_side_modules",
+)
 # Default learning rates: GSOFT / Double GSOFT follow the GSOFT paper (AdamW 2e-5); LoRA follows diffusers'
 # DreamBooth LoRA recipe; OFT and BOFT follow their papers' subject-driven settings; full (fine-tuning the
 # projections themselves) takes the usual DreamBooth full fine-tuning rate, 5e-6 (diffusers' train_dreambooth.py
@@ -259,6 +274,8 @@ def for_options(options) -> tuple[Method, Any]:
     method = get(name)
     if options.target_modules is None:
         options = replace(options, target_modules=list(GSOFTConfig().target_modules))
+    if options.gsoft_weight_side_modules is None:
+        options = replace(options, gsoft_weight_side_modules=list(UNET_WEIGHT_SIDE_MODULES))
     return method, method.make_config(options)
 
 

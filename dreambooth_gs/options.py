@@ -134,6 +134,15 @@ class TrainingOptions:
             "matmul). Results are the same."
         ),
     )
+    gsoft_weight_side_modules: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "gsoft / double_gsoft / boft with --gsoft_forward_mode auto: modules (names or suffixes) trained on the "
+            "weight side whatever their shapes, because nothing downstream keeps their output and the activation "
+            "side would keep it for the scale's gradient. Default: the family's (SD / SDXL: to_out.0, whose output "
+            "feeds the residual sum; SD3 / Flux: none, their outputs are gated). 'none': no module."
+        ),
+    )
     rank: int = field(
         default=4,
         metadata={"help": "LoRA rank (lora_alpha = rank); --lora_rank is the same flag.", "aliases": ["--lora_rank"]},

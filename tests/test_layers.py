@@ -340,4 +340,41 @@ def test_backward_keeps_no_rotated_copy_of_the_input_or_the_weight(randomize_ada
     large = {ptr for ptr, size in storages.items() if size >= 512 * min(d_in, d_out) * 4}
     assert large <= allowed, (large - allowed, storages)
     blocks = sum(p.numel() * 4 for p in layer.adapter_parameters())
-    assert sum(size for ptr, size in storages.items() if ptr not in allowed) <= 4 * blocks + 4096
+    # the orthogonal blocks once (the Cayley node keeps its output, which the rotation keeps too), the scale, and
+    # at most a few small index / shape tensors: no second block-sized copy
+    assert sum(size for ptr, size in storages.items() if ptr not in allowed) <= blocks + 4096
+
+
+def test_cayley_keeps_only_its_output():
+    params = torch.randn(4, 6, 6, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        blocks = gsf.cayley(params)
+    assert len(kept) == 1 and kept[0].untyped_storage().data_ptr() == blocks.untyped_storage().data_ptr()
+    params = params.detach().double().requires_grad_()
+    grad = torch.randn(4, 6, 6, dtype=torch.float64)
+    (got,) = torch.autograd.grad(gsf.cayley(params), params, grad)  # M recovered as (Q + I) / 2
+    eye = torch.eye(6, dtype=torch.float64)
+    k = gsf.skew(params)
+    (want,) = torch.autograd.grad((eye + k) @ torch.linalg.inv(eye - k), params, grad)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "forward_mode", "side"),
+    [("down.attn1.to_out.0", "auto", "weight"), ("down.attn1.to_q", "auto", None),
+     ("down.attn1.to_out.0", "activation", "activation")],
+)  # fmt: skip
+def test_weight_side_modules_train_on_the_weight_side(name, forward_mode, side):
+    """GSOFTConfig.weight_side_modules puts matching layers on the weight side under 'auto' (tokens many enough
+    for the activation side to be the faster one); an explicit forward_mode wins; results never change."""
+    config = GSOFTConfig(nblocks=4, weight_side_modules=("to_out.0",), forward_mode=forward_mode)
+    torch.manual_seed(0)
+    layer = GSOFTLinear(nn.Linear(16, 16).requires_grad_(False), config, name=name)
+    with torch.no_grad():
+        layer.gsoft_L.normal_(std=0.1)
+    x = torch.randn(4096, 16, requires_grad=True)
+    assert layer.forward_side(x) == (side or choose_forward_side(4096, 16, 16, False, True, "cpu"))
+    y = layer(x)
+    layer.forward_mode = "activation" if layer.forward_side(x) == "weight" else "weight"
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)

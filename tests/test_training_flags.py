@@ -228,3 +228,23 @@ def test_text_encoder_adapters_export_to_lora_exactly(text_run, tmp_path, layout
     base_out, merged, lora = outputs
     assert (merged - base_out).abs().max() > 1e-4
     torch.testing.assert_close(lora, merged, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "flags", "expected"),
+    [("sd", [], ("to_out.0",)), ("sdxl", [], ("to_out.0",)), ("sd3", [], ()), ("flux", [], ()),
+     ("sd", ["--gsoft_weight_side_modules", "none"], ()),
+     ("flux", ["--gsoft_weight_side_modules", "attn.to_out.0", "attn.to_add_out"],
+      ("attn.to_out.0", "attn.to_add_out"))],
+)  # fmt: skip
+@pytest.mark.parametrize("adapter", ["gsoft", "double_gsoft", "boft"])
+def test_weight_side_modules_default_to_the_family_s(tmp_path, family, flags, expected, adapter):
+    """The UNet families' to_out.0 (its output feeds the residual sum, nothing keeps it) trains on the weight side;
+    the transformers' gated outputs are kept anyway, so nothing is forced there; the flag overrides both."""
+    from dreambooth_gs import families, methods
+
+    argv = ["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks",
+            "--output_dir", str(tmp_path / "out"), "--adapter", adapter, *flags]  # fmt: skip
+    options = models.family_options(parse_args(argv), families.get(family))
+    _, config = methods.for_options(options)
+    assert config.weight_side_modules == expected
