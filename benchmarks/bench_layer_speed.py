@@ -18,12 +18,19 @@ GSOFT r=32 (auto and both explicit sides) against PEFT's LoRA r=16 and OFT with 
 torch thread by default, into docs/benchmarks.md only (layer_speed_flux markers). Each call takes seconds on one
 CPU thread: use few rounds and one repeat (``--rounds 7 --repeats 1``, about 4 minutes).
 
+``--device cuda`` times the same SD cases on the GPU (modules and tensors there, ``torch.cuda.synchronize()`` before
+and after each timed call: CUDA calls return before their kernels finish) into docs/benchmarks.md only
+(layer_speed_cuda markers; with ``--bf16``, bf16 autocast as the trainer's ``--mixed_precision bf16`` runs it, the
+layer_speed_cuda_bf16 markers). ``--bf16`` on the CPU prints only.
+
     python benchmarks/bench_layer_speed.py [--shapes sd|sdxl|flux] [--rounds 7] [--repeats 5] [--threads N] [--no-write]
+    python benchmarks/bench_layer_speed.py --device cuda [--bf16] [--rounds 15] [--repeats 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -177,47 +184,66 @@ def methods_for(linear: nn.Linear, shapes: str = "sd") -> dict[str, nn.Module]:
         }
 
 
-def step_time(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, repeats: int) -> float:
-    """Median seconds of forward + backward (output gradient ``grad_out``) over ``repeats`` calls."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a CUDA call returns before its work is done, a timing must not."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_time(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, repeats: int, bf16: bool = False) -> float:
+    """Median seconds of forward + backward (output gradient ``grad_out``) over ``repeats`` calls, the forward under
+    bf16 autocast if ``bf16``."""
     times = []
     for _ in range(repeats):
         x.grad = None
         module.zero_grad(set_to_none=True)
+        synchronize(x.device)
         start = time.perf_counter()
-        out = module(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = module(x)
         if out.requires_grad:  # the frozen floor on a frozen input has no backward at all
-            out.backward(grad_out if out.shape == grad_out.shape else torch.ones_like(out))
+            grad = grad_out if out.shape == grad_out.shape else torch.ones_like(out)
+            out.backward(grad.to(out.dtype))  # bf16 autocast: the output is bf16, so is the gradient it receives
+        synchronize(x.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def run_case(
-    case: Case, rounds: int, repeats: int, shapes: str = "sd", loads: list[tuple[float, float, float]] | None = None
+    case: Case,
+    rounds: int,
+    repeats: int,
+    shapes: str = "sd",
+    loads: list[tuple[float, float, float]] | None = None,
+    device: str = "cpu",
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Median seconds per method; appends the load average after each round to ``loads`` when given."""
     torch.manual_seed(0)
-    linear = nn.Linear(case.in_features, case.out_features)
-    x = torch.randn(case.input_shape, requires_grad=case.input_grad)
-    grad_out = torch.randn(*case.input_shape[:-1], case.out_features)
+    linear = nn.Linear(case.in_features, case.out_features).to(device)
+    x = torch.randn(case.input_shape).to(device).requires_grad_(case.input_grad)  # drawn on the CPU: same values
+    grad_out = torch.randn(*case.input_shape[:-1], case.out_features).to(device)
     methods = methods_for(linear, shapes)
     for module in methods.values():  # warm-up
-        step_time(module, x, grad_out, 2)
+        step_time(module, x, grad_out, 2, bf16)
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(rounds):  # interleaved rounds
         for name, module in methods.items():
-            samples[name].append(step_time(module, x, grad_out, repeats))
+            samples[name].append(step_time(module, x, grad_out, repeats, bf16))
         if loads is not None:
             loads.append(os.getloadavg())
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def auto_side(case: Case) -> str:
-    """The side ``forward_mode='auto'`` picks for this shape while training."""
+def auto_side(case: Case, device: str = "cpu") -> str:
+    """The side ``forward_mode='auto'`` picks for this shape while training (on ``device``: its constant)."""
     layer = ours(nn.Linear(case.in_features, case.out_features), nblocks=NBLOCKS)[0]
-    return layer.forward_side(torch.empty(case.input_shape))
+    return layer.forward_side(torch.empty(case.input_shape, device=device))
 
 
-def table(results: dict[Case, dict[str, float]], reference: str = "PEFT LoRA r=4") -> tuple[str, list[str]]:
+def table(
+    results: dict[Case, dict[str, float]], reference: str = "PEFT LoRA r=4", device: str = "cpu"
+) -> tuple[str, list[str]]:
     """The per-case tables (ratios to ``reference`` and to PEFT OFT) and one line per goal check."""
     lines, checks = [], []
     short = reference.removeprefix("PEFT ")
@@ -231,7 +257,8 @@ def table(results: dict[Case, dict[str, float]], reference: str = "PEFT LoRA r=4
         grad = "input requires grad" if case.input_grad else "input needs no grad (text), floor is forward only"
         batch = "" if case.batch is None else f"batch {case.batch} x "
         lines += [
-            f"**{batch}{case.tokens} tokens x {features}** (forward + backward, {grad}; auto side: {auto_side(case)})",
+            f"**{batch}{case.tokens} tokens x {features}** (forward + backward, {grad}; auto side: "
+            f"{auto_side(case, device)})",
             "",
             f"| method | median ms | / {short} | / OFT r={NBLOCKS} |",
             "|---|---:|---:|---:|",
@@ -266,6 +293,36 @@ def unet_sum(results: dict[Case, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def section_name(shapes: str, device: str, bf16: bool) -> str:
+    """The markers a run writes between: the CPU's per shape set (fp32), CUDA's with a suffix per precision."""
+    if device == "cpu":
+        return SECTIONS[shapes]
+    return f"{SECTIONS[shapes]}_cuda{'_bf16' if bf16 else ''}"
+
+
+def device_words(device: str, bf16: bool) -> str:
+    """'' on the CPU in fp32 (the titles as they were), else where and in what precision, for a title."""
+    if device == "cpu":
+        return " (bf16 autocast)" if bf16 else ""
+    return f" on CUDA ({torch.cuda.get_device_name()}, {'bf16 autocast' if bf16 else 'fp32'})"
+
+
+def cuda_note(device: str) -> str:
+    if device != "cuda":
+        return ""
+    return (
+        f" Each call is timed from `torch.cuda.synchronize()` to `torch.cuda.synchronize()` (kernel launches "
+        f"included); torch {torch.__version__}, CUDA {torch.version.cuda}, TF32 for fp32 matmuls "
+        f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}."
+    )
+
+
+def command_flags(args: argparse.Namespace) -> str:
+    flags = "" if args.shapes == "sd" else f" --shapes {args.shapes}"
+    flags += "" if args.device == "cpu" else f" --device {args.device}"
+    return flags + (" --bf16" if args.bf16 else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (median over rounds)")
@@ -284,21 +341,44 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"{THREADS_HELP}; with --shapes sd the default is torch's own, as the README's table was measured",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where modules and tensors live; cuda writes its own section of docs/benchmarks.md, never README.md's",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast around the forward (fp32 parameters); print-only on the CPU"
+    )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    section = section_name(args.shapes, args.device, args.bf16)
+    paths = [ROOT / "docs" / "benchmarks.md"] + ([ROOT / "README.md"] if section == "layer_speed" else [])
+    if not args.no_write:
+        if args.bf16 and args.device == "cpu":
+            parser.error("--bf16 on the CPU is print-only (the CPU sections are fp32): add --no-write")
+        missing = [str(path.relative_to(ROOT)) for path in paths if f"<!-- {section}:begin -->" not in path.read_text()]
+        if missing:  # before the timing, not after it
+            parser.error(f"{', '.join(missing)} has no {section} markers: add them, or pass --no-write")
     threads = args.threads if args.threads is not None else (None if args.shapes == "sd" else 1)
     if threads is not None:
         torch.set_num_threads(threads)
     loads: list[tuple[float, float, float]] = []
-    results = {case: run_case(case, args.rounds, args.repeats, args.shapes, loads) for case in SHAPE_SETS[args.shapes]}
-    tables, checks = table(results, REFERENCES[args.shapes])
+    results = {
+        case: run_case(case, args.rounds, args.repeats, args.shapes, loads, args.device, args.bf16)
+        for case in SHAPE_SETS[args.shapes]
+    }
+    tables, checks = table(results, REFERENCES[args.shapes], args.device)
     goals = "Goals (issue 2)"
+    where = device_words(args.device, args.bf16)
     if args.shapes == "sd":
-        title = f"### One projection: GSOFT vs PEFT LoRA / OFT ({machine_line()})"
+        title = f"### One projection{where}: GSOFT vs PEFT LoRA / OFT ({machine_line()})"
         shapes = ""
     elif args.shapes == "flux":
         title = (
-            "### One projection at FLUX.1's width (3072, 4096 image + 512 text tokens): GSOFT vs PEFT LoRA r=16 / "
-            f"OFT ({machine_line()})"
+            f"### One projection{where} at FLUX.1's width (3072, 4096 image + 512 text tokens): GSOFT vs PEFT LoRA "
+            f"r=16 / OFT ({machine_line()})"
         )
         shapes = (
             " One nn.Linear(3072, 3072) with bias, x of shape (1, 4608, 3072): a 1024 px latent's 64x64 = 4096 image "
@@ -311,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         goals = "Issue 2's bound, 1.10x (set there against LoRA r=4 and OFT r=32 on SD), against LoRA r=16 here"
     else:
-        title = f"### One projection at SDXL's shapes (1024 px): GSOFT vs PEFT LoRA / OFT ({machine_line()})"
+        title = f"### One projection{where} at SDXL's shapes (1024 px): GSOFT vs PEFT LoRA / OFT ({machine_line()})"
         shapes = (
             " Shapes of one 1024 px latent (batch 1, tokens flattened into rows as in the SD table, whose 8192 and "
             "512 tokens are two 512 px latents): self- and cross-attention to_q / to_k / to_v / to_out.0 at 64x64 "
@@ -322,9 +402,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     body = (
         f"{title}\n\n"
-        f"Written by `benchmarks/bench_layer_speed.py{'' if args.shapes == 'sd' else ' --shapes ' + args.shapes}`: "
+        f"Written by `benchmarks/bench_layer_speed.py{command_flags(args)}`: "
         f"forward + backward of one projection with a dense random "
-        f"output gradient, medians of {args.rounds} interleaved rounds of {args.repeats} calls each.{shapes}\n\n"
+        f"output gradient, medians of {args.rounds} interleaved rounds of {args.repeats} calls each.{shapes}"
+        f"{cuda_note(args.device)}\n\n"
         + tables
         + unet_sum(results)
         + f"\n{goals}:\n\n"
@@ -333,9 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(body)
     if not args.no_write:
-        paths = [ROOT / "docs" / "benchmarks.md"] + ([ROOT / "README.md"] if args.shapes == "sd" else [])
         for path in paths:
-            replace_section(path, SECTIONS[args.shapes], body)
+            replace_section(path, section, body)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class StepRunner:
             prediction = self.model(b.latents, b.timesteps, b.context).sample
         return F.mse_loss(prediction.float(), b.target)
 
-    def __call__(self, pack_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    def __call__(self, pack_hook: Callable[[torch.Tensor], torch.Tensor] | None = None, backward: bool = True) -> float:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         self.batch.latents.grad = None
@@ -122,6 +122,8 @@ class StepRunner:
             hooks = torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda tensor: tensor)
         with hooks:
             loss = self.forward_loss()
+        if not backward:  # the forward alone (saved-tensor counts): the graph is freed with ``loss``
+            return loss.item()
         loss.backward()
         if self.optimizer is not None:
             self.optimizer.step()
@@ -130,10 +132,22 @@ class StepRunner:
         return loss.item()
 
 
-def saved_tensor_bytes(runner: StepRunner) -> int:
+def device_name(device: str) -> str:
+    return f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else device
+
+
+def frozen_base(args: argparse.Namespace, device: str | None = None, fill: str = "uniform") -> nn.Module:
+    """The random-weight base UNet; with --bf16 its frozen weights are bf16, as the trainer keeps them under mixed
+    precision (fp32 weights under autocast would add a bf16 copy of every weight to the saved tensors)."""
+    unet = build_unet(args.size, device=device or args.device, seed=0, fill=fill)
+    return unet.to(torch.bfloat16) if args.bf16 else unet
+
+
+def saved_tensor_bytes(runner: StepRunner, backward: bool = True) -> int:
     """Bytes of the distinct storages autograd saves for backward in one step, parameters and buffers excluded.
 
-    The step is a real one (optimizer included), so this doubles as the warm-up step.
+    The step is a real one (optimizer included), so this doubles as the warm-up step. ``backward=False`` runs the
+    forward only: autograd saves everything during the forward, so the count is the same, at a third of the cost.
     """
     model = runner.model
     excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -145,7 +159,7 @@ def saved_tensor_bytes(runner: StepRunner) -> int:
             storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
         return tensor
 
-    runner(pack_hook=pack)
+    runner(pack_hook=pack, backward=backward)
     return sum(storages.values())
 
 
@@ -162,7 +176,7 @@ def adapter_state_bytes(params: list[nn.Parameter]) -> int:
 def rss_child(args: argparse.Namespace) -> None:
     """Build the UNet, reset the RSS high-water mark, run two steps of one method; print JSON."""
     method = BY_LABEL[args.rss_child]
-    unet = build_unet(args.size, seed=0, fill="constant")
+    unet = frozen_base(args, device="cpu", fill="constant")
     params = apply_method(unet, method)
     runner = StepRunner(unet, params, make_batch(args.batch, args.latent, "cpu"), args.bf16)
     before = status_kib("VmRSS")
@@ -462,6 +476,7 @@ def results_table(
     saved: dict[str, int],
     state: dict[str, int],
     rss: dict[str, dict[str, int]],
+    device: str = "cpu",
 ) -> str:
     ref, floor = REFERENCE.label, FLOOR.label
     rows = []
@@ -502,15 +517,21 @@ def results_table(
     ]
     if rss:
         header += ["peak RSS (GiB)", "RSS - floor (MiB)", "RSS / LoRA r=4"]
+        if device == "cuda":  # the CUDA allocator's peak, all methods' parameters and optimizer states resident
+            header[-3:] = ["peak CUDA memory (GiB)", "peak - floor (MiB)", "peak / LoRA r=4"]
     return markdown_table(header, rows)
 
 
-def goals_text(samples: dict[str, Samples], saved: dict[str, int], rss: dict[str, dict[str, int]]) -> str:
+def goals_text(
+    samples: dict[str, Samples], saved: dict[str, int], rss: dict[str, dict[str, int]], device: str = "cpu"
+) -> str:
+    """The goals' verdicts; on CUDA the wall clock alone (the process's CPU time is host time there)."""
     lines = []
+    memory = "peak CUDA memory" if device == "cuda" else "peak RSS"
     for method, reference, limit in TIME_GOALS:
         if method.label in samples and reference.label in samples:
             wall = per_round_ratio(samples, method.label, reference.label)
-            cpu = per_round_ratio(samples, method.label, reference.label, "cpu")
+            cpu = wall if device == "cuda" else per_round_ratio(samples, method.label, reference.label, "cpu")
             verdict = "met" if max(wall, cpu) <= limit else "MISSED"
             if verdict == "MISSED" and min(wall, cpu) <= limit:
                 verdict = "met on one clock only"
@@ -537,7 +558,7 @@ def goals_text(samples: dict[str, Samples], saved: dict[str, int], rss: dict[str
     if method.label in rss and reference.label in rss:
         ratio = rss[method.label]["peak_kib"] / rss[reference.label]["peak_kib"]
         lines.append(
-            f"- memory {method.label} / {reference.label}, peak RSS: {ratio:.3f}; goal <= {limit}: "
+            f"- memory {method.label} / {reference.label}, {memory}: {ratio:.3f}; goal <= {limit}: "
             f"{'met' if ratio <= limit else 'MISSED'}"
         )
     return "\n".join(lines)
@@ -579,6 +600,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     parser.add_argument(
+        "--saved-only",
+        action="store_true",
+        help="only the autograd-saved tensors, from one forward per method (exact, no timing, no RSS): the "
+        "paper's setting, --latent 64 --batch 4, in minutes on a CPU; its own section",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="instead: per-layer timings, op profile, saved tensors per layer"
     )
     parser.add_argument("--size", default="sd2", choices=("sd2", "mid"), help="UNet architecture")
@@ -610,10 +637,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         run_profile(args)
         return
+    if args.saved_only:
+        saved_only(args)
+        return
     methods = QUICK_METHODS if args.quick else PAPER_METHODS if args.methods == "paper" else ALL_METHODS
     torch.manual_seed(0)
     print(f"building the {args.size} UNet ({args.device}) ...", flush=True)
-    base = build_unet(args.size, device=args.device)
+    base = frozen_base(args)
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     batch = make_batch(args.batch, args.latent, args.device)
     runners: dict[str, StepRunner] = {}
@@ -640,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
     setting = (
         f"{args.size} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, cross-attention from "
         f"{CONTEXT_TOKENS} tokens of width {CONTEXT_WIDTH}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-        f"{args.device} ({machine_line()})"
+        f"{device_name(args.device)} ({machine_line()})"
     )
     parts = [
         f"### Training step: {setting}",
@@ -661,11 +691,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Timing {timing_load}.",
         "",
-        results_table(methods, samples, saved, state, rss),
+        results_table(methods, samples, saved, state, rss, args.device),
         "",
         "Goals (issues 5 and 19):",
         "",
-        goals_text(samples, saved, rss),
+        goals_text(samples, saved, rss, args.device),
     ]
     title = f"{args.size} UNet training step ({args.device}, {args.latent}x{args.latent} latents, batch {args.batch})"
     section = "unet_step_gpu" if args.device == "cuda" else "unet_step"
@@ -679,6 +709,53 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
     if not args.no_write:
         replace_section(DOCS, section, body)
+
+
+def saved_only(args: argparse.Namespace) -> None:
+    """--saved-only: one forward per method under the saved-tensor hooks; a table and the saved-memory goals."""
+    methods = QUICK_METHODS if args.quick else PAPER_METHODS if args.methods == "paper" else ALL_METHODS
+    torch.manual_seed(0)
+    print(f"building the {args.size} UNet ({args.device}) ...", flush=True)
+    base = frozen_base(args, fill="constant")
+    batch = make_batch(args.batch, args.latent, args.device)
+    saved: dict[str, int] = {}
+    state: dict[str, int] = {}
+    for method in methods:
+        model = shared_copy(base)
+        params = apply_method(model, method)
+        saved[method.label] = saved_tensor_bytes(StepRunner(model, params, batch, args.bf16), backward=False)
+        state[method.label] = adapter_state_bytes(params)
+        print(f"  {method.label}: {saved[method.label] / 2**20:.0f} MiB saved", flush=True)
+        del model, params
+    reference = saved[LORA[0].label]
+    rows = [
+        [m.label, f"{saved[m.label] / 2**20:.0f}", f"{saved[m.label] / reference:.3f}", f"{state[m.label] / 2**20:.0f}"]
+        for m in methods
+    ]
+    setting = (
+        f"{args.size} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, cross-attention from "
+        f"{CONTEXT_TOKENS} tokens of width {CONTEXT_WIDTH}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+        f"{device_name(args.device)} ({machine_line()})"
+    )
+    body = "\n".join(
+        [
+            f"### Autograd-saved memory of one training step: {setting}",
+            "",
+            "Written by `benchmarks/bench_unet_step.py --saved-only`: one forward per method (fp32 MSE loss "
+            "included) under `torch.autograd.graph.saved_tensors_hooks`, the distinct storages autograd keeps for "
+            "backward summed (frozen weights excluded). Autograd saves everything in the forward, so this is the "
+            "step's count exactly, without the backward; no timing and no RSS here.",
+            "",
+            markdown_table(["method", "saved tensors (MiB)", "saved / LoRA r=4", "adapter state (MiB)"], rows),
+            "",
+            "Goals (issue 19):",
+            "",
+            goals_text({}, saved, {}),
+        ]
+    )
+    print(body)
+    if not args.no_write:
+        replace_section(DOCS, f"unet_step_saved_latent{args.latent}_batch{args.batch}", body)
 
 
 if __name__ == "__main__":
