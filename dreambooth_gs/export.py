@@ -42,6 +42,10 @@ class MergedPipeline:
     base_model: str
     base: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]]  # (component, module) -> (weight, bias)
 
+    def linear(self, component: str, module: str) -> nn.Linear:
+        """The adapted (merged) Linear ``component.module`` of the pipeline."""
+        return _linear(self.pipeline, component, module)
+
 
 def adapted_modules(
     document: dict[str, Any], adapter_dir: str | os.PathLike, denoiser: str = "unet"
@@ -117,7 +121,7 @@ def module_deltas(merged: MergedPipeline) -> list[ModuleDelta]:
     """``W_merged - W_base`` (and the bias change) of every adapted module, in float64."""
     deltas = []
     for (component, module), (weight, bias) in merged.base.items():
-        layer = _linear(merged.pipeline, component, module)
+        layer = merged.linear(component, module)
         new_bias = None if layer.bias is None else layer.bias.detach().double()
         bias_delta = None if bias is None or new_bias is None else new_bias - bias.double()
         deltas.append(ModuleDelta(component, module, layer.weight.detach().double() - weight.double(), bias_delta))

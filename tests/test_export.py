@@ -329,3 +329,27 @@ def test_cli_writes_and_prints_the_report(tmp_path, adapters, capsys):
     printed = capsys.readouterr().out
     assert "total relative error" in printed and f"wrote {tmp_path / 'lora'}" in printed
     assert "| module | shape | rank |" in (tmp_path / "lora" / REPORT_MD).read_text()
+
+
+@pytest.mark.parametrize("method", ["lora", "gsoft"])
+def test_error_benchmark_on_a_trained_adapter(tmp_path, base_pipe, adapters, method):
+    """benchmarks/export_lora_error.py --adapter_dir: weight and sample errors fall to zero at full rank, and a
+    rank-4 LoRA adapter is reproduced exactly from rank 4 on (its change has rank 4)."""
+    from benchmarks import export_lora_error as bench
+
+    folder, _ = adapters(method)
+    args = bench.parse_args(["--adapter_dir", str(folder), "--prompt", "a sks dog", "--seeds", "2",
+                             "--num_inference_steps", "2", "--images_dir", str(tmp_path),
+                             "--threads", "1"])  # fmt: skip
+    curve = bench.measure_trained(folder, None, args)
+    assert curve.ranks[0] == 1 and curve.ranks[-1] == 64  # the tiny UNet's widest projection, 64 x 64
+    assert all(a >= b - 1e-12 for a, b in zip(curve.weight_errors, curve.weight_errors[1:]))
+    assert curve.weight_errors[0] > 0.1 and curve.weight_errors[-1] < 1e-9
+    assert curve.image_errors[-1] < 1e-3 < curve.image_errors[0]
+    if method == "lora":
+        rank4 = curve.ranks.index(4)  # float32 rounding of the merged weights is all that is left at rank 4
+        assert curve.weight_errors[rank4] < 1e-6 < 0.01 < curve.weight_errors[rank4 - 1]
+        assert curve.image_errors[rank4] < 1e-3
+    torch.testing.assert_close(curve.samples["base model"], bench.draw(base_pipe, "a sks dog", 2, 2, 5.0))
+    bench.save_sample_grid(curve, tmp_path)
+    assert (tmp_path / f"export_lora_samples_{method}.jpg").is_file()
