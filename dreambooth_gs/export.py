@@ -257,7 +257,8 @@ def _check_kohya_family(adapter_dir: str | os.PathLike, base_model: str | None) 
     if family is not None and family.denoiser_name != "unet":
         raise ValueError(
             f"--lora_format kohya is the UNet families' layout; a {family.pipeline_classes[0]} LoRA is written in "
-            "the diffusers layout (--lora_format diffusers, what its pipeline's load_lora_weights reads)"
+            "the diffusers layout (--lora_format diffusers: its pipeline's load_lora_weights and ComfyUI, which maps "
+            "transformer.* keys, read it)"
         )
 
 
