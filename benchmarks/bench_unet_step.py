@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     DOUBLE,
     FLOOR,
     GSOFT,
+    GSOFT_WEIGHT_SIDE_OUT,
     IMAGES,
     LORA,
     PEFT_BOFT,
@@ -68,7 +69,7 @@ QUICK_RSS_METHODS = [GSOFT[0]]
 CONTEXT_TOKENS, CONTEXT_WIDTH = 77, 1024
 
 # The side-by-side set of the paper's setting (64x64 latents, batch 4): PEFT's LoRA and OFT, the GS-core BOFT.
-PAPER_METHODS = [FLOOR, LORA[0], PEFT_OFT, BOFT[0], GSOFT[0], DOUBLE[0]]
+PAPER_METHODS = [FLOOR, LORA[0], PEFT_OFT, BOFT[0], GSOFT[0], GSOFT_WEIGHT_SIDE_OUT, DOUBLE[0]]
 # The goals (issues 5 and 19), as (method, reference, largest allowed ratio).
 TIME_GOALS = [(GSOFT[0], LORA[0], 1.05), (GSOFT[0], BOFT[0], 0.60), (DOUBLE[0], LORA[0], 1.15)]
 SAVED_GOALS = [(GSOFT[0], LORA[0], 1.10), (DOUBLE[0], LORA[0], 1.20)]
@@ -615,13 +616,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods",
         default="all",
         choices=("all", "paper"),
-        help="all: every Table 2 row and the PEFT baselines; paper: floor, LoRA r=4, OFT, BOFT (32,4), GSOFT r=32, "
-        "Double GSOFT r=64 (the side-by-side set for the paper's setting, --latent 64 --batch 4)",
+        help="all: every Table 2 row and the PEFT baselines; paper: floor, LoRA r=4, OFT, BOFT (32,4), GSOFT r=32 "
+        "(also with --gsoft_weight_side_modules to_out.0), Double GSOFT r=64 (the side-by-side set for the "
+        "paper's setting, --latent 64 --batch 4)",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (adapter parameters stay fp32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: peak memory from the CUDA allocator)")
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--saved-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.latent, args.rounds, args.no_write = "mid", 8, 1, True
@@ -636,6 +639,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.profile:
         run_profile(args)
+        return
+    if args.saved_child:
+        saved_child(args)
         return
     if args.saved_only:
         saved_only(args)
@@ -711,27 +717,55 @@ def main(argv: list[str] | None = None) -> None:
         replace_section(DOCS, section, body)
 
 
-def saved_only(args: argparse.Namespace) -> None:
-    """--saved-only: one forward per method under the saved-tensor hooks; a table and the saved-memory goals."""
-    methods = QUICK_METHODS if args.quick else PAPER_METHODS if args.methods == "paper" else ALL_METHODS
-    torch.manual_seed(0)
-    print(f"building the {args.size} UNet ({args.device}) ...", flush=True)
+def saved_child(args: argparse.Namespace) -> None:
+    """--saved-child LABEL: build the UNet, one forward of that method under the hooks; print JSON."""
+    method = BY_LABEL[args.saved_child]
     base = frozen_base(args, fill="constant")
-    batch = make_batch(args.batch, args.latent, args.device)
+    params = apply_method(base, method)
+    runner = StepRunner(base, params, make_batch(args.batch, args.latent, args.device), args.bf16)
+    saved = saved_tensor_bytes(runner, backward=False)
+    print(json.dumps({"saved": saved, "state": adapter_state_bytes(params), "peak_kib": status_kib("VmHWM")}))
+
+
+def saved_in_child(method: Method, args: argparse.Namespace) -> dict[str, int] | None:
+    """One method's saved bytes from a fresh process (no method inherits another's freed-but-held memory);
+    None when the process dies (e.g. killed for memory)."""
+    command = [sys.executable, __file__, "--saved-child", method.label, "--size", args.size, "--device", args.device]
+    command += ["--latent", str(args.latent), "--batch", str(args.batch), "--threads", str(args.threads)]
+    command += ["--bf16"] if args.bf16 else []
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"  {method.label}: the child process failed (exit {done.returncode}): {done.stderr[-300:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def saved_only(args: argparse.Namespace) -> None:
+    """--saved-only: one forward per method under the saved-tensor hooks, each in its own process; a table and the
+    saved-memory goals."""
+    methods = QUICK_METHODS if args.quick else PAPER_METHODS if args.methods == "paper" else ALL_METHODS
     saved: dict[str, int] = {}
     state: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    failed: list[str] = []
     for method in methods:
-        model = shared_copy(base)
-        params = apply_method(model, method)
-        saved[method.label] = saved_tensor_bytes(StepRunner(model, params, batch, args.bf16), backward=False)
-        state[method.label] = adapter_state_bytes(params)
+        result = saved_in_child(method, args)
+        if result is None:
+            failed.append(method.label)
+            continue
+        saved[method.label], state[method.label], peaks[method.label] = (
+            result["saved"],
+            result["state"],
+            result["peak_kib"],
+        )
         print(f"  {method.label}: {saved[method.label] / 2**20:.0f} MiB saved", flush=True)
-        del model, params
+    methods = [m for m in methods if m.label in saved]
     reference = saved[LORA[0].label]
     rows = [
-        [m.label, f"{saved[m.label] / 2**20:.0f}", f"{saved[m.label] / reference:.3f}", f"{state[m.label] / 2**20:.0f}"]
+        [m.label, f"{saved[m.label] / 2**20:.0f}", f"{saved[m.label] / reference:.3f}", f"{state[m.label] / 2**20:.0f}",
+         f"{peaks[m.label] / 2**20:.1f}"]
         for m in methods
-    ]
+    ]  # fmt: skip
     setting = (
         f"{args.size} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, cross-attention from "
         f"{CONTEXT_TOKENS} tokens of width {CONTEXT_WIDTH}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
@@ -744,9 +778,30 @@ def saved_only(args: argparse.Namespace) -> None:
             "Written by `benchmarks/bench_unet_step.py --saved-only`: one forward per method (fp32 MSE loss "
             "included) under `torch.autograd.graph.saved_tensors_hooks`, the distinct storages autograd keeps for "
             "backward summed (frozen weights excluded). Autograd saves everything in the forward, so this is the "
-            "step's count exactly, without the backward; no timing and no RSS here.",
+            "step's count exactly, without the backward. Each method runs in its own process; the last column is "
+            "that process's peak RSS (weights, the forward's saved tensors and temporaries; no backward, no "
+            "optimizer), not the training step's.",
             "",
-            markdown_table(["method", "saved tensors (MiB)", "saved / LoRA r=4", "adapter state (MiB)"], rows),
+            markdown_table(
+                [
+                    "method",
+                    "saved tensors (MiB)",
+                    "saved / LoRA r=4",
+                    "adapter state (MiB)",
+                    "forward's peak RSS (GiB)",
+                ],
+                rows,
+            ),
+            *(
+                [
+                    "",
+                    "Killed (the child process died, on this machine: out of memory) before its count: "
+                    + ", ".join(failed)
+                    + ".",
+                ]
+                if failed
+                else []
+            ),
             "",
             "Goals (issue 19):",
             "",

@@ -164,7 +164,7 @@ class Method:
 
     label: str
     kind: str  # floor | full | gsoft | double_gsoft | boft | lora | oft | peft_boft_fallback
-    options: dict[str, int] = field(default_factory=dict)  # oft: block_size, or nblocks (PEFT's r)
+    options: dict[str, Any] = field(default_factory=dict)  # oft: block_size, or nblocks (PEFT's r)
     paper_millions: float | None = None
 
 
@@ -180,6 +180,10 @@ DOUBLE = [
     Method(f"Double GSOFT r={r}", "double_gsoft", {"nblocks": r}, paper)
     for r, paper in ((64, 6.5), (32, 13.0), (16, 25.9))
 ]
+# GSOFT r=32 with --gsoft_weight_side_modules to_out.0: the memory option (its to_out.0 always on the weight side)
+GSOFT_WEIGHT_SIDE_OUT = Method(
+    "GSOFT r=32, to_out.0 on the weight side", "gsoft", {"nblocks": 32, "weight_side_modules": ("to_out.0",)}
+)
 PEFT_OFT = Method("OFT b=32 (PEFT)", "oft", {"block_size": 32})
 PEFT_OFT_32_BLOCKS = Method("OFT r=32 blocks (PEFT)", "oft", {"nblocks": 32})  # the layer benchmark's OFT
 PEFT_BOFT = Method(
@@ -189,7 +193,7 @@ PEFT_BOFT = Method(
 )
 TABLE_2 = [*LORA, *BOFT, *GSOFT, *DOUBLE, FULL]
 ALL_METHODS = [FLOOR, *TABLE_2, PEFT_OFT, PEFT_BOFT]
-BY_LABEL = {m.label: m for m in ALL_METHODS}
+BY_LABEL = {m.label: m for m in [*ALL_METHODS, GSOFT_WEIGHT_SIDE_OUT]}
 REFERENCE = LORA[0]  # LoRA r=4: the yardstick
 
 
@@ -202,7 +206,6 @@ def apply_method(model: nn.Module, method: Method, targets: tuple[str, ...] = TA
 
     from dreambooth_gs import GSOFTConfig, inject_adapter, trainable_parameters
     from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
-    from dreambooth_gs.config import UNET_WEIGHT_SIDE_MODULES
 
     model.requires_grad_(False)
     with warnings.catch_warnings():
@@ -212,8 +215,7 @@ def apply_method(model: nn.Module, method: Method, targets: tuple[str, ...] = TA
         if method.kind == "full":
             return unshare_projections(model, requires_grad=True, targets=targets)
         if method.kind in ("gsoft", "double_gsoft", "boft"):
-            options = {"weight_side_modules": UNET_WEIGHT_SIDE_MODULES, **method.options}  # the trainer's default
-            inject_adapter(model, GSOFTConfig(method=method.kind, target_modules=targets, **options))
+            inject_adapter(model, GSOFTConfig(method=method.kind, target_modules=targets, **method.options))
             return [p for _, p in trainable_parameters(model)]
         if method.kind == "oft" and "nblocks" in method.options:  # a block count: make_peft_config takes sizes
             config = OFTConfig(

@@ -11,10 +11,7 @@ METHODS = ("gsoft", "double_gsoft", "boft")
 PARAMETRIZATIONS = ("cayley", "exp")
 FORWARD_MODES = ("auto", "activation", "weight")
 DEFAULT_NBLOCKS = 32
-DEFAULT_BOFT_FACTORS = 4
-# The UNet families' attention projections whose output nothing downstream keeps (to_out.0 feeds the residual sum):
-# the trainer's default weight_side_modules there
-UNET_WEIGHT_SIDE_MODULES = ("to_out.0",)  # the paper's BOFT (32 blocks, 4 factors) row of Table 2
+DEFAULT_BOFT_FACTORS = 4  # the paper's BOFT (32 blocks, 4 factors) row of Table 2
 
 
 def divisors(n: int) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import baselines
-from .config import UNET_WEIGHT_SIDE_MODULES, GSOFTConfig
+from .config import GSOFTConfig
 from .full import FULL_METHOD, FullConfig, enable_full_finetuning, full_config, full_parameters
 from .injection import adapter_layers, inject_adapter, trainable_parameters
 
@@ -171,7 +171,7 @@ def _gs_config(method: str, options) -> GSOFTConfig:
 
 
 def weight_side_modules(options) -> tuple[str, ...]:
-    """--gsoft_weight_side_modules as GSOFTConfig takes it ('none': no module)."""
+    """--gsoft_weight_side_modules as GSOFTConfig takes it (unset or 'none': no module)."""
     names = options.gsoft_weight_side_modules or ()
     return () if [name.lower() for name in names] == ["none"] else tuple(names)
 
@@ -274,8 +274,6 @@ def for_options(options) -> tuple[Method, Any]:
     method = get(name)
     if options.target_modules is None:
         options = replace(options, target_modules=list(GSOFTConfig().target_modules))
-    if options.gsoft_weight_side_modules is None:
-        options = replace(options, gsoft_weight_side_modules=list(UNET_WEIGHT_SIDE_MODULES))
     return method, method.make_config(options)
 
 

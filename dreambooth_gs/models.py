@@ -178,8 +178,6 @@ def family_options(options: TrainingOptions, family: Family) -> TrainingOptions:
     changes = {}
     if options.target_modules is None:
         changes["target_modules"] = list(family.default_targets)
-    if options.gsoft_weight_side_modules is None:
-        changes["gsoft_weight_side_modules"] = list(family.weight_side_targets)
     if family.objective == "flow":
         for flag, value, ddpm_only in (
             ("--snr_gamma", options.snr_gamma, options.snr_gamma is not None),

@@ -138,9 +138,10 @@ class TrainingOptions:
         default=None,
         metadata=_help(
             "gsoft / double_gsoft / boft with --gsoft_forward_mode auto: modules (names or suffixes) trained on the "
-            "weight side whatever their shapes, because nothing downstream keeps their output and the activation "
-            "side would keep it for the scale's gradient. Default: the family's (SD / SDXL: to_out.0, whose output "
-            "feeds the residual sum; SD3 / Flux: none, their outputs are gated). 'none': no module."
+            "weight side whatever their shapes, a memory option: the activation side keeps each projection's output "
+            "for the scale's gradient, which costs memory where nothing downstream keeps it anyway (SD / SDXL: "
+            "to_out.0, whose output feeds the residual sum; SD3 / Flux gate theirs, which keeps it). The weight side "
+            "costs step time on small token counts (docs/benchmarks.md). Default: none."
         ),
     )
     rank: int = field(

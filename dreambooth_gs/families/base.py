@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..config import UNET_WEIGHT_SIDE_MODULES, GSOFTConfig
+from ..config import GSOFTConfig
 
 
 @dataclass
@@ -130,9 +130,6 @@ class Family:
     objective: str = "ddpm"  # "ddpm" (noise / v prediction) or "flow" (flow matching, see objectives.py)
     sampler: str = "DDIMScheduler"  # the diffusers scheduler validation and evaluation sample with
     default_targets: tuple[str, ...] = GSOFTConfig().target_modules  # the UNet's attention projections
-    # targets whose output nothing downstream keeps for backward (the UNet's to_out.0 feeds the residual sum): GS
-    # adapters train them on the weight side, which keeps only their input (GSOFTConfig.weight_side_modules)
-    weight_side_targets: tuple[str, ...] = UNET_WEIGHT_SIDE_MODULES
     text_encoder_names: tuple[str, ...] = ("text_encoder",)  # pipeline attributes, in order
     trainable_text_encoders: tuple[str, ...] = ("text_encoder",)  # those --train_text_encoder adapts (CLIP's)
     text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention

@@ -43,7 +43,6 @@ class FlowFamily(Family):
         "attn.add_v_proj",
         "attn.to_add_out",
     )
-    weight_side_targets = ()  # the joint blocks' outputs are gated (gate * out keeps out): nothing to save there
 
     def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
         import diffusers
