@@ -133,6 +133,19 @@ class StepRunner:
         return loss.item()
 
 
+def chosen_methods(args: argparse.Namespace) -> list[Method]:
+    return QUICK_METHODS if args.quick else PAPER_METHODS if args.methods == "paper" else ALL_METHODS
+
+
+def setting_line(args: argparse.Namespace) -> str:
+    """The measured setting, for a section title: UNet, latents, batch, context, precision, device, machine."""
+    return (
+        f"{args.size} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, cross-attention from "
+        f"{CONTEXT_TOKENS} tokens of width {CONTEXT_WIDTH}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+        f"{device_name(args.device)} ({machine_line()})"
+    )
+
+
 def device_name(device: str) -> str:
     return f"cuda ({torch.cuda.get_device_name()})" if device == "cuda" else device
 
@@ -187,11 +200,16 @@ def rss_child(args: argparse.Namespace) -> None:
     print(json.dumps({"rss_before_kib": before, "peak_kib": status_kib("VmHWM")}))
 
 
-def peak_rss(method: Method, args: argparse.Namespace) -> dict[str, int]:
-    command = [sys.executable, __file__, "--rss-child", method.label, "--size", args.size]
+def child_command(flag: str, method: Method, args: argparse.Namespace) -> list[str]:
+    """This script as a child process measuring ``method`` alone (``--rss-child`` / ``--saved-child``), with the
+    parent's UNet size, latents, batch, threads and precision."""
+    command = [sys.executable, __file__, flag, method.label, "--size", args.size]
     command += ["--latent", str(args.latent), "--batch", str(args.batch), "--threads", str(args.threads)]
-    command += ["--bf16"] if args.bf16 else []
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    return command + (["--bf16"] if args.bf16 else [])
+
+
+def peak_rss(method: Method, args: argparse.Namespace) -> dict[str, int]:
+    done = subprocess.run(child_command("--rss-child", method, args), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"RSS child for {method.label} failed:\n{done.stderr[-2000:]}")
     print(f"  peak RSS measured: {method.label}", flush=True)
@@ -646,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.saved_only:
         saved_only(args)
         return
-    methods = QUICK_METHODS if args.quick else PAPER_METHODS if args.methods == "paper" else ALL_METHODS
+    methods = chosen_methods(args)
     torch.manual_seed(0)
     print(f"building the {args.size} UNet ({args.device}) ...", flush=True)
     base = frozen_base(args)
@@ -673,11 +691,7 @@ def main(argv: list[str] | None = None) -> None:
     elif not args.no_rss:
         rss = peak_rss_all(QUICK_RSS_METHODS if args.quick else methods, args)
 
-    setting = (
-        f"{args.size} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, cross-attention from "
-        f"{CONTEXT_TOKENS} tokens of width {CONTEXT_WIDTH}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-        f"{device_name(args.device)} ({machine_line()})"
-    )
+    setting = setting_line(args)
     parts = [
         f"### Training step: {setting}",
         "",
@@ -730,9 +744,7 @@ def saved_child(args: argparse.Namespace) -> None:
 def saved_in_child(method: Method, args: argparse.Namespace) -> dict[str, int] | None:
     """One method's saved bytes from a fresh process (no method inherits another's freed-but-held memory);
     None when the process dies (e.g. killed for memory)."""
-    command = [sys.executable, __file__, "--saved-child", method.label, "--size", args.size, "--device", args.device]
-    command += ["--latent", str(args.latent), "--batch", str(args.batch), "--threads", str(args.threads)]
-    command += ["--bf16"] if args.bf16 else []
+    command = child_command("--saved-child", method, args) + ["--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"  {method.label}: the child process failed (exit {done.returncode}): {done.stderr[-300:]}")
@@ -743,7 +755,7 @@ def saved_in_child(method: Method, args: argparse.Namespace) -> dict[str, int] |
 def saved_only(args: argparse.Namespace) -> None:
     """--saved-only: one forward per method under the saved-tensor hooks, each in its own process; a table and the
     saved-memory goals."""
-    methods = QUICK_METHODS if args.quick else PAPER_METHODS if args.methods == "paper" else ALL_METHODS
+    methods = chosen_methods(args)
     saved: dict[str, int] = {}
     state: dict[str, int] = {}
     peaks: dict[str, int] = {}
@@ -766,11 +778,7 @@ def saved_only(args: argparse.Namespace) -> None:
          f"{peaks[m.label] / 2**20:.1f}"]
         for m in methods
     ]  # fmt: skip
-    setting = (
-        f"{args.size} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, cross-attention from "
-        f"{CONTEXT_TOKENS} tokens of width {CONTEXT_WIDTH}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-        f"{device_name(args.device)} ({machine_line()})"
-    )
+    setting = setting_line(args)
     body = "\n".join(
         [
             f"### Autograd-saved memory of one training step: {setting}",

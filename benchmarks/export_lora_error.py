@@ -44,7 +44,7 @@ from benchmarks.common import IMAGES, build_unet, machine_line, markdown_table, 
 from dreambooth_gs import GSOFTConfig, adapter_layers, inject_adapter, remove_adapter  # noqa: E402
 from dreambooth_gs.export import MergedPipeline, load_merged, module_deltas  # noqa: E402
 from dreambooth_gs.lora_export import ModuleDelta  # noqa: E402
-from dreambooth_gs.lowrank import error_curve, low_rank, relative_error, singular_values  # noqa: E402
+from dreambooth_gs.lowrank import LowRank, error_curve, low_rank, relative_error, singular_values  # noqa: E402
 from dreambooth_gs.sampling import labeled_grid  # noqa: E402
 from dreambooth_gs.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 
@@ -77,6 +77,16 @@ def ranks_up_to(full: int) -> list[int]:
         ranks.append(r)
         r *= 2
     return ranks + [full]
+
+
+def lora_parameters(shapes: list[tuple[int, int]], rank: int) -> int:
+    """Numbers a LoRA of ``rank`` stores on modules of these ``(out, in)`` shapes (each capped at full rank)."""
+    return sum(min(rank, min(shape)) * (shape[0] + shape[1]) for shape in shapes)
+
+
+def equal_rank(parameters: int, shapes: list[tuple[int, int]]) -> float:
+    """The LoRA rank that stores as many numbers as ``parameters`` on modules of these shapes."""
+    return parameters / sum(sum(shape) for shape in shapes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,10 +150,10 @@ def random_main(args: argparse.Namespace) -> None:
     header = ["rank r", "LoRA parameters"] + [f"relative error, std {std:g}" for std in args.stds]
     rows = []
     for j, r in enumerate(ranks):
-        lora_params = sum(min(r, min(s)) * (s[0] + s[1]) for s in shapes)
+        lora_params = lora_parameters(shapes, r)
         label = f"{r} (full)" if r == full else str(r)
         rows.append([label, f"{lora_params / 1e6:.2f}M"] + [f"{curves[std][j]:.3f}" for std in args.stds])
-    equal = gsoft_params / sum(sum(s) for s in shapes)
+    equal = equal_rank(gsoft_params, shapes)
     print(f"GSOFT r={NBLOCKS} on SD-2-base's {len(layers)} attention projections ({gsoft_params / 1e6:.2f}M adapter "
           f"parameters, as many as a LoRA of rank {equal:.1f}), random weights and random adapter; "
           f"{machine_line()}\n")  # fmt: skip
@@ -164,7 +174,7 @@ def plot(ranks, curves: dict[float, list[float]], gsoft_params: int, shapes: lis
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for std, errors in curves.items():
         ax.plot(ranks, errors, marker="o", label=f"random GSOFT r={NBLOCKS}, std {std:g}")
-    equal = gsoft_params / sum(sum(s) for s in shapes)  # the rank whose LoRA stores as many numbers as GSOFT
+    equal = equal_rank(gsoft_params, shapes)
     ax.axvline(equal, color="gray", linestyle=":", label=f"LoRA with GSOFT's parameter count (r = {equal:.0f})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank per module (capped at min(out, in))")
@@ -213,16 +223,18 @@ def run_prompt(folder: Path) -> str:
     return info["instance_prompt"].replace("{class}", info.get("class_name") or "")
 
 
-def set_rank(merged: MergedPipeline, deltas: list[ModuleDelta], rank: int | None) -> None:
+def set_rank(merged: MergedPipeline, deltas: list[ModuleDelta], factors: list[LowRank], rank: int | None) -> None:
     """Every adapted module's weight = base + the rank-``rank`` truncated SVD of its change, capped at full rank
-    (the ``--format lora`` export, bias change included as in its diffusers layout); ``rank=None``: the base."""
-    for delta in deltas:
+    (the ``--format lora`` export, bias change included as in its diffusers layout); ``rank=None``: the base.
+
+    ``factors`` are each change's full-rank :func:`low_rank` factors: their first ``r`` columns / rows are exactly
+    the rank-``r`` export's (``up = U sqrt(S)``, ``down = sqrt(S) V^T``), so one SVD per module serves every rank."""
+    for delta, full in zip(deltas, factors):
         layer = merged.linear(delta.component, delta.module)
         base_weight, base_bias = merged.base[(delta.component, delta.module)]
         weight = base_weight.double()
         if rank is not None and not delta.unchanged:
-            factors = low_rank(delta.weight, rank=rank)
-            weight = weight + factors.up @ factors.down
+            weight = weight + full.up[:, :rank] @ full.down[:rank]
         layer.weight.copy_(weight.to(layer.weight.dtype))
         if base_bias is not None:
             bias = base_bias.double() + (delta.bias if rank is not None and delta.bias is not None else 0)
@@ -258,6 +270,7 @@ def measure_trained(folder: Path, label: str | None, args: argparse.Namespace) -
     full = max(min(shape) for shape in shapes)
     ranks = ranks_up_to(full)
     weight_errors = error_curve([singular_values(delta.weight) for delta in deltas], ranks)
+    factors = [low_rank(delta.weight, rank=min(delta.weight.shape)) for delta in deltas]
     label = label or merged.document.get("method", folder.name)
     image_errors, samples = None, {}
     if not args.no_samples:
@@ -266,18 +279,14 @@ def measure_trained(folder: Path, label: str | None, args: argparse.Namespace) -
             draw, merged.pipeline, prompt, args.seeds, args.num_inference_steps, args.guidance_scale
         )
         adapter = samples["adapter"] = sample()  # the merged pipeline as load_merged left it
-        set_rank(merged, deltas, None)
+        set_rank(merged, deltas, factors, None)
         base = samples["base model"] = sample()
         image_errors = []
         for rank in tqdm(ranks, desc=f"{label}: samples per rank", leave=False):
-            set_rank(merged, deltas, rank)
+            set_rank(merged, deltas, factors, rank)
             images = samples[f"LoRA r={rank}"] = sample()
             image_errors.append(image_error(images, adapter, base))
     return TrainedCurve(label, adapter_parameter_count(folder), shapes, ranks, weight_errors, image_errors, samples)
-
-
-def lora_parameters(shapes: list[tuple[int, int]], rank: int) -> int:
-    return sum(min(rank, min(shape)) * (shape[0] + shape[1]) for shape in shapes)
 
 
 def trained_table(curve: TrainedCurve) -> str:
@@ -301,7 +310,7 @@ def trained_main(args: argparse.Namespace) -> None:
     curves = [measure_trained(Path(folder), label, args) for folder, label in zip(args.adapter_dir, labels)]
     images = Path(args.images_dir)
     for curve, folder in zip(curves, args.adapter_dir):
-        equal = curve.adapter_parameters / sum(sum(shape) for shape in curve.shapes)
+        equal = equal_rank(curve.adapter_parameters, curve.shapes)
         print(f"\n{curve.label} ({folder}): {len(curve.shapes)} adapted modules, {millions(curve.adapter_parameters)} "
               f"adapter parameters, as many as a LoRA of rank {equal:.1f}; {machine_line()}\n")  # fmt: skip
         print(trained_table(curve))

@@ -24,11 +24,14 @@ def is_target(module_name: str, target_modules: Sequence[str]) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in target_modules)
 
 
-def target_module_names(target_modules: str | Sequence[str]) -> tuple[str, ...]:
-    """``target_modules`` as a tuple of names (one name may be given as a string); refuses empty ones."""
+def target_module_names(
+    target_modules: str | Sequence[str], field_name: str = "target_modules", allow_none: bool = False
+) -> tuple[str, ...]:
+    """``target_modules`` as a tuple of names (one name may be given as a string); refuses empty names, and an
+    empty list unless ``allow_none``."""
     names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    if not names or not all(isinstance(t, str) and t for t in names):
-        raise ValueError(f"target_modules must be non-empty module names, got {names!r}")
+    if (not names and not allow_none) or not all(isinstance(t, str) and t for t in names):
+        raise ValueError(f"{field_name} must be non-empty module names, got {names!r}")
     return names
 
 
@@ -98,10 +101,7 @@ class GSOFTConfig:
 
     def __post_init__(self) -> None:
         self.target_modules = target_module_names(self.target_modules)
-        names = (self.weight_side_modules,) if isinstance(self.weight_side_modules, str) else self.weight_side_modules
-        self.weight_side_modules = tuple(names)
-        if not all(isinstance(t, str) and t for t in self.weight_side_modules):
-            raise ValueError(f"weight_side_modules must be module names, got {self.weight_side_modules!r}")
+        self.weight_side_modules = target_module_names(self.weight_side_modules, "weight_side_modules", allow_none=True)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.nblocks is not None and self.block_size is not None:
