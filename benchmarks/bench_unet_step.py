@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     save_figure,
     shared_copy,
+    timed,
 )
 from benchmarks.memory import status_kib  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
@@ -201,8 +203,8 @@ def rss_child(args: argparse.Namespace) -> None:
 
 
 def child_command(flag: str, method: Method, args: argparse.Namespace) -> list[str]:
-    """This script as a child process measuring ``method`` alone (``--rss-child`` / ``--saved-child``), with the
-    parent's UNet size, latents, batch, threads and precision."""
+    """This script as a child process measuring ``method`` alone (``--rss-child`` / ``--saved-child`` /
+    ``--step-child``), with the parent's UNet size, latents, batch, threads and precision."""
     command = [sys.executable, __file__, flag, method.label, "--size", args.size]
     command += ["--latent", str(args.latent), "--batch", str(args.batch), "--threads", str(args.threads)]
     return command + (["--bf16"] if args.bf16 else [])
@@ -625,6 +627,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "paper's setting, --latent 64 --batch 4, in minutes on a CPU; its own section",
     )
     parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="every method's steps in a fresh process of its own, one per method and round (the order rotating): "
+        "only one UNet in memory at a time, so the paper's setting (--latent 64 --batch 4) fits where the shared "
+        "process does not; each child's peak RSS and saved tensors come from the same run",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="instead: per-layer timings, op profile, saved tensors per layer"
     )
     parser.add_argument("--size", default="sd2", choices=("sd2", "mid"), help="UNet architecture")
@@ -643,6 +652,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--saved-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--step-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.latent, args.rounds, args.no_write = "mid", 8, 1, True
@@ -664,50 +674,48 @@ def main(argv: list[str] | None = None) -> None:
     if args.saved_only:
         saved_only(args)
         return
+    if args.step_child:
+        step_child(args)
+        return
     methods = chosen_methods(args)
-    torch.manual_seed(0)
-    print(f"building the {args.size} UNet ({args.device}) ...", flush=True)
-    base = frozen_base(args)
-    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    batch = make_batch(args.batch, args.latent, args.device)
-    runners: dict[str, StepRunner] = {}
-    state: dict[str, int] = {}
-    for method in methods:
-        model = shared_copy(base)
-        params = apply_method(model, method)
-        runners[method.label] = StepRunner(model, params, batch, args.bf16)
-        state[method.label] = adapter_state_bytes(params)
-    print(f"{len(methods)} methods; a warm-up step each (saved tensors counted), then {args.rounds} rounds")
-    saved = {label: saved_tensor_bytes(runner) for label, runner in runners.items()}
-    samples, loads = interleaved(runners, rounds=args.rounds, warmup=0)
+    if args.isolated:
+        samples, saved, state, rss, loads, weight_bytes = isolated_rounds(methods, args)
+        how = (
+            "Each method runs in a fresh process of its own per round (one UNet in memory at a time), the order "
+            f"rotating over {args.rounds} rounds; each process builds the UNet, resets the RSS high-water mark, runs "
+            "a warm-up step (saved tensors counted) and one timed step. Ratios are medians over rounds of (method / "
+            "reference in the same round). Saved tensors: distinct storages autograd keeps for backward in one step "
+            "(frozen weights excluded). Adapter state: parameters + gradients + AdamW moments. Peak RSS: the "
+            f"process's high-water mark over its two steps (the {weight_bytes / 2**30:.1f} GiB of fp32 weights are "
+            "in every row)."
+        )
+    else:
+        samples, saved, state, rss, loads, weight_bytes = shared_rounds(methods, args)
+        how = (
+            "One random-weight UNet shared by every method (structural copies), "
+            f"{args.rounds} interleaved rounds after one warm-up step each, the order rotating per round. Ratios are "
+            "medians over rounds of (method / reference in the same round). "
+            "Saved tensors: distinct storages autograd keeps for backward in one step (frozen weights excluded). "
+            "Adapter state: parameters + gradients + AdamW moments. "
+            + (
+                "Peak RSS: a child process per method builds the UNet, resets the high-water mark, runs two steps "
+                f"(the {weight_bytes / 2**30:.1f} GiB of fp32 weights are in every row)."
+                if rss and args.device == "cpu"
+                else ""
+            )
+        )
     timing_load = load_line(loads)
     print(timing_load, flush=True)
-    rss: dict[str, dict[str, int]] = {}
-    if args.device == "cuda":
-        for label, runner in runners.items():  # the CUDA allocator's peak stands in for RSS
-            torch.cuda.reset_peak_memory_stats()
-            runner()
-            rss[label] = {"peak_kib": torch.cuda.max_memory_allocated() // 1024}
-    elif not args.no_rss:
-        rss = peak_rss_all(QUICK_RSS_METHODS if args.quick else methods, args)
 
     setting = setting_line(args)
     parts = [
         f"### Training step: {setting}",
         "",
-        "Written by `benchmarks/bench_unet_step.py`. One step = forward, fp32 MSE loss, backward, AdamW over the "
+        "Written by `benchmarks/bench_unet_step.py"
+        + (" --isolated" if args.isolated else "")
+        + "`. One step = forward, fp32 MSE loss, backward, AdamW over the "
         "method's trainable parameters; the input latents require grad in every row, so the floor (no adapter) "
-        "has the same backward extent. One random-weight UNet shared by every method (structural copies), "
-        f"{args.rounds} interleaved rounds after one warm-up step each, the order rotating per round. Ratios are "
-        "medians over rounds of (method / reference in the same round). "
-        "Saved tensors: distinct storages autograd keeps for backward in one step (frozen weights excluded). "
-        "Adapter state: parameters + gradients + AdamW moments. "
-        + (
-            "Peak RSS: a child process per method builds the UNet, resets the high-water mark, runs two steps "
-            f"(the {weight_bytes / 2**30:.1f} GiB of fp32 weights are in every row)."
-            if rss and args.device == "cpu"
-            else ""
-        ),
+        "has the same backward extent. " + how,
         "",
         f"Timing {timing_load}.",
         "",
@@ -729,6 +737,85 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
     if not args.no_write:
         replace_section(DOCS, section, body)
+
+
+Measured = tuple[
+    dict[str, Samples], dict[str, int], dict[str, int], dict[str, dict[str, int]], list[tuple[float, float, float]], int
+]
+
+
+def shared_rounds(methods: list[Method], args: argparse.Namespace) -> Measured:
+    """Every method in this process on one shared UNet, interleaved rounds; peak RSS from child processes."""
+    torch.manual_seed(0)
+    print(f"building the {args.size} UNet ({args.device}) ...", flush=True)
+    base = frozen_base(args)
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    batch = make_batch(args.batch, args.latent, args.device)
+    runners: dict[str, StepRunner] = {}
+    state: dict[str, int] = {}
+    for method in methods:
+        model = shared_copy(base)
+        params = apply_method(model, method)
+        runners[method.label] = StepRunner(model, params, batch, args.bf16)
+        state[method.label] = adapter_state_bytes(params)
+    print(f"{len(methods)} methods; a warm-up step each (saved tensors counted), then {args.rounds} rounds")
+    saved = {label: saved_tensor_bytes(runner) for label, runner in runners.items()}
+    samples, loads = interleaved(runners, rounds=args.rounds, warmup=0)
+    rss: dict[str, dict[str, int]] = {}
+    if args.device == "cuda":
+        for label, runner in runners.items():  # the CUDA allocator's peak stands in for RSS
+            torch.cuda.reset_peak_memory_stats()
+            runner()
+            rss[label] = {"peak_kib": torch.cuda.max_memory_allocated() // 1024}
+    elif not args.no_rss:
+        rss = peak_rss_all(QUICK_RSS_METHODS if args.quick else methods, args)
+    return samples, saved, state, rss, loads, weight_bytes
+
+
+def step_child(args: argparse.Namespace) -> None:
+    """--step-child LABEL: build the UNet, reset the RSS high-water mark, a warm-up step (saved tensors counted),
+    one timed step; print JSON."""
+    method = BY_LABEL[args.step_child]
+    torch.manual_seed(0)
+    unet = frozen_base(args)  # random values: constant ones could drift into denormals and time differently
+    params = apply_method(unet, method)
+    runner = StepRunner(unet, params, make_batch(args.batch, args.latent, args.device), args.bf16)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    saved = saved_tensor_bytes(runner)
+    wall, cpu = timed(runner)
+    weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    result = {"wall": wall, "cpu": cpu, "saved": saved, "state": adapter_state_bytes(params)}
+    print(json.dumps(result | {"peak_kib": status_kib("VmHWM"), "weight_bytes": weight_bytes}))
+
+
+def isolated_rounds(methods: list[Method], args: argparse.Namespace) -> Measured:
+    """--isolated: one fresh child process per method and round, the order rotating; a child that dies (killed for
+    memory) ends the run with its message."""
+    samples = {method.label: Samples() for method in methods}
+    saved: dict[str, int] = {}
+    state: dict[str, int] = {}
+    rss: dict[str, dict[str, int]] = {}
+    loads, weight_bytes = [], 0
+    for round_index in range(args.rounds):
+        shift = round_index % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            done = subprocess.run(child_command("--step-child", method, args), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(
+                    f"bench_unet_step: the step process of {method.label} failed (exit {done.returncode}; -9 is a "
+                    f"kill for memory): {done.stderr.strip()[-300:]}"
+                )
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            samples[method.label].wall.append(result["wall"])
+            samples[method.label].cpu.append(result["cpu"])
+            saved[method.label], state[method.label] = result["saved"], result["state"]
+            peak = max(result["peak_kib"], rss.get(method.label, {}).get("peak_kib", 0))
+            rss[method.label], weight_bytes = {"peak_kib": peak}, result["weight_bytes"]
+            peak_gib = result["peak_kib"] / 2**20
+            print(f"  {method.label}: {result['wall']:.1f} s, peak RSS {peak_gib:.1f} GiB", flush=True)
+        loads.append(os.getloadavg())
+        print(f"  round {round_index + 1}/{args.rounds} done, load average {loads[-1][0]:.1f}", flush=True)
+    return samples, saved, state, rss, loads, weight_bytes
 
 
 def saved_child(args: argparse.Namespace) -> None:
