@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.minibooth import driver  # noqa: E402
-from benchmarks.minibooth.fidelity import TESTED, attribute_values  # noqa: E402
+from benchmarks.minibooth.oracle import JUDGED_ATTRIBUTES, attribute_values  # noqa: E402
 from benchmarks.minibooth.report import paired_difference  # noqa: E402
 from benchmarks.minibooth.subjects import (  # noqa: E402
     SUBJECT_PATTERNS,
@@ -283,7 +284,10 @@ def test_pretraining_smoke_gives_loadable_models_and_is_cached(tmp_path):
     with torch.random.fork_rng(devices=[]):
         result = script.pretrain(script.parse_args(argv), log=lambda message: None)
     assert (result.pipeline_dir / "samples.png").is_file()
-    assert set(result.markers["fidelity"]["generated"]) == set(TESTED)  # the prompt-fidelity check ran
+    fidelity = result.markers["fidelity"]  # the prompt-fidelity check ran, with both judges
+    assert set(fidelity["clip"]["generated"]) == set(fidelity["oracle"]["generated"]) == set(JUDGED_ATTRIBUTES)
+    assert set(result.markers["oracle"]["check_accuracy"]) == set(JUDGED_ATTRIBUTES)
+    assert (result.oracle_dir / "oracle.safetensors").is_file()
 
     pipeline = StableDiffusionPipeline.from_pretrained(result.pipeline_dir)
     assert pipeline.safety_checker is None and pipeline.tokenizer.model_max_length == 32
@@ -385,16 +389,16 @@ class _AttributeScorer:
         generator = torch.Generator().manual_seed(0)
         self.world = world
         self.vectors = {}
-        for attribute in TESTED:
-            for value in attribute_values(world, attribute):
+        for attribute in JUDGED_ATTRIBUTES:
+            for value in attribute_values(world)[attribute]:
                 self.vectors[attribute, value] = torch.randn(dim, generator=generator)
 
     def _embed(self, values: dict) -> torch.Tensor:
-        total = sum(self.vectors[a, values[a]] for a in TESTED)
+        total = sum(self.vectors[a, values[a]] for a in JUDGED_ATTRIBUTES)
         return torch.nn.functional.normalize(total, dim=0)
 
     def image_embeddings(self, scenes):
-        return torch.stack([self._embed({a: getattr(s, a) for a in TESTED}) for s in scenes])
+        return torch.stack([self._embed({a: getattr(s, a) for a in JUDGED_ATTRIBUTES}) for s in scenes])
 
     def text_embeddings(self, texts):
         parsed = [{"pattern": "plain", **parse_caption(t, self.world)} for t in texts]
@@ -408,10 +412,10 @@ def test_attribute_accuracy_ranks_the_candidate_captions_of_each_attribute():
     scorer = _AttributeScorer(world)
     rng = random.Random(0)
     scenes = [sample_scene(rng, world) for _ in range(12)]
-    assert attribute_accuracy(scorer, scenes, scenes, world) == dict.fromkeys(TESTED, 1.0)
+    assert attribute_accuracy(scorer, scenes, scenes, world) == dict.fromkeys(JUDGED_ATTRIBUTES, 1.0)
     # pictures whose colour is not the caption's: colour is always wrong, every other attribute still right
     recoloured = [replace(s, color=next(c for c in sorted(world.colors) if c != s.color)) for s in scenes]
-    expected = {**dict.fromkeys(TESTED, 1.0), "color": 0.0}
+    expected = {**dict.fromkeys(JUDGED_ATTRIBUTES, 1.0), "color": 0.0}
     assert attribute_accuracy(scorer, recoloured, scenes, world) == expected
 
 
@@ -445,3 +449,125 @@ def test_tradeoff_curves_average_over_subjects_and_report_clip_i_at_the_referenc
     text = render_tradeoff(curves, {"lora": 3e-4, "gsoft": 2e-4}, "lora", (0.2, 0.5), "probe")
     assert "| lora | **0.0003** | 0.320 | 0.450 |" in text and "| gsoft | 0.0006 | 0.350 | 0.440 |" in text
     assert "- lora: 0.320" in text and "- gsoft: 0.325" in text  # gsoft halfway between 0.44 and 0.46
+
+
+# -- MiniBooth v2: world-object subjects and the attribute oracle ----------------------------------------------------
+
+
+def test_v2_world_never_draws_a_subject_and_is_v1_elsewhere():
+    from benchmarks.minibooth.world import WORLD_V2_FILE
+
+    world_v2 = load_world(WORLD_V2_FILE)
+    subjects, _ = load_subjects(MINIBOOTH / "subjects_v2.json", world_v2)
+    assert world_v2.held_out == {(s.shape, s.color) for s in subjects} and len(world_v2.held_out) == len(subjects)
+    assert replace(world_v2, held_out=frozenset()) == WORLD  # world_v2.json extends world.json and adds nothing else
+    for index in range(2000):
+        v1, v2 = sample_scene(scene_rng(0, index), WORLD), sample_scene(scene_rng(0, index), world_v2)
+        assert (v2.shape, v2.color) not in world_v2.held_out
+        if (v1.shape, v1.color) not in world_v2.held_out:
+            assert v1 == v2  # the same draws: only scenes showing a subject's pair are drawn again
+
+
+def test_v2_subjects_follow_their_rule_and_are_refused_by_a_world_that_draws_them():
+    from benchmarks.minibooth.subjects import WorldSubject
+    from benchmarks.minibooth.world import WORLD_V2_FILE
+
+    world_v2 = load_world(WORLD_V2_FILE)
+    subjects, _ = load_subjects(MINIBOOTH / "subjects_v2.json", world_v2)
+    colors, patterns = sorted(WORLD.colors), WORLD.object_patterns
+    for k, subject in enumerate(subjects):  # the selection rule written in the file's comment
+        assert isinstance(subject, WorldSubject)
+        assert (subject.shape, subject.color, subject.pattern) == (
+            WORLD.shapes[k % 8],
+            colors[(2 * k + 1) % 9],
+            patterns[k % 3],
+        )
+        assert subject.sweep == (k == 8)
+    with pytest.raises(ValueError, match="not held out"):
+        load_subjects(MINIBOOTH / "subjects_v2.json", WORLD)
+
+
+def test_v2_instance_pictures_are_world_renders_of_the_subject():
+    from benchmarks.minibooth.subjects import instance_scene
+    from benchmarks.minibooth.world import WORLD_V2_FILE, render_scene
+
+    world_v2 = load_world(WORLD_V2_FILE)
+    subjects, count = load_subjects(MINIBOOTH / "subjects_v2.json", world_v2)
+    for subject in subjects:
+        scenes = [instance_scene(subject, world_v2, 0, k) for k in range(count)]
+        assert all((s.shape, s.color, s.pattern) == (subject.shape, subject.color, subject.pattern) for s in scenes)
+        assert all(s.background_color != subject.color and s.size in ("medium", "large") for s in scenes)
+        pictures = [np.asarray(render_instance(subject, world_v2, 0, k)) for k in range(count)]
+        assert np.array_equal(pictures[0], np.asarray(render_scene(scenes[0], world_v2)))
+        assert len({p.tobytes() for p in pictures}) == count
+
+
+def test_the_oracle_learns_the_world_attributes_and_round_trips(tmp_path):
+    from benchmarks.minibooth.oracle import accuracy, load_oracle, predict, save_oracle, train_oracle
+
+    with torch.random.fork_rng(devices=[]):
+        oracle, losses = train_oracle(WORLD, 1500, steps=150, batch_size=32, lr=3e-3, seed=0, width=8, log_every=0)
+    assert sum(losses[-20:]) < 0.6 * sum(losses[:20])
+    images, scenes = render_world(200, 7, WORLD)  # fresh renders
+    readings = predict(oracle, images)
+    found = accuracy(readings, [{a: getattr(s, a) for a in JUDGED_ATTRIBUTES} for s in scenes])
+    chance = {a: 1 / len(v) for a, v in attribute_values(WORLD).items()}
+    assert found["color"] > 3 * chance["color"] and found["background_color"] > 3 * chance["background_color"]
+    save_oracle(oracle, tmp_path, 64)
+    assert predict(load_oracle(tmp_path), images) == readings
+
+
+def test_oracle_fidelity_scores_the_subject_look_and_the_named_context(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from benchmarks.minibooth import fidelity
+    from dreambooth_gs.eval_plan import slug
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {token} {class} on a striped yellow background\na red {token} {class}\n")
+    run = SimpleNamespace(run_id="r", token="sks", class_name="circle", prompt_set=str(prompts))
+    # what the stand-in oracle reads in each picture, by folder: (colour, pattern, background colour)
+    seen = {
+        ("base", "a sks circle"): [("blue", "plain", "red"), ("green", "plain", "red")],
+        ("prompt", "a sks circle on a striped yellow background"): [
+            ("blue", "plain", "yellow"),
+            ("blue", "dotted", "red"),
+        ],
+        ("prompt", "a red sks circle"): [("red", "plain", "white"), ("blue", "plain", "white")],
+    }
+    readings = {}
+    for (kind, prompt), looks in seen.items():
+        folder = tmp_path / "images" / "r" / f"{kind}-{slug(prompt)}"
+        folder.mkdir(parents=True)
+        for k, (color, pattern, background) in enumerate(looks):
+            path = folder / f"{k:03d}.png"
+            Image.new("RGB", (8, 8)).save(path)
+            readings[str(path)] = {"color": color, "pattern": pattern, "background_color": background,
+                                   "background_pattern": "striped", "shape": "circle"}  # fmt: skip
+    monkeypatch.setattr(fidelity, "predict", lambda oracle, images: [readings[i.filename] for i in images])
+    look = {"color": "blue", "pattern": "plain"}
+    scores = fidelity.oracle_fidelity(None, run, tmp_path / "images", "a {token} {class}", None, WORLD, look)
+    assert scores == {
+        "subject_fidelity": 0.5,  # one of the two base-prompt pictures is blue and plain
+        "subject_fidelity_in_context": 0.5,  # the background prompt keeps the look once; the red prompt is not counted
+        "context_fidelity": 4 / 6,  # yellow + striped, red + striped, striped only, then red once in two
+    }
+    assert set(fidelity.oracle_fidelity(None, run, tmp_path / "images", "a {token} {class}", None, WORLD, None)) == {
+        "context_fidelity"
+    }
+
+
+def test_report_adds_the_oracle_columns_when_every_run_has_them():
+    from benchmarks.minibooth.report import MethodSummary, render_report
+
+    base = {"a": {"clip_i": 0.2, "clip_t": 0.5, "subject_fidelity": 0.1, "context_fidelity": 0.8}}
+    per_subject = {"lora": {"a": {"clip_i": 0.3, "clip_t": 0.45, "subject_fidelity": 0.6, "context_fidelity": 0.7}}}
+    oracle = {"subject_fidelity": [0.6, 0.7], "context_fidelity": [0.7, 0.6]}
+    summary = MethodSummary("lora", 1e-4, 10, 0.1, 100.0, [0.3, 0.4], [0.45, 0.38], oracle=oracle)
+    check = {"check_pictures": 8, "check_accuracy": {"color": 1.0}}
+    text = render_report([summary], base, per_subject, "lora", "header", oracle_check=check)
+    assert "| CLIP-I | CLIP-T | subject fidelity | context fidelity | runs |" in text
+    assert "| 0.650 ± 0.071 | 0.650 ± 0.071 | 2 |" in text and "fresh world renders: color 1.000" in text
+    assert "subject fidelity +0.500 (one subject" in text
+    plain = MethodSummary("lora", 1e-4, 10, 0.1, 100.0, [0.3, 0.4], [0.45, 0.38])
+    assert "| CLIP-I | CLIP-T | runs |" in render_report([plain], base, per_subject, "lora", "header")  # no columns

@@ -52,10 +52,17 @@ class Protocol:
     clip_t_tolerance: float
     train_args: tuple[str, ...]
     eval_args: tuple[str, ...]
+    world_file: Path  # the world the base models are pretrained on
+    subjects_file: Path  # the held-out subjects
+
+    def eval_flag(self, flag: str) -> str | None:
+        """The value of ``flag`` in the evaluator's flags, or None when it is not given."""
+        args = list(self.eval_args)
+        return args[args.index(flag) + 1] if flag in args else None
 
 
 def load_protocol(profile: str, path: str | os.PathLike = PROTOCOL_FILE, methods: Sequence[str] | None = None):
-    """The ``profile`` ("full" or "smoke") of the protocol file, optionally restricted to ``methods``."""
+    """The ``profile`` (e.g. "full", "smoke", "v2") of the protocol file, optionally restricted to ``methods``."""
     data = json.loads(Path(path).read_text())
     if profile not in data["profiles"]:
         raise ValueError(f"unknown profile {profile!r}; {path} has {', '.join(data['profiles'])}")
@@ -82,6 +89,8 @@ def load_protocol(profile: str, path: str | os.PathLike = PROTOCOL_FILE, methods
         clip_t_tolerance=float(settings["clip_t_tolerance"]),
         train_args=tuple(settings["train_args"]),
         eval_args=tuple(settings["eval_args"]),
+        world_file=Path(path).parent / settings.get("world_file", "world.json"),
+        subjects_file=Path(path).parent / settings.get("subjects_file", "subjects.json"),
     )
 
 
@@ -276,12 +285,36 @@ def evaluate(
     return output_dir / "results.csv"
 
 
-def run_ids(folders: Sequence[Path], subjects_file: Path) -> dict[str, Path]:
-    """evaluate_clip.py's run id of each run folder (the ``run`` column of results.csv) -> the folder."""
+def run_specs(folders: Sequence[Path], subjects_file: Path) -> dict[Path, object]:
+    """evaluate_clip.py's view of each run folder (its ``RunSpec``: run id, subject, token, prompts)."""
     from dreambooth_gs.eval_plan import load_subjects, resolve_run
 
     subjects = load_subjects(subjects_file)
-    return {resolve_run(str(folder), subjects, prompt_set=str(PROMPTS_FILE)).run_id: folder for folder in folders}
+    return {folder: resolve_run(str(folder), subjects, prompt_set=str(PROMPTS_FILE)) for folder in folders}
+
+
+def run_ids(folders: Sequence[Path], subjects_file: Path) -> dict[str, Path]:
+    """evaluate_clip.py's run id of each run folder (the ``run`` column of results.csv) -> the folder."""
+    return {spec.run_id: folder for folder, spec in run_specs(folders, subjects_file).items()}
+
+
+def oracle_scores(
+    folders: Sequence[Path], eval_dir: Path, oracle_dir: Path, protocol: Protocol, subjects_file: Path, world, looks
+) -> dict[Path, dict[str, float]]:
+    """Per run folder, the attribute oracle's subject and context fidelity of the pictures the evaluator drew
+    (``eval_dir/images``); ``looks``: subject name -> the attributes that make it (None: not a world object)."""
+    from .fidelity import oracle_fidelity
+    from .oracle import load_oracle
+
+    oracle = load_oracle(oracle_dir)
+    max_prompts = protocol.eval_flag("--max_prompts")
+    max_prompts = int(max_prompts) if max_prompts else None
+    return {
+        folder: oracle_fidelity(
+            oracle, spec, eval_dir / "images", protocol.base_prompt, max_prompts, world, looks.get(spec.subject)
+        )
+        for folder, spec in run_specs(folders, subjects_file).items()
+    }
 
 
 def run_scores(results_csv: Path, folders: Sequence[Path], subjects_file: Path) -> dict[Path, dict[str, float]]:

@@ -1,8 +1,9 @@
-"""Does the base model follow its prompts? Zero-shot attribute accuracy of its pictures under the MiniBooth CLIP.
+"""Does the base model follow its prompts? Attribute accuracy of its pictures under two judges.
 
-For each held-out world scene, the base model draws the scene's full caption; for each attribute, CLIP then picks
-among the captions that differ from the true one in that attribute only. The same test on the world's own pictures
-of those scenes is the ceiling (what CLIP can tell), and 1 / (number of values) is chance.
+For each held-out world scene, the base model draws the scene's full caption. The MiniBooth CLIP, zero-shot, picks
+per attribute among the captions that differ from the true one in that attribute only; the attribute oracle
+(oracle.py) reads every attribute directly. The same tests on the world's own pictures of those scenes are the
+ceiling (what each judge can tell), and 1 / (number of values) is chance.
 """
 
 from __future__ import annotations
@@ -14,41 +15,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .oracle import JUDGED_ATTRIBUTES, accuracy, attribute_values, load_oracle, predict
 from .world import Scene, World, caption
-
-TESTED = ("shape", "color", "pattern", "size", "position", "background_pattern", "background_color")
-
-
-def attribute_values(world: World, attribute: str) -> list[str]:
-    return {
-        "shape": list(world.shapes),
-        "color": sorted(world.colors),
-        "pattern": list(world.object_patterns),
-        "size": sorted(world.sizes),
-        "position": sorted(world.positions),
-        "background_pattern": list(world.background_patterns),
-        "background_color": sorted(world.colors),
-    }[attribute]
 
 
 def attribute_accuracy(scorer, images: Sequence, scenes: Sequence[Scene], world: World) -> dict[str, float]:
     """``{attribute: fraction of pictures whose true value CLIP ranks first}`` over ``images`` of ``scenes``, embedded
     as the evaluator embeds them (``scorer``: a :class:`dreambooth_gs.metrics.ClipScorer`)."""
     image_features = scorer.image_embeddings(images)  # (N, D), unit norm
-    accuracy = {}
-    for attribute in TESTED:
-        values = attribute_values(world, attribute)
+    result = {}
+    for attribute, values in attribute_values(world).items():
         correct = 0
         for feature, scene in zip(image_features, scenes):
             candidates = [caption(replace(scene, **{attribute: value})) for value in values]
             text_features = scorer.text_embeddings(candidates)  # (V, D), unit norm
             correct += int(values[int((text_features @ feature).argmax())] == getattr(scene, attribute))
-        accuracy[attribute] = correct / len(scenes)
-    return accuracy
+        result[attribute] = correct / len(scenes)
+    return result
 
 
-def prompt_fidelity(pipeline_dir, clip_dir, scenes: Sequence[Scene], real: np.ndarray, world: World, steps, guidance):
-    """``{"generated": accuracy, "real": accuracy, "chance": ...}`` for the base model at ``pipeline_dir``."""
+def prompt_fidelity(
+    pipeline_dir, clip_dir, oracle_dir, scenes: Sequence[Scene], real: np.ndarray, world: World, steps, guidance
+):
+    """``{"clip": {"generated", "real"}, "oracle": {"generated", "real"}, "chance"}`` (accuracy per attribute) for
+    the base model at ``pipeline_dir``."""
     from dreambooth_gs.metrics import ClipScorer
     from dreambooth_gs.sampling import generate_images, load_pipeline
 
@@ -59,11 +49,19 @@ def prompt_fidelity(pipeline_dir, clip_dir, scenes: Sequence[Scene], real: np.nd
     prompts = [caption(scene) for scene in scenes]
     generated = generate_images(pipeline, prompts, list(range(len(prompts))), steps, guidance, batch_size=8)
     real_images = [Image.fromarray(picture) for picture in real]
+    oracle = load_oracle(oracle_dir)
+    truth = [{name: getattr(scene, name) for name in JUDGED_ATTRIBUTES} for scene in scenes]
     return {
         "pictures": len(scenes),
-        "generated": attribute_accuracy(scorer, generated, scenes, world),
-        "real": attribute_accuracy(scorer, real_images, scenes, world),
-        "chance": {a: 1 / len(attribute_values(world, a)) for a in TESTED},
+        "clip": {
+            "generated": attribute_accuracy(scorer, generated, scenes, world),
+            "real": attribute_accuracy(scorer, real_images, scenes, world),
+        },
+        "oracle": {
+            "generated": accuracy(predict(oracle, generated), truth),
+            "real": accuracy(predict(oracle, real), truth),
+        },
+        "chance": {name: 1 / len(values) for name, values in attribute_values(world).items()},
     }
 
 
@@ -91,3 +89,45 @@ def subject_ceilings(clip_dir, subjects_dir, names: Sequence[str]) -> dict[str, 
         paths = sorted(Path(subjects_dir, name).glob("*.png"))
         ceilings[name] = instance_ceiling(scorer, [Image.open(p) for p in paths])
     return ceilings
+
+
+# -- fine-tuned runs under the oracle ---------------------------------------------------------------------------------
+
+ORACLE_METRICS = ("subject_fidelity", "subject_fidelity_in_context", "context_fidelity")
+SUBJECT_LOOK = ("color", "pattern")  # what makes a v2 subject (its shape is the class noun every prompt says)
+
+
+def oracle_fidelity(
+    oracle, run, images_dir, base_prompt: str, max_prompts: int | None, world: World, look: dict[str, str] | None
+) -> dict[str, float]:
+    """The oracle's scores of one evaluated run (``run``: evaluate_clip.py's RunSpec; its pictures under
+    ``images_dir/<run_id>/``):
+
+    * ``subject_fidelity``: the fraction of base-prompt pictures ("a sks circle") carrying the subject's look (its
+      colour and pattern, ``look``; None for subjects outside the world's attributes, which leaves both subject
+      scores out);
+    * ``subject_fidelity_in_context``: the same over the contextual prompts that do not change the colour or pattern;
+    * ``context_fidelity``: over the contextual prompts, the fraction of (picture, attribute the prompt names other
+      than the shape) pairs the picture gets right: backgrounds, sizes, positions and colour / pattern changes.
+    """
+    from dreambooth_gs.eval_plan import BASE, run_prompts, slug
+    from dreambooth_gs.metrics import remove_token
+
+    from .world import parse_caption
+
+    subject_hits: dict[str, list[int]] = {"subject_fidelity": [], "subject_fidelity_in_context": []}
+    context_hits: list[int] = []
+    for kind, prompt in run_prompts(run, base_prompt, max_prompts):
+        paths = sorted((Path(images_dir) / run.run_id / f"{kind}-{slug(prompt)}").glob("*.png"))
+        if not paths:
+            raise FileNotFoundError(f"no pictures of {prompt!r} for {run.run_id} under {images_dir}")
+        named = parse_caption(remove_token(prompt, run.token), world)
+        readings = predict(oracle, [Image.open(path) for path in paths])
+        if kind != BASE:
+            context_hits += [int(r[a] == v) for r in readings for a, v in named.items() if a != "shape"]
+        if look is not None and not set(named) & set(look):
+            key = "subject_fidelity" if kind == BASE else "subject_fidelity_in_context"
+            subject_hits[key] += [int(all(r[a] == v for a, v in look.items())) for r in readings]
+    scores = {"context_fidelity": sum(context_hits) / len(context_hits)} if context_hits else {}
+    scores |= {name: sum(hits) / len(hits) for name, hits in subject_hits.items() if hits}
+    return scores

@@ -3,13 +3,15 @@
 1. an AutoencoderKL (on 32 px crops of the world's 64 px pictures),
 2. a UNet2DConditionModel and a CLIPTextModel together on its latents -> a diffusers StableDiffusionPipeline folder
    (SD's CLIP tokenizer, no safety checker) that ``train_dreambooth_gsoft.py --pretrained_model_name_or_path`` takes,
-3. an open_clip CLIP trained contrastively on the same world -> ``evaluate_clip.py --clip_model local-dir:<folder>``.
+3. an open_clip CLIP trained contrastively on the same world -> ``evaluate_clip.py --clip_model local-dir:<folder>``,
+4. the attribute oracle (oracle.py): classifiers of every world attribute, the judge of subject and context fidelity.
 
     python benchmarks/minibooth/pretrain.py            # full size (see docs/minibooth.md for the time), cached
     python benchmarks/minibooth/pretrain.py --smoke    # tiny sizes, a few steps: seconds, learns nothing
 
 Folders go to $DREAMBOOTH_GS_CACHE/minibooth (default ~/.cache/dreambooth_gs/minibooth): vae-<fp>, sd-<fp>
-(with samples.png, the base model's sample grid) and clip-<fp>. A finished stage is reused by later runs.
+(with samples.png, the base model's sample grid), clip-<fp> and oracle-<fp>. A finished stage is reused by later
+runs.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from benchmarks.minibooth.stages import (  # noqa: E402
     HELD_OUT_CHECK,
     WorldData,
     build_clip,
+    build_oracle,
     build_sd,
     build_vae,
     stage_settings,
     write_fidelity,
     write_samples,
 )
-from benchmarks.minibooth.world import load_world  # noqa: E402
+from benchmarks.minibooth.world import WORLD_FILE, load_world  # noqa: E402
 
 
 def _help(text: str) -> dict:
@@ -56,6 +59,9 @@ class PretrainOptions:
         default=None, metadata=_help("Model configs (vae, unet, text_encoder, scheduler, clip .json). Default: full.")
     )
     smoke: bool = field(default=False, metadata=_help("Tiny configs and a few steps (seconds): checks the plumbing."))
+    world_file: str = field(
+        default=str(WORLD_FILE), metadata=_help("The world (world.json; MiniBooth v2: world_v2.json).")
+    )
     seed: int = field(default=0, metadata=_help("Seed of the world, the initialisations and the training."))
     resolution: int = field(default=64, metadata=_help("Picture size in pixels."))
     num_images: int = field(default=16000, metadata=_help("World pictures to train on (rendered once per process)."))
@@ -78,6 +84,11 @@ class PretrainOptions:
     clip_caption_keep_scale: float = field(
         default=0.5, metadata=_help("Scales the world's attribute-drop probabilities for CLIP captions (1: same).")
     )
+    oracle_images: int = field(default=16000, metadata=_help("World pictures the attribute oracle trains on."))
+    oracle_steps: int = field(default=1500, metadata=_help("Attribute-oracle optimizer steps."))
+    oracle_batch_size: int = field(default=128, metadata=_help("Attribute-oracle batch size."))
+    oracle_lr: float = field(default=2e-3, metadata=_help("Attribute-oracle learning rate (AdamW, warm-up + cosine)."))
+    oracle_width: int = field(default=16, metadata=_help("Channels of the oracle's first conv block (x2, x4 after)."))
     sample_prompts: str = field(
         default=str(HERE / "sample_prompts.txt"), metadata=_help("Prompts of the base model's sample grid.")
     )
@@ -91,11 +102,16 @@ class PretrainOptions:
     log_every: int = field(default=100, metadata=_help("Print the loss every N steps."))
 
     def __post_init__(self) -> None:
-        for name in ("num_images", "vae_batch_size", "unet_batch_size", "clip_batch_size", "sample_seeds"):
+        names = ("num_images", "vae_batch_size", "unet_batch_size", "clip_batch_size", "oracle_batch_size")
+        for name in (*names, "oracle_images", "oracle_steps", "sample_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.fidelity_pictures <= HELD_OUT_CHECK:
             raise ValueError(f"--fidelity_pictures must be in [0, {HELD_OUT_CHECK}], got {self.fidelity_pictures}")
+        if self.oracle_width < 8 or self.oracle_width % 8:
+            raise ValueError(f"--oracle_width must be a multiple of 8 (group norm of 8), got {self.oracle_width}")
+        if not Path(self.world_file).is_file():
+            raise ValueError(f"--world_file {self.world_file} does not exist")
         if self.vae_crop % 8 or not 8 <= self.vae_crop <= self.resolution:
             raise ValueError(f"--vae_crop must be a multiple of 8 in [8, {self.resolution}], got {self.vae_crop}")
 
@@ -110,6 +126,9 @@ SMOKE_SETTINGS = {  # --smoke: these replace the defaults (values the user set e
     "clip_steps": 2,
     "clip_batch_size": 8,
     "clip_warmup_steps": 1,
+    "oracle_images": 64,
+    "oracle_steps": 2,
+    "oracle_batch_size": 8,
     "sample_seeds": 2,
     "sample_steps": 2,
     "fidelity_pictures": 4,
@@ -134,23 +153,26 @@ def resolved(options: PretrainOptions) -> PretrainOptions:
 class Pretrained:
     pipeline_dir: Path
     clip_dir: Path
+    oracle_dir: Path
     markers: dict
 
 
 def pretrain(options: PretrainOptions, log=print) -> Pretrained:
-    """Build (or reuse) the three stages; returns the pipeline and CLIP folders."""
+    """Build (or reuse) the four stages; returns the pipeline, CLIP and oracle folders."""
     options = resolved(options)
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     arch.check_compatible(options.config_dir, options.resolution)
-    data = WorldData(options, load_world(), log)
-    settings = stage_settings(options)
+    world = load_world(options.world_file)
+    data = WorldData(options, world, log)
+    settings = stage_settings(options, world)
     root = Path(options.cache_dir)
     dirs = {name: root / f"{name}-{fingerprint(value)}" for name, value in settings.items()}
     builders = {
         "vae": lambda staging: build_vae(staging, options, data, log),
         "sd": lambda staging: build_sd(staging, options, dirs["vae"], data, log),
         "clip": lambda staging: build_clip(staging, options, data, log),
+        "oracle": lambda staging: build_oracle(staging, options, world, log),
     }
     markers = {}
     for name, build in builders.items():
@@ -161,8 +183,8 @@ def pretrain(options: PretrainOptions, log=print) -> Pretrained:
         write_samples(options, dirs["sd"], samples, log)
     if options.fidelity_pictures:
         markers["fidelity"] = write_fidelity(options, dirs, data, log)
-    log(f"pipeline: {dirs['sd']}\nclip: local-dir:{dirs['clip']}")
-    return Pretrained(pipeline_dir=dirs["sd"], clip_dir=dirs["clip"], markers=markers)
+    log(f"pipeline: {dirs['sd']}\nclip: local-dir:{dirs['clip']}\noracle: {dirs['oracle']}")
+    return Pretrained(pipeline_dir=dirs["sd"], clip_dir=dirs["clip"], oracle_dir=dirs["oracle"], markers=markers)
 
 
 def parse_args(input_args: list[str] | None = None) -> PretrainOptions:

@@ -1,5 +1,6 @@
-"""MiniBooth's Table-2-like report: per method its size, speed and memory, CLIP-I and CLIP-T (mean and spread over
-subjects x seeds) against the base model, a per-subject table, and which differences are within noise."""
+"""MiniBooth's Table-2-like report: per method its size, speed and memory, CLIP-I and CLIP-T and the attribute
+oracle's subject and context fidelity (mean and spread over subjects x seeds) against the base model, a per-subject
+table, and which differences are within noise."""
 
 from __future__ import annotations
 
@@ -7,10 +8,19 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .driver import RECORD_FILE, RunPlan
+from .fidelity import ORACLE_METRICS
+
+METRIC_NAMES = {
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "subject_fidelity": "subject fidelity",
+    "subject_fidelity_in_context": "subject fidelity in context",
+    "context_fidelity": "context fidelity",
+}
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,21 @@ class MethodSummary:
     clip_i: list[float]
     clip_t: list[float]
     timing: frozenset[tuple] = frozenset()  # (threads per run, runs sharing the CPU) of its runs' step times
+    oracle: dict[str, list[float]] = field(default_factory=dict)  # ORACLE_METRICS the runs have, per run
+
+
+def oracle_lists(score_dicts: Sequence[dict[str, float]]) -> dict[str, list[float]]:
+    """``{oracle metric: values}`` over the runs, for the metrics every run has."""
+    return {m: [s[m] for s in score_dicts] for m in ORACLE_METRICS if score_dicts and all(m in s for s in score_dicts)}
+
+
+ORACLE_LEGEND = (
+    "Oracle columns (attribute classifiers trained on world renders, benchmarks/minibooth/oracle.py): subject "
+    "fidelity, the fraction of base-prompt pictures with the subject's colour and pattern; subject fidelity in "
+    "context, the same over the contextual prompts that change neither; context fidelity, the fraction of the "
+    "attributes a contextual prompt names (background, size, position, colour or pattern change) that its pictures "
+    "show."
+)
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -49,6 +74,7 @@ def summarize(plans: Sequence[RunPlan], scores: dict[Path, dict[str, float]]) ->
                 clip_i=[scores[p.output_dir]["clip_i"] for p in runs],
                 clip_t=[scores[p.output_dir]["clip_t"] for p in runs],
                 timing=frozenset((r.get("num_threads"), r.get("concurrent_runs", 1)) for r in records),
+                oracle=oracle_lists([scores[p.output_dir] for p in runs]),
             )
         )
     return summaries
@@ -96,9 +122,12 @@ def noise_lines(
         others = [("base", base_scores)] + (
             [(reference, per_subject[reference])] if method != reference and reference in per_subject else []
         )
+        metrics = [m for m in METRIC_NAMES if all(m in v for v in table.values())]
         for name, other in others:
             parts = []
-            for metric in ("clip_i", "clip_t"):
+            for metric in metrics:
+                if not all(metric in v for v in other.values()):
+                    continue
                 mean, half_width, n = paired_difference(
                     {k: v[metric] for k, v in table.items()}, {k: v[metric] for k, v in other.items()}
                 )
@@ -107,7 +136,7 @@ def noise_lines(
                 else:
                     word = "within noise" if abs(mean) <= half_width else ("higher" if mean > 0 else "lower")
                     verdict = f"{mean:+.3f} ± {half_width:.3f} ({word}, {n} subjects)"
-                parts.append(f"{metric.replace('_', '-').upper()} {verdict}")
+                parts.append(f"{METRIC_NAMES[metric]} {verdict}")
             lines.append(f"- {method} vs {name}: " + "; ".join(parts))
     return lines
 
@@ -119,9 +148,12 @@ def render_report(
     reference: str,
     header: str,
     ceilings: dict[str, float] | None = None,
+    oracle_check: dict | None = None,
 ) -> str:
     """The Markdown report: the main table, the per-subject table and the noise lines. ``ceilings`` (subject ->
-    CLIP-I of its instance pictures against each other) adds a reference row to both tables."""
+    CLIP-I of its instance pictures against each other) adds a reference row to both tables; the oracle's columns
+    appear when every run has them, with its accuracy on fresh renders (``oracle_check``, the oracle stage's
+    marker) under the table."""
     base = MethodSummary(
         "base",
         0.0,
@@ -130,28 +162,38 @@ def render_report(
         None,
         [s["clip_i"] for s in base_scores.values()],
         [s["clip_t"] for s in base_scores.values()],
+        oracle=oracle_lists(list(base_scores.values())),
     )
+    judged = [m for m in ORACLE_METRICS if m in base.oracle and all(m in s.oracle for s in summaries)]
     ref_step = next((s.step_seconds for s in summaries if s.method == reference), None)
     subjects = sorted(base_scores)
-    lines = [
-        header,
-        "",
-        "| method | lr | parameters | s / step | vs " + reference + " | peak RSS MiB | CLIP-I | CLIP-T | runs |",
-    ]
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base_cells = f"{_cell(base.clip_i)} | {_cell(base.clip_t)} | {len(base.clip_i)}"
-    lines.append(f"| base (no fine-tuning) | – | 0 | – | – | – | {base_cells} |")
+    columns = ["method", "lr", "parameters", "s / step", f"vs {reference}", "peak RSS MiB", "CLIP-I", "CLIP-T"]
+    columns += [METRIC_NAMES[m] for m in judged] + ["runs"]
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    base_cells = [_cell(base.clip_i), _cell(base.clip_t), *(_cell(base.oracle[m]) for m in judged)]
+    lines.append("| base (no fine-tuning) | – | 0 | – | – | – | " + " | ".join(base_cells) + f" | {len(base.clip_i)} |")
     if ceilings:
-        ceiling_cells = f"{_cell([ceilings[x] for x in subjects])} | – | –"
+        ceiling_cells = " | ".join([_cell([ceilings[x] for x in subjects]), "–", *("–" for _ in judged), "–"])
         lines.append(f"| instance pictures vs each other (CLIP-I ceiling) | – | – | – | – | – | {ceiling_cells} |")
     for s in summaries:
         step = f"{s.step_seconds:.3f}" if s.step_seconds else "–"
         ratio = f"{s.step_seconds / ref_step:.2f}" if s.step_seconds and ref_step else "–"
         rss = f"{s.peak_rss_mib:.0f}" if s.peak_rss_mib else "–"
+        cells = [_cell(s.clip_i), _cell(s.clip_t), *(_cell(s.oracle[m]) for m in judged)]
         lines.append(
-            f"| {s.method} | {s.learning_rate:g} | {s.parameters:,} | {step} | {ratio} | {rss} | {_cell(s.clip_i)} | "
-            f"{_cell(s.clip_t)} | {len(s.clip_i)} |"
+            f"| {s.method} | {s.learning_rate:g} | {s.parameters:,} | {step} | {ratio} | {rss} | "
+            + " | ".join(cells)
+            + f" | {len(s.clip_i)} |"
         )
+    if judged:
+        lines += ["", ORACLE_LEGEND]
+        if oracle_check:
+            accuracy = oracle_check.get("check_accuracy", {})
+            lines.append(
+                f"The oracle on {oracle_check.get('check_pictures')} fresh world renders: "
+                + ", ".join(f"{a} {v:.3f}" for a, v in accuracy.items())
+                + "."
+            )
     lines += ["", "Per subject, CLIP-I / CLIP-T (mean over seeds):", ""]
     lines.append("| method | " + " | ".join(subjects) + " |")
     lines.append("|---|" + "---:|" * len(subjects))
@@ -182,7 +224,6 @@ def per_subject_means(plans: Sequence[RunPlan], scores: dict[Path, dict[str, flo
         groups.setdefault((plan.method, plan.subject), []).append(scores[plan.output_dir])
     table: dict[str, dict[str, dict[str, float]]] = {}
     for (method, subject), values in groups.items():
-        table.setdefault(method, {})[subject] = {
-            m: statistics.fmean(v[m] for v in values) for m in ("clip_i", "clip_t")
-        }
+        metrics = [m for m in METRIC_NAMES if all(m in v for v in values)]
+        table.setdefault(method, {})[subject] = {m: statistics.fmean(v[m] for v in values) for m in metrics}
     return table

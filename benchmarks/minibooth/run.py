@@ -4,7 +4,8 @@ evaluate_clip.py and the MiniBooth CLIP, and write report.md.
 
     python benchmarks/minibooth/run.py --jobs 2 --num_threads 1   # the full comparison, two runs at a time
     python benchmarks/minibooth/run.py            # the same, one run at a time (see docs/minibooth.md for times)
-    python benchmarks/minibooth/run.py --smoke    # the same steps with tiny models and runs: plumbing only
+    python benchmarks/minibooth/run.py --profile v2 --jobs 2 --num_threads 1   # MiniBooth v2 (world-object subjects)
+    python benchmarks/minibooth/run.py --smoke    # v2's steps with tiny models and runs: plumbing only
     python benchmarks/minibooth/run.py --until sweep --methods gsoft lora   # part of it
 
 Everything is resumable: pretrained stages, finished run folders and generated pictures are reused. Work folder:
@@ -31,9 +32,9 @@ from transformers import HfArgumentParser  # noqa: E402
 from benchmarks.minibooth import driver  # noqa: E402
 from benchmarks.minibooth import pretrain as pretraining_script  # noqa: E402
 from benchmarks.minibooth.cache import cache_root  # noqa: E402
-from benchmarks.minibooth.fidelity import subject_ceilings  # noqa: E402
+from benchmarks.minibooth.fidelity import SUBJECT_LOOK, subject_ceilings  # noqa: E402
 from benchmarks.minibooth.report import per_subject_means, render_report, summarize, timing_conditions  # noqa: E402
-from benchmarks.minibooth.subjects import SUBJECTS_FILE, load_subjects, write_subject_images  # noqa: E402
+from benchmarks.minibooth.subjects import WorldSubject, load_subjects, write_subject_images  # noqa: E402
 from benchmarks.minibooth.world import load_world  # noqa: E402
 
 
@@ -43,7 +44,14 @@ def _help(text: str) -> dict:
 
 @dataclass
 class RunOptions:
-    smoke: bool = field(default=False, metadata=_help("The smoke profile: tiny models and runs (plumbing only)."))
+    profile: str = field(
+        default="full",
+        metadata=_help(
+            "The protocol's profile: full (MiniBooth v1, sprite subjects), v2 (world-object subjects held out of the "
+            "v2 world, scored by the attribute oracle too) or smoke."
+        ),
+    )
+    smoke: bool = field(default=False, metadata=_help("Same as --profile smoke: tiny models and runs (plumbing)."))
     work_dir: str | None = field(
         default=None, metadata=_help("Work folder. Default: <cache>/minibooth/work-<profile>.")
     )
@@ -65,16 +73,15 @@ class RunOptions:
         default=None, metadata=_help("Report only the first N held-out subjects instead of the profile's.")
     )
     protocol_file: str = field(default=str(driver.PROTOCOL_FILE), metadata=_help("The protocol (methods, runs)."))
-    subjects_file: str = field(default=str(SUBJECTS_FILE), metadata=_help("The held-out subjects."))
+    subjects_file: str | None = field(default=None, metadata=_help("The held-out subjects. Default: the profile's."))
 
 
 def log(message: str) -> None:
     print(f"[minibooth] {message}", flush=True)
 
 
-def render_subjects(subjects, count: int, subjects_dir: Path) -> None:
+def render_subjects(subjects, world, count: int, subjects_dir: Path) -> None:
     """Instance pictures of every subject, written once (unchanged files keep the evaluator's caches valid)."""
-    world = load_world()
     for subject in subjects:
         folder = subjects_dir / subject.name
         if len(list(folder.glob("*.png"))) != count or not (folder / "subject.json").is_file():
@@ -100,25 +107,28 @@ def drop_stale_images(eval_dir: Path, folders, subjects_file: Path, eval_args) -
                 shutil.rmtree(record.parent)
 
 
-def evaluate(entries: dict[str, Path], eval_dir: Path, pretrained, protocol, options: RunOptions):
-    """Evaluate ``{label=folder entry: folder}``; returns the scores per folder."""
-    subjects_file = Path(options.subjects_file)
+def evaluate(entries: dict[str, Path], eval_dir: Path, pretrained, protocol, world, looks, options: RunOptions):
+    """Evaluate ``{label=folder entry: folder}``; returns the scores per folder: CLIP-I and CLIP-T from
+    evaluate_clip.py, then the attribute oracle's subject and context fidelity of the same pictures."""
+    subjects_file = protocol.subjects_file
     folders = list(entries.values())
     drop_stale_images(eval_dir, folders, subjects_file, protocol.eval_args)
     # The evaluation runs alone: it gets the threads of every training job.
     threads = options.num_threads * options.jobs if options.num_threads else None
     results = driver.evaluate(list(entries), eval_dir, pretrained.clip_dir, protocol, subjects_file, threads, log)
-    return driver.run_scores(results, folders, subjects_file)
+    scores = driver.run_scores(results, folders, subjects_file)
+    judged = driver.oracle_scores(folders, eval_dir, pretrained.oracle_dir, protocol, subjects_file, world, looks)
+    return {folder: scores[folder] | judged[folder] for folder in folders}
 
 
-def sweep(protocol, sweep_subject: str, base_dir: Path, work_dir: Path, pretrained, options) -> dict[str, float]:
+def sweep(protocol, sweep_subject: str, base_dir: Path, work_dir: Path, pretrained, world, looks, options):
     """Train and evaluate the learning-rate sweep; write sweep.json; return the chosen rate per method."""
     plans = driver.sweep_plans(protocol, sweep_subject, work_dir)
     driver.train_runs(
         plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", options.num_threads, log, options.jobs
     )
     entries = {f"{driver.BASE_LABEL}={base_dir}": base_dir} | {f"{p.label}={p.output_dir}": p.output_dir for p in plans}
-    scores = evaluate(entries, work_dir / "eval" / "sweep", pretrained, protocol, options)
+    scores = evaluate(entries, work_dir / "eval" / "sweep", pretrained, protocol, world, looks, options)
     base = scores[base_dir]
     summary = {"subject": sweep_subject, "base": base, "clip_t_tolerance": protocol.clip_t_tolerance, "methods": {}}
     for name in protocol.methods:
@@ -134,24 +144,39 @@ def sweep(protocol, sweep_subject: str, base_dir: Path, work_dir: Path, pretrain
     return {name: entry["chosen"] for name, entry in summary["methods"].items()}
 
 
+def pretrain_for(protocol, num_threads: int | None):
+    """The profile's pretrained base models (built or reused): its pretraining flags and world."""
+    argv = [*protocol.pretrain_args, "--world_file", str(protocol.world_file)]
+    argv += ["--num_threads", str(num_threads)] if num_threads else []
+    return pretraining_script.pretrain(pretraining_script.parse_args(argv), log)
+
+
+def profile_subjects(protocol):
+    """``(world, subjects, instance pictures per subject, looks)`` of the profile; ``looks``: what the oracle
+    checks of each world-object subject (its colour and pattern), by name."""
+    world = load_world(protocol.world_file)
+    subjects, count = load_subjects(protocol.subjects_file, world)
+    looks = {s.name: {a: s.attributes()[a] for a in SUBJECT_LOOK} for s in subjects if isinstance(s, WorldSubject)}
+    return world, subjects, count, looks
+
+
 def main(args: RunOptions) -> Path:
-    protocol = driver.load_protocol("smoke" if args.smoke else "full", args.protocol_file, args.methods)
+    protocol = driver.load_protocol("smoke" if args.smoke else args.profile, args.protocol_file, args.methods)
+    if args.subjects_file:
+        protocol = replace(protocol, subjects_file=Path(args.subjects_file))
     if args.seeds:
         protocol = replace(protocol, seeds=tuple(args.seeds))
     if args.max_subjects:
         protocol = replace(protocol, max_subjects=args.max_subjects)
     work_dir = Path(args.work_dir) if args.work_dir else cache_root() / f"work-{protocol.profile}"
-    pretrain_args = list(protocol.pretrain_args) + (
-        ["--num_threads", str(args.num_threads)] if args.num_threads else []
-    )
-    pretrained = pretraining_script.pretrain(pretraining_script.parse_args(pretrain_args), log)
+    pretrained = pretrain_for(protocol, args.num_threads)
     if args.until == "pretrain":
         return pretrained.pipeline_dir
 
-    subjects, count = load_subjects(args.subjects_file, load_world())
+    world, subjects, count, looks = profile_subjects(protocol)
     sweep_subject = next(s for s in subjects if s.sweep)
     reported = [s for s in subjects if not s.sweep][: protocol.max_subjects]
-    render_subjects([sweep_subject, *reported], count, work_dir / "subjects")
+    render_subjects([sweep_subject, *reported], world, count, work_dir / "subjects")
     base_dirs = {
         s.name: driver.write_base_run(
             pretrained.pipeline_dir, work_dir / "subjects" / s.name, s.class_name, protocol.instance_prompt,
@@ -159,7 +184,9 @@ def main(args: RunOptions) -> Path:
         )
         for s in [sweep_subject, *reported]
     }  # fmt: skip
-    learning_rates = sweep(protocol, sweep_subject.name, base_dirs[sweep_subject.name], work_dir, pretrained, args)
+    learning_rates = sweep(
+        protocol, sweep_subject.name, base_dirs[sweep_subject.name], work_dir, pretrained, world, looks, args
+    )
     if args.until == "sweep":
         return work_dir / "sweep.json"
 
@@ -167,7 +194,7 @@ def main(args: RunOptions) -> Path:
     driver.train_runs(plans, protocol, pretrained.pipeline_dir, work_dir / "subjects", args.num_threads, log, args.jobs)
     entries = {f"{driver.BASE_LABEL}={base_dirs[s.name]}": base_dirs[s.name] for s in reported}
     entries |= {f"{p.label}={p.output_dir}": p.output_dir for p in plans}
-    scores = evaluate(entries, work_dir / "eval" / "main", pretrained, protocol, args)
+    scores = evaluate(entries, work_dir / "eval" / "main", pretrained, protocol, world, looks, args)
     summaries = summarize(plans, scores)
     header = (
         f"MiniBooth ({protocol.profile} profile): {len(reported)} subjects x {len(protocol.seeds)} seeds; "
@@ -181,6 +208,7 @@ def main(args: RunOptions) -> Path:
         protocol.reference_method,
         header,
         subject_ceilings(pretrained.clip_dir, work_dir / "subjects", [s.name for s in reported]),
+        oracle_check=pretrained.markers.get("oracle"),
     )
     report = work_dir / "report.md"
     report.write_text(text)

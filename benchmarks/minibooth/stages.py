@@ -13,17 +13,23 @@ import torch
 
 from . import architectures as arch
 from .cache import file_digest, fingerprint
-from .world import WORLD_FILE, caption, render_world
+from .world import World, caption, render_world
 
 # Bump when a code change alters what pretraining produces, so that cached stages are rebuilt.
 FORMAT = 1
 HELD_OUT_CHECK = 256  # world items after the training set: reconstruction, retrieval and fidelity checks
+ORACLE_CHECK = 1024  # fresh renders (another seed) on which the oracle's accuracy is measured
 
 
-def stage_settings(options) -> dict[str, dict]:
+def stage_settings(options, world: World) -> dict[str, dict]:
     """What each stage depends on (hashed into its folder name); the SD stage depends on the VAE stage's hash."""
-    world = {"format": FORMAT, "world_file": file_digest(WORLD_FILE), "seed": options.seed}
-    world |= {"resolution": options.resolution, "num_images": options.num_images}
+    common = {"format": FORMAT, "world_file": file_digest(options.world_file), "seed": options.seed}
+    if world.held_out:  # the pairs come from another file (held_out_subjects)
+        common["held_out"] = sorted(world.held_out)
+    oracle = common | {"resolution": options.resolution}
+    keys = ("oracle_images", "oracle_steps", "oracle_batch_size", "oracle_lr", "oracle_width")
+    oracle |= {k: getattr(options, k) for k in keys}
+    world = common | {"resolution": options.resolution, "num_images": options.num_images}
     vae = world | {"config": arch.read_config(options.config_dir, "vae")}
     vae |= {k: getattr(options, k) for k in ("vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_kl_weight")}
     sd = {"vae": fingerprint(vae)} | {n: arch.read_config(options.config_dir, n) for n in ("unet", "text_encoder")}
@@ -33,7 +39,7 @@ def stage_settings(options) -> dict[str, dict]:
     clip = world | {"config": arch.read_config(options.config_dir, "clip")}
     keys = ("clip_steps", "clip_batch_size", "clip_lr", "clip_warmup_steps", "clip_caption_keep_scale")
     clip |= {k: getattr(options, k) for k in keys}
-    return {"vae": vae, "sd": sd, "clip": clip}
+    return {"vae": vae, "sd": sd, "clip": clip, "oracle": oracle}
 
 
 class WorldData:
@@ -161,6 +167,41 @@ def build_clip(staging: Path, options, data: WorldData, log) -> dict:
     }
 
 
+def build_oracle(staging: Path, options, world: World, log) -> dict:
+    """Train the attribute oracle on world renders (held-out pairs included) and measure it on fresh renders of
+    another seed, overall and on the held-out pairs alone."""
+    from dataclasses import replace
+
+    from .oracle import SEED_OFFSET, accuracy, predict, save_oracle, train_oracle
+
+    oracle, losses = train_oracle(
+        world,
+        num_images=options.oracle_images,
+        steps=options.oracle_steps,
+        batch_size=options.oracle_batch_size,
+        lr=options.oracle_lr,
+        seed=options.seed,
+        resolution=options.resolution,
+        width=options.oracle_width,
+        log=log,
+        log_every=options.log_every,
+    )
+    save_oracle(oracle, staging, options.resolution)
+    judged = replace(world, held_out=frozenset())
+    count = min(ORACLE_CHECK, options.oracle_images)
+    images, scenes = render_world(count, options.seed + 2 * SEED_OFFSET, judged, options.resolution)
+    readings = predict(oracle, images)
+    truth = [{name: getattr(scene, name) for name in oracle.values} for scene in scenes]
+    result = {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "check_pictures": count}
+    result["check_accuracy"] = accuracy(readings, truth)
+    held = [k for k, scene in enumerate(scenes) if (scene.shape, scene.color) in world.held_out]
+    if held:
+        result["held_out_pictures"] = len(held)
+        result["held_out_accuracy"] = accuracy([readings[k] for k in held], [truth[k] for k in held])
+    log("oracle: accuracy on fresh renders " + ", ".join(f"{k} {v:.3f}" for k, v in result["check_accuracy"].items()))
+    return result
+
+
 def write_samples(options, pipeline_dir: Path, path: Path, log) -> None:
     from .pretraining import sample_grid
 
@@ -177,20 +218,32 @@ def write_fidelity(options, dirs: dict[str, Path], data: WorldData, log) -> dict
     from .fidelity import prompt_fidelity
 
     path = dirs["sd"] / "prompt_fidelity.json"
+    judges = {"clip_stage": dirs["clip"].name, "oracle_stage": dirs["oracle"].name}
+    judges["pictures"] = options.fidelity_pictures
     if path.is_file():
         found = json.loads(path.read_text())
-        if found.get("clip") == dirs["clip"].name and found.get("pictures") == options.fidelity_pictures:
+        if all(found.get(key) == value for key, value in judges.items()):
             return found
     real, scenes = data.held_out()
     count = options.fidelity_pictures
     result = prompt_fidelity(
-        dirs["sd"], dirs["clip"], scenes[:count], real[:count], data.world, options.sample_steps, options.guidance_scale
+        dirs["sd"],
+        dirs["clip"],
+        dirs["oracle"],
+        scenes[:count],
+        real[:count],
+        data.world,
+        options.sample_steps,
+        options.guidance_scale,
     )
-    result["clip"] = dirs["clip"].name
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    for attribute, value in result["generated"].items():
-        log(
-            f"prompt fidelity {attribute}: {value:.2f} (real pictures {result['real'][attribute]:.2f}, "
-            f"chance {result['chance'][attribute]:.2f})"
-        )
+    result |= judges
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    for judge in ("clip", "oracle"):
+        for attribute, value in result[judge]["generated"].items():
+            log(
+                f"prompt fidelity ({judge}) {attribute}: {value:.2f} (real pictures "
+                f"{result[judge]['real'][attribute]:.2f}, chance {result['chance'][attribute]:.2f})"
+            )
     return result

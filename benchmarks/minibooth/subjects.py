@@ -1,8 +1,13 @@
-"""MiniBooth's held-out subjects: composite sprites the base world never shows, and their instance pictures.
+"""MiniBooth's held-out subjects, and their instance pictures. Two kinds of subjects file:
 
-A subject (``subjects.json``) is a world shape (its class noun) drawn in colours outside the world's palette with a
-pattern the world does not have (zigzag, concentric, split, eyes) and extras (outline, crown, ring). Its instance
-pictures put it on world backgrounds at varied places and sizes, deterministically from (seed, subject name).
+* sprites (``subjects.json``, MiniBooth v1): a world shape (its class noun) drawn in colours outside the world's
+  palette with a pattern the world does not have (zigzag, concentric, split, eyes) and extras (outline, crown, ring);
+* world objects (``subjects_v2.json``, ``"kind": "world"``, MiniBooth v2): a shape, colour and pattern of the world
+  whose (shape, colour) pair the v2 world (``world_v2.json``) never draws: every part seen in pretraining, the whole
+  never, and every attribute one the base model renders and the oracle (oracle.py) reads.
+
+Instance pictures put the subject on world backgrounds at varied places and sizes, deterministically from (seed,
+subject name).
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .world import RGB, SUPERSAMPLE, World, draw_background, shape_mask
+from .world import RGB, SUPERSAMPLE, Scene, World, draw_background, render_scene, shape_mask
 
 SUBJECTS_FILE = Path(__file__).resolve().parent / "subjects.json"
+SUBJECTS_V2_FILE = SUBJECTS_FILE.with_name("subjects_v2.json")
 SUBJECT_PATTERNS = ("zigzag", "concentric", "split", "eyes")
 SUBJECT_EXTRAS = ("outline", "crown", "ring")
 INSTANCE_SIZES = (0.5, 0.6, 0.7)  # sprite side as a fraction of the frame: medium to large, as in subject photos
@@ -35,10 +41,38 @@ class Subject:
     sweep: bool
 
 
-def load_subjects(path: str | os.PathLike = SUBJECTS_FILE, world: World | None = None) -> tuple[list[Subject], int]:
+@dataclass(frozen=True)
+class WorldSubject:
+    """A world object whose (shape, colour) pair the world it is held out of never draws (v2)."""
+
+    name: str
+    class_name: str
+    shape: str
+    color: str  # a world colour name
+    pattern: str  # a world object pattern
+    sweep: bool
+
+    def attributes(self) -> dict[str, str]:
+        """What makes the subject itself, by the oracle's attribute names."""
+        return {"shape": self.shape, "color": self.color, "pattern": self.pattern}
+
+
+def load_subjects(
+    path: str | os.PathLike = SUBJECTS_FILE, world: World | None = None
+) -> tuple[list[Subject] | list[WorldSubject], int]:
     """``(subjects, instance images per subject)`` from ``path``; bad names, or (with ``world``) colours, patterns
     or bodies the world does not allow for held-out subjects, raise ValueError."""
     data = json.loads(Path(path).read_text())
+    if data.get("kind") == "world":
+        subjects = [
+            WorldSubject(e["name"], e["class_name"], e["shape"], e["color"], e["pattern"], bool(e.get("sweep", False)))
+            for e in data["subjects"]
+        ]
+        if world is not None:
+            check_held_out_objects(subjects, world, path)
+        if sum(s.sweep for s in subjects) != 1:
+            raise ValueError(f'{path}: mark exactly one subject with "sweep": true (the learning-rate sweep subject)')
+        return subjects, int(data["instance_images"])
     colors = {k: tuple(v) for k, v in data["colors"].items()}
     subjects = []
     for entry in data["subjects"]:
@@ -79,6 +113,21 @@ def check_held_out(subjects: list[Subject], world: World) -> None:
             raise ValueError(f"subject {subject.name!r} uses a colour of the world's palette; held-out means unseen")
         if subject.pattern in world.object_patterns or subject.pattern in world.background_patterns:
             raise ValueError(f"subject {subject.name!r} pattern {subject.pattern!r} exists in the world")
+
+
+def check_held_out_objects(subjects: list[WorldSubject], world: World, path: str | os.PathLike) -> None:
+    """ValueError unless every subject is made of world attributes and its (shape, colour) pair is held out."""
+    for subject in subjects:
+        where = f"{path}: subject {subject.name!r}"
+        if subject.shape not in world.shapes or subject.class_name != subject.shape:
+            raise ValueError(f"{where}: shape and class_name must be the same world shape")
+        if subject.color not in world.colors or subject.pattern not in world.object_patterns:
+            raise ValueError(f"{where}: colour {subject.color!r} / pattern {subject.pattern!r} are not the world's")
+        if (subject.shape, subject.color) not in world.held_out:
+            raise ValueError(
+                f"{where}: the world draws {subject.color} {subject.shape}s, so the subject is not held out; load "
+                "the world that leaves it out (world_v2.json)"
+            )
 
 
 # -- drawing --------------------------------------------------------------------------------------------------------
@@ -132,8 +181,29 @@ def draw_subject(image: Image.Image, subject: Subject, cx: float, cy: float, hal
         draw.polygon(points, fill=subject.accent)
 
 
-def render_instance(subject: Subject, world: World, seed: int, index: int, resolution: int = 64) -> Image.Image:
+def instance_scene(subject: WorldSubject, world: World, seed: int, index: int) -> Scene:
+    """The world scene of instance picture ``index`` of a v2 subject: medium or large (as subject photos are), any
+    world position, a background colour other than the subject's, the background patterns in turn."""
+    rng = random.Random(f"minibooth:subject:{subject.name}:{seed}:{index}")
+    colors = [c for c in sorted(world.colors) if c != subject.color]
+    return Scene(
+        shape=subject.shape,
+        color=subject.color,
+        pattern=subject.pattern,
+        size=rng.choice(("medium", "large")),
+        position=rng.choice(sorted(world.positions)),
+        background_color=colors[(rng.randrange(len(colors)) + index * 2) % len(colors)],
+        background_pattern=world.background_patterns[index % len(world.background_patterns)],
+        offset=(rng.uniform(-world.jitter, world.jitter), rng.uniform(-world.jitter, world.jitter)),
+    )
+
+
+def render_instance(
+    subject: Subject | WorldSubject, world: World, seed: int, index: int, resolution: int = 64
+) -> Image.Image:
     """Instance picture ``index`` of ``subject``: a world background, a varied size and place, deterministic."""
+    if isinstance(subject, WorldSubject):
+        return render_scene(instance_scene(subject, world, seed, index), world, resolution)
     rng = random.Random(f"minibooth:subject:{subject.name}:{seed}:{index}")
     canvas = resolution * SUPERSAMPLE
     colors = sorted(world.colors)
@@ -148,7 +218,12 @@ def render_instance(subject: Subject, world: World, seed: int, index: int, resol
 
 
 def write_subject_images(
-    subject: Subject, world: World, directory: str | os.PathLike, count: int, seed: int = 0, resolution: int = 64
+    subject: Subject | WorldSubject,
+    world: World,
+    directory: str | os.PathLike,
+    count: int,
+    seed: int = 0,
+    resolution: int = 64,
 ) -> Path:
     """Write ``count`` instance PNGs and ``subject.json`` (its class noun, for the trainer) into ``directory``."""
     directory = Path(directory)

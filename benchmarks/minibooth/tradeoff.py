@@ -28,10 +28,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 from transformers import HfArgumentParser  # noqa: E402
 
 from benchmarks.minibooth import driver  # noqa: E402
-from benchmarks.minibooth import pretrain as pretraining_script  # noqa: E402
 from benchmarks.minibooth import run as comparison  # noqa: E402
 from benchmarks.minibooth.cache import cache_root  # noqa: E402
-from benchmarks.minibooth.subjects import SUBJECTS_FILE, load_subjects  # noqa: E402
 
 
 @dataclass
@@ -40,10 +38,12 @@ class TradeoffOptions:
         default=None, metadata={"help": "Methods to probe (default: every method of protocol.json)."}
     )
     seed: int = field(default=0, metadata={"help": "The seed of every probe run (its main runs are reused)."})
-    work_dir: str | None = field(default=None, metadata={"help": "run.py's work folder (default: the full one)."})
+    profile: str = field(default="full", metadata={"help": "run.py's profile (full, v2)."})
+    work_dir: str | None = field(
+        default=None, metadata={"help": "run.py's work folder (default: the profile's, work-<profile>)."}
+    )
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads of every process."})
     jobs: int = field(default=1, metadata={"help": "Runs trained at once (as run.py --jobs)."})
-    subjects_file: str = field(default=str(SUBJECTS_FILE), metadata={"help": "The held-out subjects."})
 
 
 def neighbour_rates(grid: list[float], chosen: float) -> list[float]:
@@ -132,13 +132,13 @@ def plot_tradeoff(curves, base: tuple[float, float], title: str, path: Path) -> 
 
 
 def main(options: TradeoffOptions) -> Path:
-    protocol = driver.load_protocol("full", methods=options.methods)
-    work_dir = Path(options.work_dir) if options.work_dir else cache_root() / "work-full"
+    protocol = driver.load_protocol(options.profile, methods=options.methods)
+    work_dir = Path(options.work_dir) if options.work_dir else cache_root() / f"work-{protocol.profile}"
     if not (work_dir / "sweep.json").is_file():
         raise FileNotFoundError(f"{work_dir / 'sweep.json'} not found: run benchmarks/minibooth/run.py first")
     sweep = json.loads((work_dir / "sweep.json").read_text())
-    pretrained = pretraining_script.pretrain(pretraining_script.parse_args([]), comparison.log)
-    subjects, _ = load_subjects(options.subjects_file)
+    pretrained = comparison.pretrain_for(protocol, options.num_threads)
+    world, subjects, _, looks = comparison.profile_subjects(protocol)
     reported = [s.name for s in subjects if not s.sweep]
 
     plans = probe_plans(protocol, sweep, reported, options.seed, work_dir)
@@ -149,10 +149,9 @@ def main(options: TradeoffOptions) -> Path:
     base_dirs = [driver.base_run_dir(work_dir, s) for s in reported]
     entries = {f"{driver.BASE_LABEL}={d}": d for d in base_dirs}
     entries |= {f"{p.label}@{p.learning_rate:g}={p.output_dir}": p.output_dir for p in plans}
-    run_options = comparison.RunOptions(
-        num_threads=options.num_threads, jobs=options.jobs, subjects_file=options.subjects_file
-    )
-    scores = comparison.evaluate(entries, work_dir / "eval" / "tradeoff", pretrained, protocol, run_options)
+    run_options = comparison.RunOptions(num_threads=options.num_threads, jobs=options.jobs)
+    eval_dir = work_dir / "eval" / "tradeoff"
+    scores = comparison.evaluate(entries, eval_dir, pretrained, protocol, world, looks, run_options)
 
     curves = method_curves(plans, scores)
     base = (fmean([scores[d]["clip_i"] for d in base_dirs]), fmean([scores[d]["clip_t"] for d in base_dirs]))

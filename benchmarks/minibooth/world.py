@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 WORLD_FILE = Path(__file__).resolve().parent / "world.json"
+WORLD_V2_FILE = WORLD_FILE.with_name("world_v2.json")
 SUPERSAMPLE = 4
 ATTRIBUTES = ("size", "color", "pattern", "background_pattern", "background_color", "position")
 RGB = tuple[int, int, int]
@@ -37,6 +38,9 @@ class World:
     positions: dict[str, tuple[float, float]]
     jitter: float
     caption_keep: dict[str, float]
+    # (shape, colour) pairs the world never draws together: the held-out subjects of a subjects file of kind
+    # "world" (``held_out_subjects`` in the world file), so that the base model has seen each part, never the whole.
+    held_out: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,22 @@ class Scene:
 
 
 def load_world(path: str | os.PathLike = WORLD_FILE) -> World:
-    """The world described by ``path``; unknown shapes or patterns (no drawer for them) raise ValueError."""
-    data = json.loads(Path(path).read_text())
+    """The world described by ``path``; unknown shapes or patterns (no drawer for them) raise ValueError.
+
+    ``"extends": "<world file>"`` (relative to this one) starts from that file's keys; ``"held_out_subjects":
+    "<subjects file>"`` leaves out of the world every (shape, colour) pair of that file's subjects (a file of kind
+    "world", see subjects.py).
+    """
+    path = Path(path)
+    data = json.loads(path.read_text())
+    if "extends" in data:
+        data = json.loads((path.parent / data["extends"]).read_text()) | data
+    held_out = frozenset()
+    if data.get("held_out_subjects"):
+        subjects = json.loads((path.parent / data["held_out_subjects"]).read_text())
+        if subjects.get("kind") != "world":
+            raise ValueError(f'{path}: held_out_subjects must name a subjects file of kind "world"')
+        held_out = frozenset((entry["shape"], entry["color"]) for entry in subjects["subjects"])
     world = World(
         colors={k: tuple(v) for k, v in data["colors"].items()},
         shapes=tuple(data["shapes"]),
@@ -65,7 +83,11 @@ def load_world(path: str | os.PathLike = WORLD_FILE) -> World:
         positions={k: tuple(v) for k, v in data["positions"].items()},
         jitter=float(data["jitter"]),
         caption_keep={k: float(data["caption_keep"][k]) for k in ATTRIBUTES},
+        held_out=held_out,
     )
+    unknown_pairs = sorted((s, c) for s, c in held_out if s not in world.shapes or c not in world.colors)
+    if unknown_pairs:
+        raise ValueError(f"{path}: held-out (shape, colour) pairs {unknown_pairs} are not in the world")
     for kind, names, known in (
         ("shape", world.shapes, SHAPE_POINTS),
         ("object pattern", world.object_patterns, OBJECT_PATTERNS),
@@ -86,11 +108,16 @@ def scene_rng(seed: int, index: int, stream: str = "scene") -> random.Random:
 
 
 def sample_scene(rng: random.Random, world: World) -> Scene:
-    """A random scene; the object's colour always differs from the background's."""
-    color = rng.choice(sorted(world.colors))
-    background = rng.choice([c for c in sorted(world.colors) if c != color])
+    """A random scene; the object's colour always differs from the background's, and its (shape, colour) is never a
+    held-out pair (drawn again until it is not)."""
+    while True:  # the draws in the order of a world without held-out pairs, whose scenes are unchanged
+        color = rng.choice(sorted(world.colors))
+        background = rng.choice([c for c in sorted(world.colors) if c != color])
+        shape = rng.choice(world.shapes)
+        if (shape, color) not in world.held_out:
+            break
     return Scene(
-        shape=rng.choice(world.shapes),
+        shape=shape,
         color=color,
         pattern=rng.choice(world.object_patterns),
         size=rng.choice(sorted(world.sizes)),
