@@ -76,6 +76,12 @@ PAPER_METHODS = [FLOOR, LORA[0], PEFT_OFT, BOFT[0], GSOFT[0], GSOFT_WEIGHT_SIDE_
 TIME_GOALS = [(GSOFT[0], LORA[0], 1.05), (GSOFT[0], BOFT[0], 0.60), (DOUBLE[0], LORA[0], 1.15)]
 SAVED_GOALS = [(GSOFT[0], LORA[0], 1.10), (DOUBLE[0], LORA[0], 1.20)]
 RSS_GOAL = (GSOFT[0], LORA[0], 1.05)
+# What the step table's columns mean, whichever way the steps were run.
+MEASURES = (
+    "Ratios are medians over rounds of (method / reference in the same round). Saved tensors: distinct storages "
+    "autograd keeps for backward in one step (frozen weights excluded). Adapter state: parameters + gradients + "
+    "AdamW moments."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -683,20 +689,14 @@ def main(argv: list[str] | None = None) -> None:
         how = (
             "Each method runs in a fresh process of its own per round (one UNet in memory at a time), the order "
             f"rotating over {args.rounds} rounds; each process builds the UNet, resets the RSS high-water mark, runs "
-            "a warm-up step (saved tensors counted) and one timed step. Ratios are medians over rounds of (method / "
-            "reference in the same round). Saved tensors: distinct storages autograd keeps for backward in one step "
-            "(frozen weights excluded). Adapter state: parameters + gradients + AdamW moments. Peak RSS: the "
-            f"process's high-water mark over its two steps (the {weight_bytes / 2**30:.1f} GiB of fp32 weights are "
-            "in every row)."
+            f"a warm-up step (saved tensors counted) and one timed step. {MEASURES} Peak RSS: the process's "
+            f"high-water mark over its two steps (the {weight_bytes / 2**30:.1f} GiB of fp32 weights are in every row)."
         )
     else:
         samples, saved, state, rss, loads, weight_bytes = shared_rounds(methods, args)
         how = (
             "One random-weight UNet shared by every method (structural copies), "
-            f"{args.rounds} interleaved rounds after one warm-up step each, the order rotating per round. Ratios are "
-            "medians over rounds of (method / reference in the same round). "
-            "Saved tensors: distinct storages autograd keeps for backward in one step (frozen weights excluded). "
-            "Adapter state: parameters + gradients + AdamW moments. "
+            f"{args.rounds} interleaved rounds after one warm-up step each, the order rotating per round. {MEASURES} "
             + (
                 "Peak RSS: a child process per method builds the UNet, resets the high-water mark, runs two steps "
                 f"(the {weight_bytes / 2**30:.1f} GiB of fp32 weights are in every row)."
