@@ -549,6 +549,8 @@ def test_oracle_fidelity_scores_the_subject_look_and_the_named_context(tmp_path,
     scores = fidelity.oracle_fidelity(None, run, tmp_path / "images", "a {token} {class}", None, WORLD, look)
     assert scores == {
         "subject_fidelity": 0.5,  # one of the two base-prompt pictures is blue and plain
+        "subject_color": 0.5,
+        "subject_pattern": 1.0,  # both are plain
         "subject_fidelity_in_context": 0.5,  # the background prompt keeps the look once; the red prompt is not counted
         "context_fidelity": 4 / 6,  # yellow + striped, red + striped, striped only, then red once in two
     }

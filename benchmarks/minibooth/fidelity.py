@@ -93,7 +93,13 @@ def subject_ceilings(clip_dir, subjects_dir, names: Sequence[str]) -> dict[str, 
 
 # -- fine-tuned runs under the oracle ---------------------------------------------------------------------------------
 
-ORACLE_METRICS = ("subject_fidelity", "subject_fidelity_in_context", "context_fidelity")
+ORACLE_METRICS = (
+    "subject_fidelity",
+    "subject_color",
+    "subject_pattern",
+    "subject_fidelity_in_context",
+    "context_fidelity",
+)
 SUBJECT_LOOK = ("color", "pattern")  # what makes a v2 subject (its shape is the class noun every prompt says)
 
 
@@ -106,6 +112,7 @@ def oracle_fidelity(
     * ``subject_fidelity``: the fraction of base-prompt pictures ("a sks circle") carrying the subject's look (its
       colour and pattern, ``look``; None for subjects outside the world's attributes, which leaves both subject
       scores out);
+    * ``subject_color`` / ``subject_pattern``: the same for each part of the look alone (partial learning);
     * ``subject_fidelity_in_context``: the same over the contextual prompts that do not change the colour or pattern;
     * ``context_fidelity``: over the contextual prompts, the fraction of (picture, attribute the prompt names other
       than the shape) pairs the picture gets right: backgrounds, sizes, positions and colour / pattern changes.
@@ -115,7 +122,7 @@ def oracle_fidelity(
 
     from .world import parse_caption
 
-    subject_hits: dict[str, list[int]] = {"subject_fidelity": [], "subject_fidelity_in_context": []}
+    subject_hits: dict[str, list[int]] = {key: [] for key in ORACLE_METRICS if key != "context_fidelity"}
     context_hits: list[int] = []
     for kind, prompt in run_prompts(run, base_prompt, max_prompts):
         paths = sorted((Path(images_dir) / run.run_id / f"{kind}-{slug(prompt)}").glob("*.png"))
@@ -128,6 +135,9 @@ def oracle_fidelity(
         if look is not None and not set(named) & set(look):
             key = "subject_fidelity" if kind == BASE else "subject_fidelity_in_context"
             subject_hits[key] += [int(all(r[a] == v for a, v in look.items())) for r in readings]
+            if kind == BASE:
+                for attribute, value in look.items():
+                    subject_hits[f"subject_{attribute}"] += [int(r[attribute] == value) for r in readings]
     scores = {"context_fidelity": sum(context_hits) / len(context_hits)} if context_hits else {}
     scores |= {name: sum(hits) / len(hits) for name, hits in subject_hits.items() if hits}
     return scores

@@ -18,6 +18,8 @@ METRIC_NAMES = {
     "clip_i": "CLIP-I",
     "clip_t": "CLIP-T",
     "subject_fidelity": "subject fidelity",
+    "subject_color": "subject colour",
+    "subject_pattern": "subject pattern",
     "subject_fidelity_in_context": "subject fidelity in context",
     "context_fidelity": "context fidelity",
 }
@@ -43,7 +45,8 @@ def oracle_lists(score_dicts: Sequence[dict[str, float]]) -> dict[str, list[floa
 
 ORACLE_LEGEND = (
     "Oracle columns (attribute classifiers trained on world renders, benchmarks/minibooth/oracle.py): subject "
-    "fidelity, the fraction of base-prompt pictures with the subject's colour and pattern; subject fidelity in "
+    "fidelity, the fraction of base-prompt pictures with the subject's colour and pattern (subject colour, subject "
+    "pattern: each alone); subject fidelity in "
     "context, the same over the contextual prompts that change neither; context fidelity, the fraction of the "
     "attributes a contextual prompt names (background, size, position, colour or pattern change) that its pictures "
     "show."
