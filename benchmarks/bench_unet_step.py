@@ -185,6 +185,11 @@ def saved_tensor_bytes(runner: StepRunner, backward: bool = True) -> int:
     return sum(storages.values())
 
 
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters as stored (the frozen weights in every row's memory)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def adapter_state_bytes(params: list[nn.Parameter]) -> int:
     """Parameters + gradients + AdamW's two moments, fp32."""
     return 16 * sum(p.numel() for p in params)
@@ -749,7 +754,7 @@ def shared_rounds(methods: list[Method], args: argparse.Namespace) -> Measured:
     torch.manual_seed(0)
     print(f"building the {args.size} UNet ({args.device}) ...", flush=True)
     base = frozen_base(args)
-    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    weight_bytes = parameter_bytes(base)
     batch = make_batch(args.batch, args.latent, args.device)
     runners: dict[str, StepRunner] = {}
     state: dict[str, int] = {}
@@ -783,7 +788,7 @@ def step_child(args: argparse.Namespace) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     saved = saved_tensor_bytes(runner)
     wall, cpu = timed(runner)
-    weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    weight_bytes = parameter_bytes(unet)
     result = {"wall": wall, "cpu": cpu, "saved": saved, "state": adapter_state_bytes(params)}
     print(json.dumps(result | {"peak_kib": status_kib("VmHWM"), "weight_bytes": weight_bytes}))
 

@@ -286,20 +286,16 @@ def evaluate(
 
 
 def run_specs(folders: Sequence[Path], subjects_file: Path) -> dict[Path, object]:
-    """evaluate_clip.py's view of each run folder (its ``RunSpec``: run id, subject, token, prompts)."""
+    """evaluate_clip.py's view of each run folder (its ``RunSpec``: run id, subject, token, prompts, adapter hash),
+    resolved once per evaluation and shared by everything that reads the evaluator's output."""
     from dreambooth_gs.eval_plan import load_subjects, resolve_run
 
     subjects = load_subjects(subjects_file)
     return {folder: resolve_run(str(folder), subjects, prompt_set=str(PROMPTS_FILE)) for folder in folders}
 
 
-def run_ids(folders: Sequence[Path], subjects_file: Path) -> dict[str, Path]:
-    """evaluate_clip.py's run id of each run folder (the ``run`` column of results.csv) -> the folder."""
-    return {spec.run_id: folder for folder, spec in run_specs(folders, subjects_file).items()}
-
-
 def oracle_scores(
-    folders: Sequence[Path], eval_dir: Path, oracle_dir: Path, protocol: Protocol, subjects_file: Path, world, looks
+    specs: dict[Path, object], eval_dir: Path, oracle_dir: Path, protocol: Protocol, world, looks
 ) -> dict[Path, dict[str, float]]:
     """Per run folder, the attribute oracle's subject and context fidelity of the pictures the evaluator drew
     (``eval_dir/images``); ``looks``: subject name -> the attributes that make it (None: not a world object)."""
@@ -313,14 +309,15 @@ def oracle_scores(
         folder: oracle_fidelity(
             oracle, spec, eval_dir / "images", protocol.base_prompt, max_prompts, world, looks.get(spec.subject)
         )
-        for folder, spec in run_specs(folders, subjects_file).items()
+        for folder, spec in specs.items()
     }
 
 
-def run_scores(results_csv: Path, folders: Sequence[Path], subjects_file: Path) -> dict[Path, dict[str, float]]:
-    """Per run folder: CLIP-I (base-prompt pictures vs the real ones) and CLIP-T (contextual prompts), each the
-    picture-weighted mean over its rows, as evaluate_clip.py's summary computes them."""
-    ids = run_ids(folders, subjects_file)
+def run_scores(results_csv: Path, specs: dict[Path, object]) -> dict[Path, dict[str, float]]:
+    """Per run folder (``specs``: :func:`run_specs`): CLIP-I (base-prompt pictures vs the real ones) and CLIP-T
+    (contextual prompts), each the picture-weighted mean over its rows, as evaluate_clip.py's summary computes them."""
+    folders = list(specs)
+    ids = {spec.run_id: folder for folder, spec in specs.items()}
     sums: dict[Path, dict[str, list[float]]] = {}
     with open(results_csv, newline="") as handle:
         for row in csv.DictReader(handle):

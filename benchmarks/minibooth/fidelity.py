@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .oracle import JUDGED_ATTRIBUTES, accuracy, attribute_values, load_oracle, predict
+from .oracle import accuracy, attribute_values, load_oracle, predict, scene_truth
 from .world import Scene, World, caption
 
 
@@ -50,7 +50,7 @@ def prompt_fidelity(
     generated = generate_images(pipeline, prompts, list(range(len(prompts))), steps, guidance, batch_size=8)
     real_images = [Image.fromarray(picture) for picture in real]
     oracle = load_oracle(oracle_dir)
-    truth = [{name: getattr(scene, name) for name in JUDGED_ATTRIBUTES} for scene in scenes]
+    truth = scene_truth(scenes)
     return {
         "pictures": len(scenes),
         "clip": {

@@ -45,6 +45,16 @@ def attribute_values(world: World) -> dict[str, list[str]]:
     return {name: values[name] for name in JUDGED_ATTRIBUTES}
 
 
+def judged_world(world: World) -> World:
+    """The world the oracle is trained and checked on: ``world`` with its held-out pairs drawn again."""
+    return replace(world, held_out=frozenset())
+
+
+def scene_truth(scenes) -> list[dict[str, str]]:
+    """What the oracle should read in each scene's picture: ``{attribute: value}``."""
+    return [{name: getattr(scene, name) for name in JUDGED_ATTRIBUTES} for scene in scenes]
+
+
 class AttributeOracle(nn.Module):
     """Four 3x3 conv blocks (64 px -> 4 x 4 cells, so position survives), a shared hidden layer, one linear head per
     attribute. ``forward`` takes pixels in [-1, 1], (N, 3, R, R), and returns ``{attribute: logits (N, values)}``."""
@@ -100,7 +110,7 @@ def train_oracle(
 ) -> tuple[AttributeOracle, list[float]]:
     """An oracle trained on ``num_images`` renders of ``world`` with its held-out pairs put back; AdamW, warm-up and
     cosine decay, the sum of the heads' cross-entropies."""
-    judged = replace(world, held_out=frozenset())
+    judged = judged_world(world)
     values = attribute_values(judged)
     log(f"rendering {num_images} world pictures for the oracle")
     images, scenes = render_world(num_images, seed + SEED_OFFSET, judged, resolution)

@@ -89,36 +89,34 @@ def render_subjects(subjects, world, count: int, subjects_dir: Path) -> None:
             write_subject_images(subject, world, folder, count)
 
 
-def drop_stale_images(eval_dir: Path, folders, subjects_file: Path, eval_args) -> None:
+def drop_stale_images(eval_dir: Path, specs, eval_args) -> None:
     """Delete generated pictures made with other evaluation settings, or of runs whose adapter changed since
-    (evaluate_clip.py refuses to mix them with new ones)."""
-    from dreambooth_gs.eval_plan import sha256_file
-
+    (evaluate_clip.py refuses to mix them with new ones); ``specs``: :func:`driver.run_specs`."""
     stamp = eval_dir / "minibooth_eval_args.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != list(eval_args):
         shutil.rmtree(eval_dir / "images", ignore_errors=True)
     eval_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(list(eval_args)) + "\n")
-    for run_id, folder in driver.run_ids(folders, subjects_file).items():
-        record = eval_dir / "images" / run_id / "generation.json"
+    for spec in specs.values():
+        record = eval_dir / "images" / spec.run_id / "generation.json"
         if record.is_file():
-            made_with = json.loads(record.read_text()).get("adapter_sha256")
-            if made_with != sha256_file(folder / "adapter_model.safetensors"):
+            if json.loads(record.read_text()).get("adapter_sha256") != spec.adapter_sha256:
                 shutil.rmtree(record.parent)
 
 
 def evaluate(entries: dict[str, Path], eval_dir: Path, pretrained, protocol, world, looks, options: RunOptions):
     """Evaluate ``{label=folder entry: folder}``; returns the scores per folder: CLIP-I and CLIP-T from
     evaluate_clip.py, then the attribute oracle's subject and context fidelity of the same pictures."""
-    subjects_file = protocol.subjects_file
-    folders = list(entries.values())
-    drop_stale_images(eval_dir, folders, subjects_file, protocol.eval_args)
+    specs = driver.run_specs(list(entries.values()), protocol.subjects_file)
+    drop_stale_images(eval_dir, specs, protocol.eval_args)
     # The evaluation runs alone: it gets the threads of every training job.
     threads = options.num_threads * options.jobs if options.num_threads else None
-    results = driver.evaluate(list(entries), eval_dir, pretrained.clip_dir, protocol, subjects_file, threads, log)
-    scores = driver.run_scores(results, folders, subjects_file)
-    judged = driver.oracle_scores(folders, eval_dir, pretrained.oracle_dir, protocol, subjects_file, world, looks)
-    return {folder: scores[folder] | judged[folder] for folder in folders}
+    results = driver.evaluate(
+        list(entries), eval_dir, pretrained.clip_dir, protocol, protocol.subjects_file, threads, log
+    )
+    scores = driver.run_scores(results, specs)
+    judged = driver.oracle_scores(specs, eval_dir, pretrained.oracle_dir, protocol, world, looks)
+    return {folder: scores[folder] | judged[folder] for folder in specs}
 
 
 def sweep(protocol, sweep_subject: str, base_dir: Path, work_dir: Path, pretrained, world, looks, options):

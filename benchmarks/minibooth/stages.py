@@ -13,7 +13,7 @@ import torch
 
 from . import architectures as arch
 from .cache import file_digest, fingerprint
-from .world import World, caption, render_world
+from .world import World, caption, extended_file, render_world
 
 # Bump when a code change alters what pretraining produces, so that cached stages are rebuilt.
 FORMAT = 1
@@ -24,6 +24,9 @@ ORACLE_CHECK = 1024  # fresh renders (another seed) on which the oracle's accura
 def stage_settings(options, world: World) -> dict[str, dict]:
     """What each stage depends on (hashed into its folder name); the SD stage depends on the VAE stage's hash."""
     common = {"format": FORMAT, "world_file": file_digest(options.world_file), "seed": options.seed}
+    base = extended_file(options.world_file)
+    if base is not None:  # the world file's own digest does not cover the file it extends
+        common["extends"] = file_digest(base)
     if world.held_out:  # the pairs come from another file (held_out_subjects)
         common["held_out"] = sorted(world.held_out)
     oracle = common | {"resolution": options.resolution}
@@ -170,9 +173,7 @@ def build_clip(staging: Path, options, data: WorldData, log) -> dict:
 def build_oracle(staging: Path, options, world: World, log) -> dict:
     """Train the attribute oracle on world renders (held-out pairs included) and measure it on fresh renders of
     another seed, overall and on the held-out pairs alone."""
-    from dataclasses import replace
-
-    from .oracle import SEED_OFFSET, accuracy, predict, save_oracle, train_oracle
+    from .oracle import SEED_OFFSET, accuracy, judged_world, predict, save_oracle, scene_truth, train_oracle
 
     oracle, losses = train_oracle(
         world,
@@ -187,11 +188,9 @@ def build_oracle(staging: Path, options, world: World, log) -> dict:
         log_every=options.log_every,
     )
     save_oracle(oracle, staging, options.resolution)
-    judged = replace(world, held_out=frozenset())
     count = min(ORACLE_CHECK, options.oracle_images)
-    images, scenes = render_world(count, options.seed + 2 * SEED_OFFSET, judged, options.resolution)
-    readings = predict(oracle, images)
-    truth = [{name: getattr(scene, name) for name in oracle.values} for scene in scenes]
+    images, scenes = render_world(count, options.seed + 2 * SEED_OFFSET, judged_world(world), options.resolution)
+    readings, truth = predict(oracle, images), scene_truth(scenes)
     result = {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "check_pictures": count}
     result["check_accuracy"] = accuracy(readings, truth)
     held = [k for k, scene in enumerate(scenes) if (scene.shape, scene.color) in world.held_out]

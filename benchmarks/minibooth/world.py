@@ -66,8 +66,9 @@ def load_world(path: str | os.PathLike = WORLD_FILE) -> World:
     """
     path = Path(path)
     data = json.loads(path.read_text())
-    if "extends" in data:
-        data = json.loads((path.parent / data["extends"]).read_text()) | data
+    base = extended_file(path)
+    if base is not None:
+        data = json.loads(base.read_text()) | data
     held_out = frozenset()
     if data.get("held_out_subjects"):
         subjects = json.loads((path.parent / data["held_out_subjects"]).read_text())
@@ -97,6 +98,13 @@ def load_world(path: str | os.PathLike = WORLD_FILE) -> World:
         if unknown:
             raise ValueError(f"{path}: {kind}s {unknown} have no drawer; known: {', '.join(sorted(known))}")
     return world
+
+
+def extended_file(path: str | os.PathLike) -> Path | None:
+    """The world file that ``path`` extends (its ``"extends"`` key), or None."""
+    path = Path(path)
+    name = json.loads(path.read_text()).get("extends")
+    return path.parent / name if name else None
 
 
 # -- sampling and captions ------------------------------------------------------------------------------------------
