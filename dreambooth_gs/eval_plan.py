@@ -45,6 +45,7 @@ class RunSpec:
     real_images: tuple[Path, ...]
     prompt_set: str
     adapter_sha256: str
+    max_sequence_length: int | None = None  # the run's --max_sequence_length (flow families): sampled the same way
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ def resolve_run(
         real_images=tuple(find_images(real_dir)),
         prompt_set=chosen_set,
         adapter_sha256=sha256_file(path / WEIGHTS_NAME),
+        max_sequence_length=(info.get("options") or {}).get("max_sequence_length"),
     )
 
 
@@ -256,7 +258,7 @@ def check_record(folder: str | os.PathLike, record: dict, write: bool) -> None:
     """Refuse to mix images generated with other settings into ``folder``; write ``record`` there when asked.
 
     The record holds what a run's images depend on besides prompt and seed (base model, adapter file hash, steps,
-    guidance, size, dtype): images made otherwise are never silently reused.
+    guidance, size, dtype, a flow run's T5 length): images made otherwise are never silently reused.
     """
     path = Path(folder) / RECORD_NAME
     if path.is_file():

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import families
 from .data import load_image
 from .eval_options import EvaluationOptions
 from .eval_plan import (
@@ -61,6 +62,12 @@ def save_png(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def sampling_kwargs(run: RunSpec) -> dict:
+    """The pipeline call's arguments that make it encode prompts as the run was trained (flow families: its T5
+    length); part of the images' record."""
+    return families.detect(run.base_model).sampling_kwargs(run.max_sequence_length)
+
+
 def generate_missing(
     jobs: Sequence[ImageJob],
     runs: dict[str, RunSpec],
@@ -79,6 +86,7 @@ def generate_missing(
             run = runs[run_id]
             try:
                 pipeline = load_pipeline(run.base_model, run.path, merge=True, device=device, torch_dtype=dtype)
+                sampling = sampling_kwargs(run)
                 for start in range(0, len(run_jobs), options.batch_size):
                     batch = run_jobs[start : start + options.batch_size]
                     images = generate_images(
@@ -90,6 +98,7 @@ def generate_missing(
                         batch_size=len(batch),
                         height=options.resolution,
                         width=options.resolution,
+                        pipeline_kwargs=sampling,
                     )
                     for job, image in zip(batch, images):
                         save_png(image, job.path)
@@ -185,7 +194,7 @@ def _plan(options: EvaluationOptions, images_dir: Path, dtype: torch.dtype, writ
                 "dtype": str(dtype).removeprefix("torch."),
                 "seed": options.seed,
                 "seed_scope": seed_scope(run, options.paired_seeds),
-            }
+            } | sampling_kwargs(run)
             check_record(images_dir / run.run_id, record, write=write_records)
         except (ValueError, FileNotFoundError, OSError) as err:
             failures[entry] = first_line(err)

@@ -74,13 +74,14 @@ def generate_images(
     width: int | None = None,
     output_type: str = "pil",
     text_kwargs: dict[str, torch.Tensor] | None = None,
+    pipeline_kwargs: dict | None = None,
 ) -> list:
     """One image per (prompt, seed) pair, in order; each image's noise comes from its own seed (batch-independent).
 
     ``output_type="latent"`` returns the final latents, one (C, h, w) tensor per image, for exact comparisons.
     ``text_kwargs`` (the pipeline's ``prompt_embeds``, ``negative_prompt_embeds``, ... with one row per image)
     replace the pipeline's own prompt encoding (e.g. for a pipeline whose text encoders were freed); ``prompts``
-    then only count the images.
+    then only count the images. ``pipeline_kwargs`` go to every pipeline call (the family's ``sampling_kwargs``).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
@@ -99,6 +100,7 @@ def generate_images(
             height=height,
             width=width,
             output_type=output_type,
+            **(pipeline_kwargs or {}),
         )
         images.extend(result.images)
     return images

@@ -77,11 +77,11 @@ def test_prompts_are_encoded_as_the_pipeline_encodes_them(tiny, name):
         ours = family.encode(tokenizers, encoders, prompts, settings)
         if name == "sd3":
             hidden, _, pooled, _ = pipe.encode_prompt(
-                prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=16
+                prompts, None, None, do_classifier_free_guidance=False, **family.sampling_kwargs(16)
             )
             assert ours.hidden_states.shape == (2, 77 + 16, 64)  # CLIP's 77 (zero-padded to T5's width), then T5's
         else:
-            hidden, pooled, _ = pipe.encode_prompt(prompts, None, max_sequence_length=16)
+            hidden, pooled, _ = pipe.encode_prompt(prompts, None, **family.sampling_kwargs(16))
             assert ours.hidden_states.shape == (2, 16, 64)
     torch.testing.assert_close(ours.hidden_states, hidden)
     torch.testing.assert_close(ours.pooled, pooled)
@@ -197,6 +197,35 @@ def test_the_evaluator_scores_flow_runs(runs, tmp_path, name):
     args = evaluate_clip.parse_args(["--runs", str(runs[name]), "--output_dir", str(tmp_path), *flags])
     rows = (Path(evaluate_clip.main(args)) / "results.csv").read_text().splitlines()
     assert len(rows) >= 3 and "gsoft" in rows[1]
+
+
+def test_the_evaluator_samples_with_the_run_s_t5_length_not_the_pipeline_s(tiny, runs, tmp_path):
+    """The runs trained with --max_sequence_length 16; SD3's pipeline would draw with 256 T5 tokens by default."""
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth_gs.eval_plan import BASE, plan_jobs, resolve_run
+
+    flags = ["--clip_model", "tiny-random", "--dino_model", "none", "--images_per_prompt", "1", "--base_images", "1"]
+    flags += ["--max_prompts", "1", "--num_inference_steps", "2", "--resolution", "32"]
+    args = evaluate_clip.parse_args(["--runs", str(runs["sd3"]), "--output_dir", str(tmp_path), *flags])
+    evaluate_clip.main(args)
+    run = resolve_run(str(runs["sd3"]), {})
+    (job,) = [j for j in plan_jobs(run, tmp_path / "images", 1, 1) if j.kind == BASE]
+    drawn = np.asarray(Image.open(job.path), dtype=np.float32)
+    assert (
+        run.max_sequence_length == 16
+        and json.loads((job.path.parents[1] / "generation.json").read_text())["max_sequence_length"] == 16
+    )
+    pipe = pipeline(tiny["sd3"])
+    load_adapter(pipe, runs["sd3"], merge=True)
+    direct = {}
+    for length in (16, 256):
+        kwargs = {"height": 32, "width": 32, "pipeline_kwargs": {"max_sequence_length": length}}
+        (image,) = generate_images(pipe, [job.prompt], [job.seed], 2, args.guidance_scale, **kwargs)
+        direct[length] = np.asarray(image, dtype=np.float32)
+    assert np.abs(drawn - direct[16]).max() <= 1.0
+    assert np.abs(drawn - direct[256]).max() > 1.0
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -177,6 +177,11 @@ class Family:
     def make_pipeline(self, parts, denoiser: torch.nn.Module, scheduler):
         raise NotImplementedError
 
+    def sampling_kwargs(self, max_sequence_length: int | None = None) -> dict:
+        """The pipeline call's arguments that make it encode prompts as training did (``max_sequence_length``:
+        the run's ``--max_sequence_length``, None for the family's default); none for the UNet families."""
+        return {}
+
     def pipeline_text_kwargs(self, conditioning: Conditioning, negative: Conditioning) -> dict:
         """The pipeline's precomputed-prompt arguments (with the pooled ones where the family has them)."""
         kwargs = {"prompt_embeds": conditioning.hidden_states, "negative_prompt_embeds": negative.hidden_states}

@@ -92,6 +92,11 @@ class FlowFamily(Family):
     def max_sequence_length(self, settings: TextSettings) -> int:
         return settings.max_sequence_length or self.default_max_sequence_length
 
+    def sampling_kwargs(self, max_sequence_length: int | None = None) -> dict:
+        # The pipelines' own default (SD3: 256 T5 tokens) is not the trainer's (77): a model trained with 77
+        # tokens, or with 77 zero rows standing in for a left-out T5, would be sampled on another sequence.
+        return {"max_sequence_length": self.max_sequence_length(TextSettings(max_sequence_length=max_sequence_length))}
+
     def resolution_multiple(self, denoiser: torch.nn.Module, vae: torch.nn.Module) -> int:
         return vae_scale_factor(vae) * 2  # 2 x 2 latent patches (SD3's patch_size 2, Flux's packing)
 
