@@ -24,7 +24,7 @@ import evaluate_clip  # noqa: E402
 from dreambooth_gs import families, load_adapter, models  # noqa: E402
 from dreambooth_gs.objectives import LossSettings, flow_matching_loss  # noqa: E402
 from dreambooth_gs.resources import TINY_FLUX_CONFIG_DIR, TINY_SD3_CONFIG_DIR  # noqa: E402
-from dreambooth_gs.sampling import generate_images  # noqa: E402
+from dreambooth_gs.sampling import generate_images, load_pipeline  # noqa: E402
 from dreambooth_gs.tiny import build_tiny_pipeline  # noqa: E402
 from train_dreambooth_gsoft import main, parse_args  # noqa: E402
 
@@ -325,6 +325,10 @@ def test_an_sd3_folder_without_t5_trains_on_zeros_in_its_place(tiny, tmp_path):
     shutil.rmtree(folder / "text_encoder_3")
     out = train(folder, tmp_path / "out", "--max_train_steps", "1")
     assert (out / "adapter_model.safetensors").is_file()
+    pipe = load_pipeline(str(folder), out)  # the evaluator's loader passes the null components as None
+    assert pipe.text_encoder_3 is None
+    (image,) = generate_images(pipe, ["a sks toy"], [0], 2, 5.0, height=32, width=32, pipeline_kwargs={})
+    assert image.size == (32, 32)
 
 
 # -- one-line refusals -------------------------------------------------------------------------------------------
