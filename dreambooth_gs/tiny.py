@@ -156,7 +156,7 @@ def _read_fingerprint(directory: Path) -> str | None:
     return json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
 
 
-def _make_model(config: dict):
+def make_model(config: dict):
     """A diffusers or transformers model (random weights) from a config holding its ``_class_name``."""
     import diffusers
     import transformers
@@ -210,7 +210,7 @@ def make_tiny_pipeline(
     with torch.random.fork_rng(devices=[]):
         for offset, name in enumerate(names[:-1]):
             torch.manual_seed(seed + offset)
-            components[name] = _make_model(configs[name])
+            components[name] = make_model(configs[name])
     components["scheduler"] = getattr(diffusers, configs["scheduler"]["_class_name"]).from_config(
         _public(configs["scheduler"])
     )

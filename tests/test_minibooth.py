@@ -164,7 +164,7 @@ def test_sample_prompts_are_world_captions():
 # -- protocol pieces ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("profile", ["full", "smoke"])
+@pytest.mark.parametrize("profile", ["full", "smoke", "flow", "flow_smoke"])
 def test_every_planned_run_has_valid_trainer_flags(tmp_path, profile):
     from train_dreambooth_gsoft import parse_args
 
@@ -183,6 +183,14 @@ def test_unknown_methods_and_profiles_are_refused():
         driver.load_protocol("full", methods=["gsoft", "dora"])
     with pytest.raises(ValueError, match="unknown profile"):
         driver.load_protocol("huge")
+    with pytest.raises(ValueError, match="the flow profile compares lora, gsoft"):
+        driver.load_protocol("flow", methods=["gsoft", "full"])  # a method of the file that the profile leaves out
+
+
+def test_a_profile_compares_its_own_methods_only():
+    assert set(driver.load_protocol("flow").methods) == {"lora", "gsoft", "double_gsoft", "boft", "oft"}
+    assert set(driver.load_protocol("flow", methods=["gsoft"]).methods) == {"gsoft"}
+    assert "full" in driver.load_protocol("v2").methods  # profiles without a list compare every method
 
 
 def test_a_run_is_complete_only_with_every_file_and_the_same_flags(tmp_path):
@@ -312,9 +320,58 @@ def test_pretraining_smoke_gives_loadable_models_and_is_cached(tmp_path):
 @pytest.mark.parametrize("name", ["full", "smoke"])
 def test_attention_projection_widths_suit_the_adapters(name):
     unet = json.loads((MINIBOOTH / "configs" / name / "unet.json").read_text())
+    transformer = json.loads((MINIBOOTH / "configs" / name / "sd3" / "transformer.json").read_text())
     widths = {*unet["block_out_channels"], unet["cross_attention_dim"]}
+    widths |= {transformer["num_attention_heads"] * transformer["attention_head_dim"]}  # every joint projection
     divisors = (4, 8, 32) if name == "full" else (4, 8)
     assert all(width % d == 0 for width in widths for d in divisors), widths
+
+
+def test_flow_pretraining_smoke_gives_an_sd3_pipeline_the_trainer_fine_tunes(tmp_path):
+    from benchmarks.minibooth import pretrain as script
+    from dreambooth_gs import families
+    from dreambooth_gs.sampling import generate_images, load_pipeline
+    from train_dreambooth_gsoft import main, parse_args
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star\n")
+    argv = ["--smoke", "--family", "sd3", "--cache_dir", str(tmp_path / "cache"), "--num_images", "16"]
+    argv += ["--sample_prompts", str(prompts), "--sample_seeds", "1", "--log_every", "1000", "--fidelity_pictures", "0"]
+    argv += ["--world_file", str(MINIBOOTH / "world_v2.json")]
+    with torch.random.fork_rng(devices=[]):
+        result = script.pretrain(script.parse_args(argv), log=lambda message: None)
+    assert result.pipeline_dir.name.startswith("sd3-") and (result.pipeline_dir / "samples.png").is_file()
+    family = families.detect(str(result.pipeline_dir))
+    assert family.name == "sd3"
+    pipeline = load_pipeline(str(result.pipeline_dir))
+    assert pipeline.text_encoder_3 is None and pipeline.tokenizer.model_max_length == 32
+    vae = pipeline.vae.config
+    assert vae.shift_factor != 0.0 and vae.scaling_factor != 1.0  # measured on the world's latents
+    (image,) = generate_images(pipeline, ["a sks star"], [0], 1, 5.0, pipeline_kwargs=family.sampling_kwargs())
+    assert image.size == (64, 64)
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for k in range(2):
+        image.save(subject / f"{k}.png")
+    flags = ["--pretrained_model_name_or_path", str(result.pipeline_dir), "--instance_data_dir", str(subject)]
+    flags += ["--instance_prompt", "a sks star", "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1"]
+    flags += ["--train_batch_size", "2", "--report_to", "none", "--gsoft_nblocks", "4"]
+    main(parse_args(flags))
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_flow_pretraining_refuses_configs_that_do_not_fit(tmp_path):
+    import shutil
+
+    from benchmarks.minibooth import architectures as arch
+
+    configs = shutil.copytree(arch.CONFIG_ROOT / "smoke", tmp_path / "configs")
+    path = configs / "sd3" / "transformer.json"
+    path.write_text(path.read_text().replace('"pooled_projection_dim": 32', '"pooled_projection_dim": 48'))
+    with pytest.raises(ValueError, match="pooled_projection_dim must be the sum"):
+        arch.check_compatible(configs, 64, "sd3")
+    arch.check_compatible(configs, 64, "sd")  # the UNet side does not read sd3/
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")

@@ -66,15 +66,16 @@ def load_protocol(profile: str, path: str | os.PathLike = PROTOCOL_FILE, methods
     data = json.loads(Path(path).read_text())
     if profile not in data["profiles"]:
         raise ValueError(f"unknown profile {profile!r}; {path} has {', '.join(data['profiles'])}")
+    settings = data["profiles"][profile]
+    compared = settings.get("methods") or list(data["methods"])  # a profile may compare only some methods
+    unknown = sorted(set(methods or ()) - set(compared))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; the {profile} profile compares {', '.join(compared)}")
     chosen = {
         name: Method(name, tuple(spec["args"]), tuple(float(x) for x in spec["learning_rates"]))
         for name, spec in data["methods"].items()
-        if methods is None or name in methods
+        if name in compared and (methods is None or name in methods)
     }
-    unknown = sorted(set(methods or ()) - set(data["methods"]))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; {path} defines {', '.join(data['methods'])}")
-    settings = data["profiles"][profile]
     return Protocol(
         profile=profile,
         methods=chosen,
@@ -235,13 +236,13 @@ def write_base_run(pipeline_dir: Path, subject_dir: Path, class_name: str, insta
     training_args.json the evaluator reads, so that the base model is evaluated exactly like every other run."""
     if all((output_dir / name).is_file() for name in RUN_FILES[:3]):
         return output_dir
-    from diffusers import UNet2DConditionModel
+    from dreambooth_gs import GSOFTConfig, families, inject_adapter, save_adapter
 
-    from dreambooth_gs import GSOFTConfig, inject_adapter, save_adapter
-
-    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
-    inject_adapter(unet, GSOFTConfig(method="gsoft", nblocks=1))  # identity at initialisation
-    save_adapter(unet, output_dir, base_model=str(pipeline_dir))
+    family = families.detect(str(pipeline_dir))
+    denoiser = family.load(str(pipeline_dir), None, None, None).denoiser  # the UNet, or SD3's transformer
+    config = GSOFTConfig(method="gsoft", nblocks=1, target_modules=family.default_targets)
+    inject_adapter(denoiser, config)  # identity at initialisation
+    save_adapter(denoiser, output_dir, base_model=str(pipeline_dir))
     info = {
         "method": BASE_LABEL,
         "base_model": str(pipeline_dir),

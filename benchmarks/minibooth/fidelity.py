@@ -39,6 +39,7 @@ def prompt_fidelity(
 ):
     """``{"clip": {"generated", "real"}, "oracle": {"generated", "real"}, "chance"}`` (accuracy per attribute) for
     the base model at ``pipeline_dir``."""
+    from dreambooth_gs import families
     from dreambooth_gs.metrics import ClipScorer
     from dreambooth_gs.sampling import generate_images, load_pipeline
 
@@ -46,8 +47,10 @@ def prompt_fidelity(
 
     scorer = ClipScorer(*load_clip(clip_dir))
     pipeline = load_pipeline(str(pipeline_dir))
+    sampling = families.detect(str(pipeline_dir)).sampling_kwargs()
     prompts = [caption(scene) for scene in scenes]
-    generated = generate_images(pipeline, prompts, list(range(len(prompts))), steps, guidance, batch_size=8)
+    seeds = list(range(len(prompts)))
+    generated = generate_images(pipeline, prompts, seeds, steps, guidance, batch_size=8, pipeline_kwargs=sampling)
     real_images = [Image.fromarray(picture) for picture in real]
     oracle = load_oracle(oracle_dir)
     truth = scene_truth(scenes)

@@ -2,16 +2,19 @@
 
 1. an AutoencoderKL (on 32 px crops of the world's 64 px pictures),
 2. a UNet2DConditionModel and a CLIPTextModel together on its latents -> a diffusers StableDiffusionPipeline folder
-   (SD's CLIP tokenizer, no safety checker) that ``train_dreambooth_gsoft.py --pretrained_model_name_or_path`` takes,
+   (SD's CLIP tokenizer, no safety checker) that ``train_dreambooth_gsoft.py --pretrained_model_name_or_path`` takes;
+   with ``--family sd3``, an SD3Transformer2DModel and two CLIP encoders with flow matching instead -> a
+   StableDiffusion3Pipeline folder without T5 (the flow profile),
 3. an open_clip CLIP trained contrastively on the same world -> ``evaluate_clip.py --clip_model local-dir:<folder>``,
 4. the attribute oracle (oracle.py): classifiers of every world attribute, the judge of subject and context fidelity.
 
     python benchmarks/minibooth/pretrain.py            # full size (see docs/minibooth.md for the time), cached
     python benchmarks/minibooth/pretrain.py --smoke    # tiny sizes, a few steps: seconds, learns nothing
+    python benchmarks/minibooth/pretrain.py --family sd3 --world_file benchmarks/minibooth/world_v2.json  # flow
 
-Folders go to $DREAMBOOTH_GS_CACHE/minibooth (default ~/.cache/dreambooth_gs/minibooth): vae-<fp>, sd-<fp>
-(with samples.png, the base model's sample grid), clip-<fp> and oracle-<fp>. A finished stage is reused by later
-runs.
+Folders go to $DREAMBOOTH_GS_CACHE/minibooth (default ~/.cache/dreambooth_gs/minibooth): vae-<fp>, sd-<fp> or
+sd3-<fp> (with samples.png, the base model's sample grid), clip-<fp> and oracle-<fp>. A finished stage is reused
+by later runs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from benchmarks.minibooth.stages import (  # noqa: E402
     build_clip,
     build_oracle,
     build_sd,
+    build_sd3,
     build_vae,
     stage_settings,
     write_fidelity,
@@ -59,6 +63,13 @@ class PretrainOptions:
         default=None, metadata=_help("Model configs (vae, unet, text_encoder, scheduler, clip .json). Default: full.")
     )
     smoke: bool = field(default=False, metadata=_help("Tiny configs and a few steps (seconds): checks the plumbing."))
+    family: str = field(
+        default="sd",
+        metadata=_help(
+            "The base model's denoiser: sd (UNet2DConditionModel, DDPM) or sd3 (SD3Transformer2DModel with two CLIP "
+            "encoders, flow matching: the configs' sd3/ folder). The VAE, CLIP and oracle stages are shared."
+        ),
+    )
     world_file: str = field(
         default=str(WORLD_FILE), metadata=_help("The world (world.json; MiniBooth v2: world_v2.json).")
     )
@@ -70,13 +81,13 @@ class PretrainOptions:
     vae_crop: int = field(default=32, metadata=_help("VAE training crop in pixels (a multiple of 8)."))
     vae_lr: float = field(default=2e-3, metadata=_help("VAE learning rate (AdamW, warm-up + cosine)."))
     vae_kl_weight: float = field(default=1e-6, metadata=_help("Weight of the VAE's KL term (SD: 1e-6)."))
-    unet_steps: int = field(default=4000, metadata=_help("UNet + text encoder optimizer steps."))
-    unet_batch_size: int = field(default=32, metadata=_help("UNet batch size."))
-    unet_lr: float = field(default=5e-4, metadata=_help("UNet + text encoder learning rate (AdamW)."))
+    unet_steps: int = field(default=4000, metadata=_help("Denoiser (UNet or transformer) + text encoder steps."))
+    unet_batch_size: int = field(default=32, metadata=_help("Denoiser batch size."))
+    unet_lr: float = field(default=5e-4, metadata=_help("Denoiser + text encoder learning rate (AdamW)."))
     unet_warmup_steps: int = field(default=200, metadata=_help("Linear warm-up steps, then cosine to 10%."))
     ema_decay: float = field(default=0.999, metadata=_help("EMA decay of the saved UNet and text encoder weights."))
     caption_dropout: float = field(default=0.1, metadata=_help("Empty-caption probability (classifier-free guidance)."))
-    min_snr_gamma: float = field(default=5.0, metadata=_help("Min-SNR-gamma loss weighting."))
+    min_snr_gamma: float = field(default=5.0, metadata=_help("Min-SNR-gamma loss weighting (sd; sd3 uses SD3's)."))
     clip_steps: int = field(default=1500, metadata=_help("CLIP optimizer steps."))
     clip_batch_size: int = field(default=128, metadata=_help("CLIP batch size (pairs)."))
     clip_lr: float = field(default=5e-4, metadata=_help("CLIP learning rate (AdamW)."))
@@ -102,6 +113,8 @@ class PretrainOptions:
     log_every: int = field(default=100, metadata=_help("Print the loss every N steps."))
 
     def __post_init__(self) -> None:
+        if self.family not in arch.FAMILIES:
+            raise ValueError(f"--family must be one of {', '.join(arch.FAMILIES)}, got {self.family!r}")
         names = ("num_images", "vae_batch_size", "unet_batch_size", "clip_batch_size", "oracle_batch_size")
         for name in (*names, "oracle_images", "oracle_steps", "sample_seeds"):
             if getattr(self, name) < 1:
@@ -162,15 +175,16 @@ def pretrain(options: PretrainOptions, log=print) -> Pretrained:
     options = resolved(options)
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
-    arch.check_compatible(options.config_dir, options.resolution)
+    arch.check_compatible(options.config_dir, options.resolution, options.family)
     world = load_world(options.world_file)
     data = WorldData(options, world, log)
     settings = stage_settings(options, world)
     root = Path(options.cache_dir)
     dirs = {name: root / f"{name}-{fingerprint(value)}" for name, value in settings.items()}
+    denoiser_builders = {"sd": build_sd, "sd3": build_sd3}
     builders = {
         "vae": lambda staging: build_vae(staging, options, data, log),
-        "sd": lambda staging: build_sd(staging, options, dirs["vae"], data, log),
+        options.family: lambda staging: denoiser_builders[options.family](staging, options, dirs["vae"], data, log),
         "clip": lambda staging: build_clip(staging, options, data, log),
         "oracle": lambda staging: build_oracle(staging, options, world, log),
     }
@@ -178,13 +192,14 @@ def pretrain(options: PretrainOptions, log=print) -> Pretrained:
     for name, build in builders.items():
         log(f"stage {name}: {dirs[name]}")
         markers[name] = build_stage(dirs[name], fingerprint(settings[name]), settings[name], build)
-    samples = dirs["sd"] / "samples.png"
+    pipeline_dir = dirs[options.family]
+    samples = pipeline_dir / "samples.png"
     if not samples.is_file():
-        write_samples(options, dirs["sd"], samples, log)
+        write_samples(options, pipeline_dir, samples, log)
     if options.fidelity_pictures:
         markers["fidelity"] = write_fidelity(options, dirs, data, log)
-    log(f"pipeline: {dirs['sd']}\nclip: local-dir:{dirs['clip']}\noracle: {dirs['oracle']}")
-    return Pretrained(pipeline_dir=dirs["sd"], clip_dir=dirs["clip"], oracle_dir=dirs["oracle"], markers=markers)
+    log(f"pipeline: {pipeline_dir}\nclip: local-dir:{dirs['clip']}\noracle: {dirs['oracle']}")
+    return Pretrained(pipeline_dir=pipeline_dir, clip_dir=dirs["clip"], oracle_dir=dirs["oracle"], markers=markers)
 
 
 def parse_args(input_args: list[str] | None = None) -> PretrainOptions:

@@ -5,6 +5,7 @@ evaluate_clip.py and the MiniBooth CLIP, and write report.md.
     python benchmarks/minibooth/run.py --jobs 2 --num_threads 1   # the full comparison, two runs at a time
     python benchmarks/minibooth/run.py            # the same, one run at a time (see docs/minibooth.md for times)
     python benchmarks/minibooth/run.py --profile v2 --jobs 2 --num_threads 1   # MiniBooth v2 (world-object subjects)
+    python benchmarks/minibooth/run.py --profile flow --jobs 2 --num_threads 1  # v2 on an SD3 transformer (flow)
     python benchmarks/minibooth/run.py --smoke    # v2's steps with tiny models and runs: plumbing only
     python benchmarks/minibooth/run.py --until sweep --methods gsoft lora   # part of it
 
@@ -48,7 +49,8 @@ class RunOptions:
         default="full",
         metadata=_help(
             "The protocol's profile: full (MiniBooth v1, sprite subjects), v2 (world-object subjects held out of the "
-            "v2 world, scored by the attribute oracle too) or smoke."
+            "v2 world, scored by the attribute oracle too), flow (v2's world and subjects on an SD3 transformer "
+            "pretrained with flow matching), smoke or flow_smoke (plumbing)."
         ),
     )
     smoke: bool = field(default=False, metadata=_help("Same as --profile smoke: tiny models and runs (plumbing)."))

@@ -22,7 +22,8 @@ ORACLE_CHECK = 1024  # fresh renders (another seed) on which the oracle's accura
 
 
 def stage_settings(options, world: World) -> dict[str, dict]:
-    """What each stage depends on (hashed into its folder name); the SD stage depends on the VAE stage's hash."""
+    """What each stage depends on (hashed into its folder name): the VAE, the denoiser stage of ``--family`` ("sd"
+    or "sd3", which depends on the VAE stage's hash), the CLIP and the oracle."""
     common = {"format": FORMAT, "world_file": file_digest(options.world_file), "seed": options.seed}
     base = extended_file(options.world_file)
     if base is not None:  # the world file's own digest does not cover the file it extends
@@ -35,14 +36,18 @@ def stage_settings(options, world: World) -> dict[str, dict]:
     world = common | {"resolution": options.resolution, "num_images": options.num_images}
     vae = world | {"config": arch.read_config(options.config_dir, "vae")}
     vae |= {k: getattr(options, k) for k in ("vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_kl_weight")}
-    sd = {"vae": fingerprint(vae)} | {n: arch.read_config(options.config_dir, n) for n in ("unet", "text_encoder")}
-    sd["scheduler"] = arch.read_config(options.config_dir, "scheduler")
     keys = ("unet_steps", "unet_batch_size", "unet_lr", "unet_warmup_steps", "ema_decay", "caption_dropout")
-    sd |= {k: getattr(options, k) for k in keys + ("min_snr_gamma",)}
+    if options.family == "sd":
+        parts = ("unet", "text_encoder", "scheduler")
+        keys += ("min_snr_gamma",)
+    else:
+        parts = arch.SD3_PARTS
+    denoiser = {"vae": fingerprint(vae)} | {n: arch.read_config(options.config_dir, n) for n in parts}
+    denoiser |= {k: getattr(options, k) for k in keys}
     clip = world | {"config": arch.read_config(options.config_dir, "clip")}
     keys = ("clip_steps", "clip_batch_size", "clip_lr", "clip_warmup_steps", "clip_caption_keep_scale")
     clip |= {k: getattr(options, k) for k in keys}
-    return {"vae": vae, "sd": sd, "clip": clip, "oracle": oracle}
+    return {"vae": vae, options.family: denoiser, "clip": clip, "oracle": oracle}
 
 
 class WorldData:
@@ -93,14 +98,10 @@ def build_vae(staging: Path, options, data: WorldData, log) -> dict:
 
 
 def build_sd(staging: Path, options, vae_dir: Path, data: WorldData, log) -> dict:
-    from diffusers import AutoencoderKL
+    from .pretraining import latent_scaling_factor, make_pipeline, train_denoiser
 
-    from .pretraining import encode_latents, latent_scaling_factor, make_pipeline, train_denoiser
-
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    images, scenes = data.train()
-    log(f"encoding {len(images)} pictures with the VAE")
-    mean, std = encode_latents(vae, images)  # (N, C, h, w) each
+    vae, mean, std = encoded_world(vae_dir, data, log)
+    _, scenes = data.train()
     scaling = latent_scaling_factor(mean, std, options.seed)
     vae.register_to_config(scaling_factor=scaling)
     text_config = arch.read_config(options.config_dir, "text_encoder")
@@ -133,6 +134,57 @@ def build_sd(staging: Path, options, vae_dir: Path, data: WorldData, log) -> dic
     models = {"unet": unet, "text_encoder": text_encoder}
     parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "scaling_factor": scaling, "parameters": parameters}
+
+
+def encoded_world(vae_dir: Path, data: WorldData, log):
+    """``(vae, mean, std)``: the trained VAE and the posterior of every training picture, each (N, C, h, w)."""
+    from diffusers import AutoencoderKL
+
+    from .pretraining import encode_latents
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    images, _ = data.train()
+    log(f"encoding {len(images)} pictures with the VAE")
+    return (vae, *encode_latents(vae, images))
+
+
+def build_sd3(staging: Path, options, vae_dir: Path, data: WorldData, log) -> dict:
+    """The flow profile's base model: SD3's transformer and two CLIP encoders trained together with flow matching
+    on the VAE's latents, saved as a StableDiffusion3Pipeline folder without T5."""
+    from .pretraining import LatentBatches, latent_shift_and_scale, make_sd3_pipeline, train_flow_denoiser
+
+    vae, mean, std = encoded_world(vae_dir, data, log)
+    shift, scaling = latent_shift_and_scale(mean, std, options.seed)
+    vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
+    text_config = arch.read_config(options.config_dir, "sd3/text_encoder")
+    tokenizer = arch.make_tokenizer(staging / "tokenizer", text_config["max_position_embeddings"])
+    transformer = arch.make_model(options.config_dir, "sd3/transformer", options.seed + 1)
+    encoders = [arch.make_model(options.config_dir, f"sd3/{n}", options.seed + k) for k, n in
+                ((2, "text_encoder"), (4, "text_encoder_2"))]  # fmt: skip
+    scheduler = arch.make_model(options.config_dir, "sd3/scheduler", 0)
+    _, scenes = data.train()
+    batches = LatentBatches(mean, std, shift, scaling, scenes, data.world, options.caption_dropout, options.seed)
+    losses = train_flow_denoiser(
+        transformer,
+        encoders,
+        [tokenizer, tokenizer],
+        scheduler,
+        batches,
+        steps=options.unet_steps,
+        batch_size=options.unet_batch_size,
+        lr=options.unet_lr,
+        warmup_steps=options.unet_warmup_steps,
+        ema_decay=options.ema_decay,
+        log=log,
+        log_every=options.log_every,
+    )
+    make_sd3_pipeline(vae, encoders, tokenizer, transformer, scheduler).save_pretrained(
+        staging, safe_serialization=True
+    )
+    models = {"transformer": transformer, "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
+    parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    result = {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "shift_factor": shift, "scaling_factor": scaling}
+    return result | {"parameters": parameters}
 
 
 def build_clip(staging: Path, options, data: WorldData, log) -> dict:
@@ -216,7 +268,7 @@ def write_fidelity(options, dirs: dict[str, Path], data: WorldData, log) -> dict
     scenes under the MiniBooth CLIP, with the real pictures' accuracy (ceiling) and chance."""
     from .fidelity import prompt_fidelity
 
-    path = dirs["sd"] / "prompt_fidelity.json"
+    path = dirs[options.family] / "prompt_fidelity.json"
     judges = {"clip_stage": dirs["clip"].name, "oracle_stage": dirs["oracle"].name}
     judges["pictures"] = options.fidelity_pictures
     if path.is_file():
@@ -226,7 +278,7 @@ def write_fidelity(options, dirs: dict[str, Path], data: WorldData, log) -> dict
     real, scenes = data.held_out()
     count = options.fidelity_pictures
     result = prompt_fidelity(
-        dirs["sd"],
+        dirs[options.family],
         dirs["clip"],
         dirs["oracle"],
         scenes[:count],

@@ -38,7 +38,7 @@ class TradeoffOptions:
         default=None, metadata={"help": "Methods to probe (default: every method of protocol.json)."}
     )
     seed: int = field(default=0, metadata={"help": "The seed of every probe run (its main runs are reused)."})
-    profile: str = field(default="full", metadata={"help": "run.py's profile (full, v2)."})
+    profile: str = field(default="full", metadata={"help": "run.py's profile (full, v2, flow)."})
     work_dir: str | None = field(
         default=None, metadata={"help": "run.py's work folder (default: the profile's, work-<profile>)."}
     )
