@@ -438,6 +438,24 @@ def test_report_header_says_how_step_times_were_taken(tmp_path):
     assert timing_conditions(summaries) == expected
 
 
+def test_tradeoff_from_sweep_plots_every_rate_of_the_sweep_without_training(tmp_path, monkeypatch):
+    from benchmarks.minibooth import tradeoff
+
+    def scores(i, t):
+        return {"clip_i": i, "clip_t": t}
+
+    sweep = {"subject": "yellow_dotted_circle", "base": scores(0.1, 0.5), "methods": {}}
+    sweep["methods"]["lora"] = {"chosen": 1e-3, "scores": {"0.01": scores(0.4, 0.2), "0.001": scores(0.3, 0.45)}}
+    sweep["methods"]["gsoft"] = {"chosen": 6e-4, "scores": {"6e-05": scores(0.2, 0.48), "0.0006": scores(0.35, 0.4)}}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    monkeypatch.setattr(driver, "train_runs", lambda *a, **k: pytest.fail("--from_sweep trains nothing"))
+    options = tradeoff.TradeoffOptions(profile="v2", methods=["lora", "gsoft"], work_dir=str(tmp_path), from_sweep=True)
+    text = tradeoff.main(options).read_text()
+    assert (tmp_path / "sweep_tradeoff.png").is_file()
+    assert "| lora | **0.001** | 0.300 | 0.450 |" in text and "| lora | 0.01 | 0.400 | 0.200 |" in text
+    assert "- gsoft: 0.256" in text  # at LoRA's CLIP-T 0.45: 5/8 of the way from (0.40, 0.35) to (0.48, 0.20)
+
+
 class _AttributeScorer:
     """A stand-in ClipScorer whose embedding of a scene (a "picture") or of a caption is the normalised sum of one
     fixed random vector per (attribute, value) it shows: the candidate caption that shares most values wins."""

@@ -9,6 +9,10 @@ interpolated along its curve. Needs a finished run.py in the same work folder.
 
     python benchmarks/minibooth/tradeoff.py --jobs 2 --num_threads 1              # every method (84 runs, ~30 min)
     python benchmarks/minibooth/tradeoff.py --methods lora gsoft --jobs 2 --num_threads 1
+    python benchmarks/minibooth/tradeoff.py --profile v2 --from_sweep   # the sweep's curves only (no runs)
+
+``--from_sweep`` draws the same table and plot from run.py's sweep.json alone: every rate of each grid, but one
+subject and one seed (sweep_tradeoff.md, sweep_tradeoff.png).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ class TradeoffOptions:
     )
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads of every process."})
     jobs: int = field(default=1, metadata={"help": "Runs trained at once (as run.py --jobs)."})
+    from_sweep: bool = field(
+        default=False,
+        metadata={
+            "help": "Only the sweep's curves (every rate, the sweep subject, one seed) from sweep.json: no runs."
+        },
+    )
 
 
 def neighbour_rates(grid: list[float], chosen: float) -> list[float]:
@@ -88,13 +98,32 @@ def method_curves(plans: list[driver.RunPlan], scores: dict[Path, dict[str, floa
     return curves
 
 
+def sweep_curves(sweep: dict, methods) -> dict[str, list[tuple[float, float, float]]]:
+    """``{method: [(rate, CLIP-T, CLIP-I)]}`` of run.py's sweep.json (one subject, one seed), rates increasing."""
+    return {
+        name: sorted((float(rate), s["clip_t"], s["clip_i"]) for rate, s in sweep["methods"][name]["scores"].items())
+        for name in methods
+        if name in sweep["methods"]
+    }
+
+
+def write_tradeoff(curves, chosen, protocol, base, header: str, title: str, stem: Path) -> Path:
+    """``<stem>.md`` (the table) and ``<stem>.png`` (the curves)."""
+    reference = protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
+    text = render_tradeoff(curves, chosen, reference, base, header)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    plot_tradeoff(curves, base, title, stem.with_suffix(".png"))
+    comparison.log(f"trade-off: {stem.with_suffix('.md')}, {stem.with_suffix('.png')}")
+    return stem.with_suffix(".md")
+
+
 def render_tradeoff(curves, chosen: dict[str, float], reference: str, base: tuple[float, float], header: str) -> str:
     """The markdown table of every curve and each method's CLIP-I at ``reference``'s CLIP-T (``base``: the base
     model's CLIP-I, CLIP-T)."""
     reference_t = next(t for rate, t, _ in curves[reference] if rate == chosen[reference])
     lines = [
-        f"{header}; CLIP-I / CLIP-T means over subjects (base model {base[0]:.3f} / {base[1]:.3f}); chosen rates in "
-        "bold.",
+        f"{header}; CLIP-I / CLIP-T (base model {base[0]:.3f} / {base[1]:.3f}); chosen rates in bold.",
         "",
         "| method | learning rate | CLIP-I | CLIP-T |",
         "|---|---:|---:|---:|",
@@ -137,6 +166,14 @@ def main(options: TradeoffOptions) -> Path:
     if not (work_dir / "sweep.json").is_file():
         raise FileNotFoundError(f"{work_dir / 'sweep.json'} not found: run benchmarks/minibooth/run.py first")
     sweep = json.loads((work_dir / "sweep.json").read_text())
+    if options.from_sweep:
+        curves = sweep_curves(sweep, protocol.methods)
+        chosen = {name: sweep["methods"][name]["chosen"] for name in curves}
+        base = (sweep["base"]["clip_i"], sweep["base"]["clip_t"])
+        subject = sweep["subject"]
+        header = f"MiniBooth ({protocol.profile}) learning-rate sweep: subject {subject}, seed {protocol.sweep_seed}"
+        title = f"MiniBooth {protocol.profile}: CLIP-I vs CLIP-T along each sweep ({sweep['subject']}, one seed)"
+        return write_tradeoff(curves, chosen, protocol, base, header, title, work_dir / "sweep_tradeoff")
     pretrained = comparison.pretrain_for(protocol, options.num_threads)
     world, subjects, _, looks = comparison.profile_subjects(protocol)
     reported = [s.name for s in subjects if not s.sweep]
@@ -156,15 +193,9 @@ def main(options: TradeoffOptions) -> Path:
     curves = method_curves(plans, scores)
     base = (fmean([scores[d]["clip_i"] for d in base_dirs]), fmean([scores[d]["clip_t"] for d in base_dirs]))
     chosen = {name: sweep["methods"][name]["chosen"] for name in curves}
-    reference = protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
-    header = f"MiniBooth trade-off probe: {len(reported)} subjects, seed {options.seed}"
-    text = render_tradeoff(curves, chosen, reference, base, header)
-    (work_dir / "tradeoff.md").write_text(text)
-    print(text)
+    header = f"MiniBooth trade-off probe: means over {len(reported)} subjects, seed {options.seed}"
     title = f"MiniBooth: CLIP-I vs CLIP-T along each learning-rate grid ({len(reported)} subjects)"
-    plot_tradeoff(curves, base, title, work_dir / "tradeoff.png")
-    comparison.log(f"trade-off: {work_dir / 'tradeoff.md'}, {work_dir / 'tradeoff.png'}")
-    return work_dir / "tradeoff.md"
+    return write_tradeoff(curves, chosen, protocol, base, header, title, work_dir / "tradeoff")
 
 
 if __name__ == "__main__":
