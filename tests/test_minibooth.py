@@ -646,5 +646,10 @@ def test_report_adds_the_oracle_columns_when_every_run_has_them():
     assert "| CLIP-I | CLIP-T | subject fidelity | context fidelity | runs |" in text
     assert "| 0.650 ± 0.071 | 0.650 ± 0.071 | 2 |" in text and "fresh world renders: color 1.000" in text
     assert "subject fidelity +0.500 (one subject" in text
+    assert "the oracle's subject fidelity / subject colour" not in text  # needs both metrics
+    base["a"]["subject_color"], per_subject["lora"]["a"]["subject_color"] = 0.25, 0.75
+    summary.oracle["subject_color"] = [0.75, 0.75]
+    text = render_report([summary], base, per_subject, "lora", "header", oracle_check=check)
+    assert "| base | 0.10 / 0.25 |" in text and "| lora | 0.60 / 0.75 |" in text
     plain = MethodSummary("lora", 1e-4, 10, 0.1, 100.0, [0.3, 0.4], [0.45, 0.38])
     assert "| CLIP-I | CLIP-T | runs |" in render_report([plain], base, per_subject, "lora", "header")  # no columns

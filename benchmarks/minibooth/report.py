@@ -210,6 +210,16 @@ def render_report(
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if ceilings:
         lines.append("| CLIP-I ceiling | " + " | ".join(f"{ceilings[x]:.3f} / –" for x in subjects) + " |")
+    if {"subject_fidelity", "subject_color"} <= set(judged):  # which subjects are visibly learned, per method
+        lines += ["", "Per subject, the oracle's subject fidelity / subject colour (mean over seeds):", ""]
+        lines.append("| method | " + " | ".join(subjects) + " |")
+        lines.append("|---|" + "---:|" * len(subjects))
+        for method, table in {"base": base_scores, **per_subject}.items():
+            cells = [
+                f"{table[x]['subject_fidelity']:.2f} / {table[x]['subject_color']:.2f}" if x in table else "–"
+                for x in subjects
+            ]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Differences, paired over subjects (mean ± 95% confidence half-width; within noise: the interval "
