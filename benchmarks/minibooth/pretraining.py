@@ -100,18 +100,21 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
+def sampled_latents(mean: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
+    """Posterior samples of the first 4096 pictures (seeded): what the latent normalisations are measured on."""
+    generator = torch.Generator().manual_seed(seed)
+    return mean[:4096] + std[:4096] * torch.randn(mean[:4096].shape, generator=generator)
+
+
 def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int) -> float:
     """SD's recipe: 1 / the standard deviation of sampled latents, so that scaled latents have unit variance."""
-    generator = torch.Generator().manual_seed(seed)
-    sample = mean[:4096] + std[:4096] * torch.randn(mean[:4096].shape, generator=generator)
-    return float(1.0 / sample.std())
+    return float(1.0 / sampled_latents(mean, std, seed).std())
 
 
 def latent_shift_and_scale(mean: torch.Tensor, std: torch.Tensor, seed: int) -> tuple[float, float]:
     """SD3's recipe: ``(shift, scaling)`` with shift the sampled latents' mean and scaling 1 / their standard
     deviation around it, so that ``(x - shift) * scaling`` has zero mean and unit variance."""
-    generator = torch.Generator().manual_seed(seed)
-    sample = mean[:4096] + std[:4096] * torch.randn(mean[:4096].shape, generator=generator)
+    sample = sampled_latents(mean, std, seed)
     shift = float(sample.mean())
     return shift, float(1.0 / (sample - shift).std())
 
