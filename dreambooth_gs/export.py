@@ -78,6 +78,7 @@ def load_pipeline_for_export(base_model: str) -> Any:
     from diffusers import DiffusionPipeline
 
     from . import families
+    from .families.base import null_components
     from .sampling import quiet_loading
 
     try:
@@ -85,7 +86,7 @@ def load_pipeline_for_export(base_model: str) -> Any:
             if Path(base_model).is_file():
                 pipeline = families.detect(base_model).pipeline_class().from_single_file(base_model)
             else:
-                pipeline = DiffusionPipeline.from_pretrained(base_model)
+                pipeline = DiffusionPipeline.from_pretrained(base_model, **null_components(base_model))
     except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot load the base model {base_model!r}: {first_line(err)} (pass a local diffusers folder or a hub "

@@ -40,7 +40,7 @@ def load_pipeline(
     safety checker) from a hub id, a local diffusers folder or a single-file checkpoint, with the adapter of
     ``adapter_dir`` loaded (merged into the weights by default)."""
     from . import families
-    from .families.base import read_model_index
+    from .families.base import null_components
     from .serialization import load_adapter
 
     family = families.detect(base_model, override=model_family)
@@ -53,10 +53,7 @@ def load_pipeline(
             if Path(base_model).is_file():
                 pipeline = pipeline_class.from_single_file(base_model, **kwargs)
             else:
-                # A component saved as null (SD3 without T5) must be passed as None, or from_pretrained refuses.
-                index = read_model_index(base_model, None)
-                kwargs |= {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
-                pipeline = pipeline_class.from_pretrained(base_model, **kwargs)
+                pipeline = pipeline_class.from_pretrained(base_model, **(null_components(base_model) | kwargs))
     except (OSError, ValueError) as err:
         raise family.load_error(base_model, err) from err
     pipeline.scheduler = family.make_sampler(pipeline.scheduler)

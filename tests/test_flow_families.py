@@ -317,7 +317,7 @@ def test_offload_moves_the_frozen_models_only_while_they_run():
     assert vae.moves == ["cuda", "cpu"]  # without --offload everything stays where it was loaded
 
 
-def test_an_sd3_folder_without_t5_trains_on_zeros_in_its_place(tiny, tmp_path):
+def test_an_sd3_folder_without_t5_trains_on_zeros_in_its_place_samples_and_exports(tiny, tmp_path):
     folder = shutil.copytree(tiny["sd3"], tmp_path / "no-t5")
     index = json.loads((folder / "model_index.json").read_text())
     index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
@@ -329,6 +329,17 @@ def test_an_sd3_folder_without_t5_trains_on_zeros_in_its_place(tiny, tmp_path):
     assert pipe.text_encoder_3 is None
     (image,) = generate_images(pipe, ["a sks toy"], [0], 2, 5.0, height=32, width=32, pipeline_kwargs={})
     assert image.size == (32, 32)
+    from dreambooth_gs.export import export_adapter  # the exporter's loader passes them as None too
+
+    export_adapter(out, "diffusers", tmp_path / "merged")
+    from diffusers import DiffusionPipeline  # it saves T5 as null too: diffusers loads it passing None, as for SD3
+
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged", text_encoder_3=None, tokenizer_3=None)
+    merged.set_progress_bar_config(disable=True)
+    kwargs = {"height": 32, "width": 32, "output_type": "latent"}
+    (expected,) = generate_images(pipe, ["a sks toy"], [0], 2, 5.0, **kwargs)
+    (exported,) = generate_images(merged, ["a sks toy"], [0], 2, 5.0, **kwargs)
+    torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4)
 
 
 # -- one-line refusals -------------------------------------------------------------------------------------------

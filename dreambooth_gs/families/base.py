@@ -102,6 +102,13 @@ def read_model_index(model_id: str, revision: str | None = None) -> dict:
     return DiffusionPipeline.load_config(model_id, revision=revision)
 
 
+def null_components(model_id: str, revision: str | None = None) -> dict[str, None]:
+    """``{name: None}`` for each component a pipeline folder saved as null (SD3 without T5: ``text_encoder_3``);
+    ``from_pretrained`` refuses such a folder unless each of them is passed as None."""
+    index = read_model_index(model_id, revision)
+    return {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
+
+
 def tokenizer_name(text_encoder_name: str) -> str:
     """The pipeline attribute of a text encoder's tokenizer: ``text_encoder_2`` -> ``tokenizer_2``."""
     return text_encoder_name.replace("text_encoder", "tokenizer")
