@@ -90,7 +90,8 @@ def _unwrap_optional(annotation: Any) -> Any:
 
 def _argument_kwargs(field: dataclasses.Field, annotation: Any) -> dict[str, Any]:
     """argparse keyword arguments of one dataclass field."""
-    kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "dest": field.name}
+    help_text = field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %: "10%" is literal
+    kwargs: dict[str, Any] = {"help": help_text, "dest": field.name}
     if field.default is not dataclasses.MISSING:
         kwargs["default"] = field.default
     elif field.default_factory is not dataclasses.MISSING:

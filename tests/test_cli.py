@@ -82,3 +82,19 @@ def test_bad_flags_are_one_line_without_usage(capsys, script, flags, message):
     err = capsys.readouterr().err
     assert message in err and "usage:" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_help_text_may_contain_a_percent_sign(capsys):
+    """argparse formats help with %, so a literal "10%" in a field's help must not break --help."""
+    from dataclasses import dataclass, field
+
+    from dreambooth_gs.cli import options_parser
+
+    @dataclass
+    class Options:
+        warmup: int = field(default=3, metadata={"help": "Warm-up, then cosine to 10% of the rate."})
+
+    with pytest.raises(SystemExit) as exit_info:
+        options_parser(Options, "prog", None).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "cosine to 10% of the rate. (default: 3)" in capsys.readouterr().out

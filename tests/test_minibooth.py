@@ -653,3 +653,16 @@ def test_report_adds_the_oracle_columns_when_every_run_has_them():
     assert "| base | 0.10 / 0.25 |" in text and "| lora | 0.60 / 0.75 |" in text
     plain = MethodSummary("lora", 1e-4, 10, 0.1, 100.0, [0.3, 0.4], [0.45, 0.38])
     assert "| CLIP-I | CLIP-T | runs |" in render_report([plain], base, per_subject, "lora", "header")  # no columns
+
+
+@pytest.mark.parametrize("script", ["pretrain", "run", "tradeoff", "train_one"])
+def test_every_script_prints_its_help(script):
+    """--help of each MiniBooth script exits 0 and describes its flags (pretrain.py's once crashed on a "10%")."""
+    import os
+    import subprocess
+
+    path = ROOT / "benchmarks" / "minibooth" / f"{script}.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "--" in result.stdout.split("usage:", 1)[1]

@@ -51,7 +51,7 @@ from benchmarks.minibooth.world import WORLD_FILE, load_world  # noqa: E402
 
 
 def _help(text: str) -> dict:
-    return {"help": text}
+    return {"help": text.replace("%", "%%")}  # argparse formats help with %: a literal "10%" must be "10%%"
 
 
 @dataclass

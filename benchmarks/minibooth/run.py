@@ -40,7 +40,7 @@ from benchmarks.minibooth.world import load_world  # noqa: E402
 
 
 def _help(text: str) -> dict:
-    return {"help": text}
+    return {"help": text.replace("%", "%%")}  # argparse formats help with %: a literal "10%" must be "10%%"
 
 
 @dataclass
