@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import fmean
@@ -153,7 +154,7 @@ def plot_tradeoff(curves, base: tuple[float, float], title: str, path: Path) -> 
     axes.scatter([base[1]], [base[0]], marker="*", s=120, color="black", label="base model", zorder=3)
     axes.set_xlabel("CLIP-T (prompt fidelity)")
     axes.set_ylabel("CLIP-I (subject fidelity)")
-    axes.set_title(title, fontsize=9)
+    axes.set_title(textwrap.fill(title, 70), fontsize=9)  # a long title would run off the figure
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
