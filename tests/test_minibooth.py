@@ -526,6 +526,37 @@ def test_tradeoff_curves_average_over_subjects_and_report_clip_i_at_the_referenc
     assert "- lora: 0.320" in text and "- gsoft: 0.325" in text  # gsoft halfway between 0.44 and 0.46
 
 
+def test_tradeoff_pairs_each_subject_at_the_reference_clip_t_and_leaves_out_curves_that_miss_it(tmp_path):
+    from benchmarks.minibooth.tradeoff import oracle_columns, paired_at_reference, render_tradeoff
+
+    # (subject, method, rate): (CLIP-T, CLIP-I, subject fidelity). On a, b, c GSOFT's curve passes LoRA's CLIP-T
+    # halfway between its two rates, 0.05 CLIP-I and 0.1 subject fidelity above LoRA's point, with different
+    # slopes per subject; on d it stays above LoRA's CLIP-T, so d is left out.
+    runs = {}
+    for subject, lora_t, lora_i in [("a", 0.45, 0.30), ("b", 0.40, 0.20), ("c", 0.50, 0.40)]:
+        runs[(subject, "lora", 1e-3)] = (lora_t, lora_i, 0.5)
+        runs[(subject, "gsoft", 2e-4)] = (lora_t + 0.02, lora_i + 0.02, 0.55)
+        runs[(subject, "gsoft", 6e-4)] = (lora_t - 0.02, lora_i + 0.08, 0.65)
+    runs[("d", "lora", 1e-3)] = (0.30, 0.3, 0.5)
+    runs[("d", "gsoft", 2e-4)], runs[("d", "gsoft", 6e-4)] = (0.50, 0.9, 1.0), (0.40, 0.9, 1.0)
+    plans, scores = [], {}
+    for (subject, method, rate), (clip_t, clip_i, fidelity) in runs.items():
+        folder = tmp_path / method / f"{rate:g}" / subject
+        plans.append(driver.RunPlan("tradeoff", method, subject, 0, rate, folder, method))
+        scores[folder] = {"clip_t": clip_t, "clip_i": clip_i, "subject_fidelity": fidelity, "context_fidelity": 0.7}
+    chosen = {"lora": 1e-3, "gsoft": 6e-4}
+    paired = paired_at_reference(plans, scores, "lora", 1e-3)
+    mean, half_width, n = paired["gsoft"]["clip_i"]
+    assert n == 3 and mean == pytest.approx(0.05) and half_width == pytest.approx(0.0, abs=1e-9)
+    assert paired["gsoft"]["subject_fidelity"][0] == pytest.approx(0.1)
+    assert "lora" not in paired
+    curves = {"lora": [(1e-3, 0.4125, 0.3)], "gsoft": [(2e-4, 0.45, 0.4), (6e-4, 0.4, 0.5)]}
+    text = render_tradeoff(curves, chosen, "lora", (0.2, 0.5), "probe", oracle_columns(plans, scores), {1e-3: paired})
+    assert "| method | learning rate | CLIP-I | CLIP-T | subject fidelity | context fidelity |" in text
+    assert "| gsoft | **0.0006** | 0.500 | 0.400 | 0.738 | 0.700 |" in text
+    assert "- gsoft vs lora 0.001: CLIP-I +0.050 ± 0.000 (higher, 3 subjects); subject fidelity +0.100" in text
+
+
 # -- MiniBooth v2: world-object subjects and the attribute oracle ----------------------------------------------------
 
 

@@ -114,6 +114,14 @@ def paired_difference(a: dict[str, float], b: dict[str, float]) -> tuple[float, 
     return statistics.fmean(diffs), half_width, len(diffs)
 
 
+def noise_verdict(mean: float, half_width: float | None, n: int) -> str:
+    """``+0.012 ± 0.020 (within noise, 8 subjects)``: within noise when the 95% interval contains zero."""
+    if half_width is None:
+        return f"{mean:+.3f} (one subject: no noise estimate)" if n else "no subject to compare"
+    word = "within noise" if abs(mean) <= half_width else ("higher" if mean > 0 else "lower")
+    return f"{mean:+.3f} ± {half_width:.3f} ({word}, {n} subjects)"
+
+
 def noise_lines(
     per_subject: dict[str, dict[str, dict[str, float]]], base_scores: dict[str, dict[str, float]], reference: str
 ) -> list[str]:
@@ -131,15 +139,10 @@ def noise_lines(
             for metric in metrics:
                 if not all(metric in v for v in other.values()):
                     continue
-                mean, half_width, n = paired_difference(
+                difference = paired_difference(
                     {k: v[metric] for k, v in table.items()}, {k: v[metric] for k, v in other.items()}
                 )
-                if half_width is None:
-                    verdict = f"{mean:+.3f} (one subject: no noise estimate)"
-                else:
-                    word = "within noise" if abs(mean) <= half_width else ("higher" if mean > 0 else "lower")
-                    verdict = f"{mean:+.3f} ± {half_width:.3f} ({word}, {n} subjects)"
-                parts.append(f"{METRIC_NAMES[metric]} {verdict}")
+                parts.append(f"{METRIC_NAMES[metric]} {noise_verdict(*difference)}")
             lines.append(f"- {method} vs {name}: " + "; ".join(parts))
     return lines
 

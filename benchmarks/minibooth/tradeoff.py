@@ -35,6 +35,7 @@ from transformers import HfArgumentParser  # noqa: E402
 from benchmarks.minibooth import driver  # noqa: E402
 from benchmarks.minibooth import run as comparison  # noqa: E402
 from benchmarks.minibooth.cache import cache_root  # noqa: E402
+from benchmarks.minibooth.report import METRIC_NAMES, noise_verdict, paired_difference  # noqa: E402
 
 
 @dataclass
@@ -99,6 +100,55 @@ def method_curves(plans: list[driver.RunPlan], scores: dict[Path, dict[str, floa
     return curves
 
 
+TABLE_METRICS = ("subject_fidelity", "context_fidelity")  # the oracle's columns beside CLIP-I / CLIP-T
+PAIRED_METRICS = ("clip_i", "subject_fidelity")  # compared at the reference's CLIP-T, paired over subjects
+
+
+def oracle_columns(plans: list[driver.RunPlan], scores: dict[Path, dict[str, float]]):
+    """``{(method, rate): {metric: mean over subjects}}`` of the TABLE_METRICS every run has."""
+    metrics = [m for m in TABLE_METRICS if all(m in scores[p.output_dir] for p in plans)]
+    groups: dict[tuple[str, float], list[dict[str, float]]] = {}
+    for plan in plans:
+        groups.setdefault((plan.method, plan.learning_rate), []).append(scores[plan.output_dir])
+    return {key: {m: fmean(run[m] for run in runs) for m in metrics} for key, runs in groups.items()}
+
+
+def paired_at_reference(
+    plans: list[driver.RunPlan], scores: dict[Path, dict[str, float]], reference: str, reference_rate: float
+) -> dict[str, dict[str, tuple[float, float | None, int]]]:
+    """``{method: {metric: (mean, 95% half-width, subjects)}}``: on each subject, the method's metric at the
+    reference's CLIP-T there at ``reference_rate`` (interpolated along that subject's curve) minus the reference's,
+    paired over the subjects whose curve reaches that CLIP-T. A curve's mean can hide that the subjects disagree;
+    this says whether a gap at equal prompt fidelity is more than noise."""
+    points: dict[str, dict[str, dict[str, list[tuple[float, float]]]]] = {}  # method -> subject -> metric -> curve
+    reference_points: dict[str, dict[str, float]] = {}  # subject -> the reference's scores at its chosen rate
+    for plan in plans:
+        run = scores[plan.output_dir]
+        if plan.method == reference and plan.learning_rate == reference_rate:
+            reference_points[plan.subject] = run
+        by_metric = points.setdefault(plan.method, {}).setdefault(plan.subject, {})
+        for metric in PAIRED_METRICS:
+            if metric in run:
+                by_metric.setdefault(metric, []).append((run["clip_t"], run[metric]))
+    differences = {}
+    for method, subjects in points.items():
+        if method == reference:
+            continue
+        differences[method] = {}
+        for metric in PAIRED_METRICS:
+            ours, theirs = {}, {}
+            for subject, curves in subjects.items():
+                target = reference_points.get(subject)
+                if target is None or metric not in curves or metric not in target:
+                    continue
+                at = value_at(curves[metric], target["clip_t"])
+                if at is not None:
+                    ours[subject], theirs[subject] = at, target[metric]
+            if ours or any(metric in c for c in subjects.values()):
+                differences[method][metric] = paired_difference(ours, theirs)
+    return differences
+
+
 def sweep_curves(sweep: dict, methods) -> dict[str, list[tuple[float, float, float]]]:
     """``{method: [(rate, CLIP-T, CLIP-I)]}`` of run.py's sweep.json (one subject, one seed), rates increasing."""
     return {
@@ -108,10 +158,12 @@ def sweep_curves(sweep: dict, methods) -> dict[str, list[tuple[float, float, flo
     }
 
 
-def write_tradeoff(curves, chosen, protocol, base, header: str, title: str, stem: Path) -> Path:
+def write_tradeoff(
+    curves, chosen, protocol, base, header: str, title: str, stem: Path, columns=None, paired=None
+) -> Path:
     """``<stem>.md`` (the table) and ``<stem>.png`` (the curves)."""
-    reference = protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
-    text = render_tradeoff(curves, chosen, reference, base, header)
+    reference = reference_method(protocol, curves)
+    text = render_tradeoff(curves, chosen, reference, base, header, columns, paired)
     stem.with_suffix(".md").write_text(text)
     print(text)
     plot_tradeoff(curves, base, title, stem.with_suffix(".png"))
@@ -119,24 +171,55 @@ def write_tradeoff(curves, chosen, protocol, base, header: str, title: str, stem
     return stem.with_suffix(".md")
 
 
-def render_tradeoff(curves, chosen: dict[str, float], reference: str, base: tuple[float, float], header: str) -> str:
-    """The markdown table of every curve and each method's CLIP-I at ``reference``'s CLIP-T (``base``: the base
-    model's CLIP-I, CLIP-T)."""
+def reference_method(protocol, curves) -> str:
+    return protocol.reference_method if protocol.reference_method in curves else next(iter(curves))
+
+
+def render_tradeoff(
+    curves,
+    chosen: dict[str, float],
+    reference: str,
+    base: tuple[float, float],
+    header: str,
+    columns: dict[tuple[str, float], dict[str, float]] | None = None,
+    paired: dict[float, dict[str, dict[str, tuple[float, float | None, int]]]] | None = None,
+) -> str:
+    """The markdown table of every curve (with ``columns``: the oracle's means per method and rate) and each
+    method's CLIP-I at ``reference``'s CLIP-T (``base``: the base model's CLIP-I, CLIP-T); ``paired``: per rate of
+    the reference, the differences of paired_at_reference."""
     reference_t = next(t for rate, t, _ in curves[reference] if rate == chosen[reference])
+    columns = columns or {}
+    extra = [m for m in TABLE_METRICS if columns and all(m in v for v in columns.values())]
     lines = [
         f"{header}; CLIP-I / CLIP-T (base model {base[0]:.3f} / {base[1]:.3f}); chosen rates in bold.",
         "",
-        "| method | learning rate | CLIP-I | CLIP-T |",
-        "|---|---:|---:|---:|",
+        "| " + " | ".join(["method", "learning rate", "CLIP-I", "CLIP-T", *(METRIC_NAMES[m] for m in extra)]) + " |",
+        "|---|" + "---:|" * (3 + len(extra)),
     ]
     for name, curve in curves.items():
         for rate, clip_t, clip_i in curve:
             cell = f"**{rate:g}**" if rate == chosen[name] else f"{rate:g}"
-            lines.append(f"| {name} | {cell} | {clip_i:.3f} | {clip_t:.3f} |")
+            oracle = "".join(f" {columns[(name, rate)][m]:.3f} |" for m in extra)
+            lines.append(f"| {name} | {cell} | {clip_i:.3f} | {clip_t:.3f} |{oracle}")
     lines += ["", f"CLIP-I at {reference}'s CLIP-T ({reference_t:.3f}), interpolated along each curve:", ""]
     for name, curve in curves.items():
         at = value_at([(t, i) for _, t, i in curve], reference_t)
         lines.append(f"- {name}: " + (f"{at:.3f}" if at is not None else "outside its curve"))
+    if paired:
+        lines += [
+            "",
+            f"Paired over subjects at equal prompt fidelity: on each subject, a method's score at {reference}'s "
+            f"CLIP-T there at one of {reference}'s rates (interpolated along that subject's curve) minus "
+            f"{reference}'s, mean ± 95% half-width (a subject whose curve does not reach that CLIP-T is left out; "
+            "within noise: the interval contains zero):",
+            "",
+        ]
+        for rate, differences in paired.items():
+            for name, metrics in differences.items():
+                if all(n == 0 for _, _, n in metrics.values()):
+                    continue  # no subject's curve reaches the reference's CLIP-T at this rate
+                parts = [f"{METRIC_NAMES[m]} {noise_verdict(*d)}" for m, d in metrics.items()]
+                lines.append(f"- {name} vs {reference} {rate:g}: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +257,13 @@ def main(options: TradeoffOptions) -> Path:
         subject = sweep["subject"]
         header = f"MiniBooth ({protocol.profile}) learning-rate sweep: subject {subject}, seed {protocol.sweep_seed}"
         title = f"MiniBooth {protocol.profile}: CLIP-I vs CLIP-T along each sweep ({sweep['subject']}, one seed)"
-        return write_tradeoff(curves, chosen, protocol, base, header, title, work_dir / "sweep_tradeoff")
+        columns = {
+            (name, float(rate)): {m: s[m] for m in TABLE_METRICS if m in s}
+            for name in curves
+            for rate, s in sweep["methods"][name]["scores"].items()
+        }
+        stem = work_dir / "sweep_tradeoff"
+        return write_tradeoff(curves, chosen, protocol, base, header, title, stem, columns)
     pretrained = comparison.pretrain_for(protocol, options.num_threads)
     world, subjects, _, looks = comparison.profile_subjects(protocol)
     reported = [s.name for s in subjects if not s.sweep]
@@ -194,9 +283,12 @@ def main(options: TradeoffOptions) -> Path:
     curves = method_curves(plans, scores)
     base = (fmean([scores[d]["clip_i"] for d in base_dirs]), fmean([scores[d]["clip_t"] for d in base_dirs]))
     chosen = {name: sweep["methods"][name]["chosen"] for name in curves}
-    header = f"MiniBooth trade-off probe: means over {len(reported)} subjects, seed {options.seed}"
-    title = f"MiniBooth: CLIP-I vs CLIP-T along each learning-rate grid ({len(reported)} subjects)"
-    return write_tradeoff(curves, chosen, protocol, base, header, title, work_dir / "tradeoff")
+    header = f"MiniBooth ({protocol.profile}) trade-off probe: means over {len(reported)} subjects, seed {options.seed}"
+    title = f"MiniBooth {protocol.profile}: CLIP-I vs CLIP-T along each learning-rate grid ({len(reported)} subjects)"
+    reference = reference_method(protocol, curves)
+    paired = {rate: paired_at_reference(plans, scores, reference, rate) for rate, _, _ in curves[reference]}
+    columns = oracle_columns(plans, scores)
+    return write_tradeoff(curves, chosen, protocol, base, header, title, work_dir / "tradeoff", columns, paired)
 
 
 if __name__ == "__main__":
