@@ -276,6 +276,27 @@ def test_paired_difference(a, b, mean, half_width):
     assert got_half_width == (None if half_width is None else pytest.approx(half_width))
 
 
+def test_the_report_pairs_the_protocol_s_comparisons_beside_the_reference():
+    from benchmarks.minibooth.report import noise_lines
+
+    base = {s: {"clip_i": 0.1} for s in "abc"}
+    per_subject = {
+        "lora": {s: {"clip_i": 0.3} for s in "abc"},
+        "gsoft": {"a": {"clip_i": 0.4}, "b": {"clip_i": 0.4}, "c": {"clip_i": 0.4}},
+        "boft": {"a": {"clip_i": 0.2}, "b": {"clip_i": 0.3}, "c": {"clip_i": 0.4}},
+    }
+    lines = noise_lines(per_subject, base, "lora", [("gsoft", "boft"), ("gsoft", "oft")])
+    assert "- gsoft vs boft: CLIP-I +0.100 ± 0.248 (within noise, 3 subjects)" in lines  # t(2) x 0.1 / sqrt(3)
+    assert "- gsoft vs lora: CLIP-I +0.100 ± 0.000 (higher, 3 subjects)" in lines
+    assert not any(line.startswith(("- boft vs gsoft", "- gsoft vs oft")) for line in lines)  # only listed pairs
+    assert len(lines) == 3 + 2 + 1  # each vs base, gsoft and boft vs lora, gsoft vs boft
+
+
+def test_the_protocol_keeps_only_comparisons_of_methods_it_runs():
+    assert ("gsoft", "boft") in driver.load_protocol("flow").comparisons
+    assert driver.load_protocol("flow", methods=["lora", "gsoft"]).comparisons == ()
+
+
 # -- pretraining smoke ----------------------------------------------------------------------------------------------
 
 

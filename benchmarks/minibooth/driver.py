@@ -42,6 +42,7 @@ class Protocol:
     profile: str
     methods: dict[str, Method]
     reference_method: str
+    comparisons: tuple[tuple[str, str], ...]  # (method, other) pairs the report compares beside the reference
     instance_prompt: str
     base_prompt: str
     pretrain_args: tuple[str, ...]
@@ -80,6 +81,7 @@ def load_protocol(profile: str, path: str | os.PathLike = PROTOCOL_FILE, methods
         profile=profile,
         methods=chosen,
         reference_method=data["reference_method"],
+        comparisons=tuple((a, b) for a, b in data.get("comparisons", []) if a in chosen and b in chosen),
         instance_prompt=data["instance_prompt"],
         base_prompt=data["base_prompt"],
         pretrain_args=tuple(settings["pretrain_args"]),

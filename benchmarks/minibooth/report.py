@@ -123,16 +123,20 @@ def noise_verdict(mean: float, half_width: float | None, n: int) -> str:
 
 
 def noise_lines(
-    per_subject: dict[str, dict[str, dict[str, float]]], base_scores: dict[str, dict[str, float]], reference: str
+    per_subject: dict[str, dict[str, dict[str, float]]],
+    base_scores: dict[str, dict[str, float]],
+    reference: str,
+    comparisons: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
-    """One line per comparison (each method against the base model and against ``reference``), paired over
-    subjects (seed means; every method is sampled from the same noise): a difference whose 95% confidence interval
-    contains zero is within noise."""
+    """One line per comparison (each method against the base model and against ``reference``, then each (method,
+    other) pair of ``comparisons`` that both ran), paired over subjects (seed means; every method is sampled from
+    the same noise): a difference whose 95% confidence interval contains zero is within noise."""
     lines = []
     for method, table in per_subject.items():
         others = [("base", base_scores)] + (
             [(reference, per_subject[reference])] if method != reference and reference in per_subject else []
         )
+        others += [(b, per_subject[b]) for a, b in comparisons if a == method and b in per_subject]
         metrics = [m for m in METRIC_NAMES if all(m in v for v in table.values())]
         for name, other in others:
             parts = []
@@ -155,11 +159,13 @@ def render_report(
     header: str,
     ceilings: dict[str, float] | None = None,
     oracle_check: dict | None = None,
+    comparisons: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The Markdown report: the main table, the per-subject table and the noise lines. ``ceilings`` (subject ->
     CLIP-I of its instance pictures against each other) adds a reference row to both tables; the oracle's columns
     appear when every run has them, with its accuracy on fresh renders (``oracle_check``, the oracle stage's
-    marker) under the table."""
+    marker) under the table; ``comparisons``: (method, other) pairs compared beside each method against
+    ``reference``."""
     base = MethodSummary(
         "base",
         0.0,
@@ -229,7 +235,7 @@ def render_report(
         "contains zero):",
         "",
     ]
-    lines += noise_lines(per_subject, base_scores, reference)
+    lines += noise_lines(per_subject, base_scores, reference, comparisons)
     return "\n".join(lines) + "\n"
 
 

@@ -209,6 +209,7 @@ def main(args: RunOptions) -> Path:
         header,
         subject_ceilings(pretrained.clip_dir, work_dir / "subjects", [s.name for s in reported]),
         oracle_check=pretrained.markers.get("oracle"),
+        comparisons=protocol.comparisons,
     )
     report = work_dir / "report.md"
     report.write_text(text)
