@@ -121,7 +121,7 @@ def paired_at_reference(
     paired over the subjects whose curve reaches that CLIP-T. A curve's mean can hide that the subjects disagree;
     this says whether a gap at equal prompt fidelity is more than noise."""
     points: dict[str, dict[str, dict[str, list[tuple[float, float]]]]] = {}  # method -> subject -> metric -> curve
-    reference_points: dict[str, dict[str, float]] = {}  # subject -> the reference's scores at its chosen rate
+    reference_points: dict[str, dict[str, float]] = {}  # subject -> the reference's scores at reference_rate
     for plan in plans:
         run = scores[plan.output_dir]
         if plan.method == reference and plan.learning_rate == reference_rate:
@@ -144,7 +144,7 @@ def paired_at_reference(
                 at = value_at(curves[metric], target["clip_t"])
                 if at is not None:
                     ours[subject], theirs[subject] = at, target[metric]
-            if ours or any(metric in c for c in subjects.values()):
+            if any(metric in c for c in subjects.values()):  # the method's runs have this metric
                 differences[method][metric] = paired_difference(ours, theirs)
     return differences
 
