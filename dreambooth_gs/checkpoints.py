@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from .fileio import atomic_write_text, first_line, is_disk_full
+from .fileio import WriteFailure, atomic_write_text, first_line, write_failure, write_failure_error
 from .serialization import load_adapter_weights, save_adapter
 
 logger = logging.getLogger(__name__)
@@ -127,13 +127,18 @@ def resolve_resume(resume_from: str | None, output_dir: Path, print_fn=print) ->
     return read_checkpoint(path)
 
 
-def disk_full_error(output_dir: Path, what: str, err: BaseException) -> ValueError:
+def write_error(output_dir: Path, what: str, err: BaseException) -> WriteFailure:
+    """One line for a training run's failed write (full disk, read-only folder): what failed, what is intact, and
+    how to go on (a resume from the newest checkpoint, which writes a missing final adapter without training)."""
     checkpoint, _ = newest_complete(output_dir)
-    kept = f"the previous checkpoint {checkpoint.path.name} is intact" if checkpoint else "no earlier checkpoint"
-    return ValueError(
-        f"the disk is full: writing {what} in {output_dir} failed ({first_line(err, 120)}); {kept}. Free some "
-        "space, then resume with --resume_from_checkpoint latest"
-    )
+    if checkpoint is not None:
+        kept = (
+            f"{checkpoint.path.name} is intact: make room (or fix the folder), then resume with "
+            "--resume_from_checkpoint latest"
+        )
+    else:
+        kept = "no checkpoint was written yet: make room (or fix the folder), then run again"
+    return write_failure_error(f"{what} in {output_dir}", err, kept)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, noise: GeneratorState) -> Path:
@@ -166,8 +171,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, noise
     except Exception as err:  # safetensors, torch and the OS each raise their own kind on a failed write
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        if is_disk_full(err):
-            raise disk_full_error(output_dir, f"checkpoint-{step}", err) from err
+        if write_failure(err):
+            raise write_error(output_dir, f"checkpoint-{step}", err) from err
         raise
     accelerator.wait_for_everyone()
     return final

@@ -16,18 +16,28 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
-from .fileio import first_line
+from .fileio import WriteFailure, first_line, write_failure
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 T = TypeVar("T")
 
 
 def run_cli(main: Callable[[Any], Any], args: Any, program: str) -> Any:
-    """Call ``main(args)``; a user error (bad input, missing file) exits with status 2 and one line of text."""
+    """Call ``main(args)``; a user error (bad input, missing file) or a failed write (full disk, read-only file
+    system) exits with status 2 and one line of text."""
     try:
         return main(args)
     except USER_ERRORS as err:
         print(f"{program}: error: {first_line(err, 1000)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:  # a full disk or a read-only folder, from any writer (OS, safetensors, torch, PIL)
+        if isinstance(err, WriteFailure):  # already says what failed and what is intact
+            text = first_line(err, 1000)
+        elif (reason := write_failure(err)) is not None:
+            text = f"cannot write: {reason} ({first_line(err)})"
+        else:
+            raise
+        print(f"{program}: error: {text}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from . import models
 from .checkpoints import (
+    Checkpoint,
     GeneratorState,
-    disk_full_error,
     load_checkpoint,
     newest_complete,
     partial_saves,
@@ -34,15 +34,24 @@ from .checkpoints import (
     register_adapter_hooks,
     resolve_resume,
     save_checkpoint,
+    write_error,
 )
 from .data import DreamBoothDataset, collate_examples, generate_class_images
-from .fileio import atomic_write, atomic_write_text, is_disk_full
+from .fileio import atomic_write, write_failure
 from .injection import disable_adapters
 from .objectives import LossSettings, encode_latent_parameters, training_loss
-from .options import DEFAULT_MAX_TRAIN_STEPS, TrainingOptions, with_demo_defaults
-from .run_folder import check_fresh_start, discard_set_aside, set_aside
+from .options import DEFAULT_MAX_TRAIN_STEPS, DEMO_MAX_TRAIN_STEPS, TrainingOptions, with_demo_defaults
+from .run_folder import (
+    RUN_INFO,
+    check_fresh_start,
+    discard_set_aside,
+    final_save_leftovers,
+    publish_final,
+    restore_set_aside,
+    set_aside,
+)
 from .sampling import generate_images, image_grid
-from .serialization import save_adapter
+from .serialization import WEIGHTS_NAME, save_adapter
 
 
 def validate(
@@ -149,17 +158,65 @@ def requested_learning_rate(options: TrainingOptions, num_processes: int) -> flo
     return rate
 
 
-def _prepare_output_dir(accelerator: Accelerator, output_dir: Path, earlier: list[Path]) -> None:
-    """Move an earlier run aside (recoverable until this run saves) and drop leftovers of killed saves."""
+def _prepare_output_dir(accelerator: Accelerator, output_dir: Path, earlier: list[Path]) -> Path | None:
+    """Move an earlier run aside (recoverable until this run saves; returns where) and drop leftovers of killed
+    saves."""
+    moved = None
     if accelerator.is_main_process:
         moved = set_aside(output_dir, earlier)
         if moved is not None:
             accelerator.print(
                 f"moved the earlier run in {output_dir} aside to {moved.name}; it is deleted once this run saves"
             )
-        for leftover in partial_saves(output_dir):
+        for leftover in partial_saves(output_dir) + final_save_leftovers(output_dir):
             shutil.rmtree(leftover)
     accelerator.wait_for_everyone()
+    return moved
+
+
+def requested_max_steps(options: TrainingOptions) -> int:
+    """``--max_train_steps``, or its default (the demo model's when no model is named)."""
+    if options.max_train_steps is not None:
+        return options.max_train_steps
+    return DEFAULT_MAX_TRAIN_STEPS if options.pretrained_model_name_or_path else DEMO_MAX_TRAIN_STEPS
+
+
+def finished_steps(output_dir: Path) -> int | None:
+    """The steps of the complete final adapter in ``output_dir`` (its ``training_args.json``, written last), if any."""
+    info = output_dir / RUN_INFO
+    if not (info.is_file() and (output_dir / WEIGHTS_NAME).is_file()):
+        return None
+    try:
+        return int(json.loads(info.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_resume(options: TrainingOptions, output_dir: Path, checkpoint: Checkpoint | None) -> str | None:
+    """What a resumed start should do besides training: a line to say when the run is already finished (then
+    nothing is trained or written); refuses a checkpoint past ``--max_train_steps`` and a ``latest`` that finds no
+    checkpoint beside a saved adapter (starting afresh there would replace it)."""
+    if options.resume_from_checkpoint is None:
+        return None
+    max_steps = requested_max_steps(options)
+    done = finished_steps(output_dir)
+    if done is not None and done >= max_steps:
+        return (
+            f"{output_dir} already holds the final adapter of this run ({done} steps; --max_train_steps {max_steps}): "
+            "nothing to resume, nothing changed (raise --max_train_steps to train on, or pass --overwrite_output_dir "
+            "to start afresh)"
+        )
+    if checkpoint is not None and checkpoint.step > max_steps:
+        raise ValueError(
+            f"{checkpoint.path} is at step {checkpoint.step}, past --max_train_steps {max_steps}; resume it with "
+            f"--max_train_steps {checkpoint.step} or more"
+        )
+    if checkpoint is None and not options.overwrite_output_dir and (output_dir / WEIGHTS_NAME).is_file():
+        raise ValueError(
+            f"{output_dir} holds a saved adapter but no complete checkpoint to resume; pass --overwrite_output_dir to "
+            "train afresh there (its files are kept until the new run saves), or another --output_dir"
+        )
+    return None
 
 
 def train(options: TrainingOptions) -> Path:
@@ -167,7 +224,15 @@ def train(options: TrainingOptions) -> Path:
     output_dir = Path(options.output_dir)
     accelerator = _make_accelerator(options, output_dir)
     check_hardware(options, accelerator)
+    if accelerator.is_main_process:  # an overwrite killed before it saved: its set-aside run goes back first
+        for line in restore_set_aside(output_dir, options.logging_dir):
+            accelerator.print(line)
+    accelerator.wait_for_everyone()
     checkpoint = resolve_resume(options.resume_from_checkpoint, output_dir, accelerator.print)
+    finished = check_resume(options, output_dir, checkpoint)
+    if finished is not None:
+        accelerator.print(finished)
+        return output_dir
     earlier = []
     if checkpoint is None:  # 'latest' with nothing complete to resume starts afresh, keeping the old files aside
         start_afresh = options.overwrite_output_dir or options.resume_from_checkpoint == "latest"
@@ -197,7 +262,7 @@ def train(options: TrainingOptions) -> Path:
         repo_id = create_hub_repo(options.hub_model_id or output_dir.resolve().name, options.hub_token)
 
     # -- every check passed: from here on the run writes ------------------------------------------------------------
-    _prepare_output_dir(accelerator, output_dir, earlier)
+    set_aside_run = _prepare_output_dir(accelerator, output_dir, earlier)
     if options.with_prior_preservation:
         with contextlib.ExitStack() as base_model:  # the class images come from the base model
             for model in (denoiser, *text_encoders.values()):
@@ -239,7 +304,7 @@ def train(options: TrainingOptions) -> Path:
         collate_fn=lambda examples: collate_examples(examples, options.with_prior_preservation),
         num_workers=options.dataloader_num_workers,
     )
-    max_steps = options.max_train_steps or DEFAULT_MAX_TRAIN_STEPS
+    max_steps = requested_max_steps(options)
     learning_rate = requested_learning_rate(options, accelerator.num_processes)
     groups = [{"params": params, "lr": learning_rate}]
     if text_params:
@@ -275,59 +340,61 @@ def train(options: TrainingOptions) -> Path:
             )
         )
 
-    progress = tqdm(
+    with tqdm(
         total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
-    )
-    first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
-    loss_settings = LossSettings.from_options(options)
-    denoiser.train()
-    for epoch in range(first_epoch, num_epochs):
-        if hasattr(dataloader, "set_epoch"):
-            dataloader.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(dataloader, skip_batches * options.gradient_accumulation_steps)
-        for batch in batches:
-            with accelerator.accumulate(denoiser):
-                loss = training_loss(batch, parts, text, denoiser, noise.generator, weight_dtype, loss_settings)
-                if not bool(torch.isfinite(accelerator.gather(loss.detach())).all()):
-                    last, _ = newest_complete(output_dir)
-                    raise ValueError(
-                        f"the loss became non-finite at step {global_step + 1}; stopping (lower --learning_rate or "
-                        f"use --mixed_precision no). Last good checkpoint: {last.path if last else 'none'}"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    _average_text_encoder_gradients(accelerator, text_params)
-                    accelerator.clip_grad_norm_(params + text_params, options.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            if global_step % options.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, noise)
-                if accelerator.is_main_process:
-                    prune_checkpoints(output_dir, options.checkpoints_total_limit)
-                    discard_set_aside(output_dir)
-            if global_step % options.validation_steps == 0 and global_step < max_steps:
-                validate(options, parts, text, denoiser, accelerator, global_step, output_dir)
+    ) as progress:  # closed (its line ended) also when a step or a save fails
+        first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
+        loss_settings = LossSettings.from_options(options)
+        denoiser.train()
+        for epoch in range(first_epoch, num_epochs):
+            if global_step >= max_steps:  # resumed at the budget (a final save that did not finish): train nothing
+                break
+            if hasattr(dataloader, "set_epoch"):
+                dataloader.set_epoch(epoch)
+            batches = dataloader
+            if epoch == first_epoch and skip_batches:
+                batches = accelerator.skip_first_batches(dataloader, skip_batches * options.gradient_accumulation_steps)
+            for batch in batches:
+                with accelerator.accumulate(denoiser):
+                    loss = training_loss(batch, parts, text, denoiser, noise.generator, weight_dtype, loss_settings)
+                    if not bool(torch.isfinite(accelerator.gather(loss.detach())).all()):
+                        last, _ = newest_complete(output_dir)
+                        raise ValueError(
+                            f"the loss became non-finite at step {global_step + 1}; stopping (lower --learning_rate or "
+                            f"use --mixed_precision no). Last good checkpoint: {last.path if last else 'none'}"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        _average_text_encoder_gradients(accelerator, text_params)
+                        accelerator.clip_grad_norm_(params + text_params, options.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                if global_step % options.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, output_dir, global_step, noise)
+                    if accelerator.is_main_process:
+                        prune_checkpoints(output_dir, options.checkpoints_total_limit)
+                        discard_set_aside(set_aside_run)
+                if global_step % options.validation_steps == 0 and global_step < max_steps:
+                    validate(options, parts, text, denoiser, accelerator, global_step, output_dir)
+                if global_step >= max_steps:
+                    break
             if global_step >= max_steps:
                 break
-        if global_step >= max_steps:
-            break
-    progress.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _save_final(
             accelerator, denoiser, text_encoders, output_dir, options, parts, method, global_step, learning_rate
         )
+        discard_set_aside(set_aside_run)
         grid = validate(options, parts, text, denoiser, accelerator, global_step, output_dir)
         accelerator.print(f"adapter saved to {output_dir}" + (f"; validation grid {grid}" if grid else ""))
         if repo_id is not None:
@@ -392,17 +459,21 @@ def _save_final(
     step: int,
     learning_rate: float,
 ) -> None:
-    """The final adapter and its record; a full disk is one clear error and leaves the last checkpoint intact."""
-    try:
-        save_adapter(accelerator.unwrap_model(denoiser), output_dir, base_model=parts.model_id)
+    """The final adapter and its record, published as a whole (:func:`.run_folder.publish_final`); a failed write
+    (full disk, read-only folder) is one clear error that leaves the folder and the last checkpoint as they were."""
+
+    def write(staging: Path) -> None:
+        save_adapter(accelerator.unwrap_model(denoiser), staging, base_model=parts.model_id)
         for name, encoder in text_encoders.items():
-            save_adapter(encoder, output_dir / name, base_model=parts.model_id)
-        _write_run_info(output_dir, options, parts, method, step, learning_rate)
+            save_adapter(encoder, staging / name, base_model=parts.model_id)
+        _write_run_info(staging, options, parts, method, step, learning_rate)
+
+    try:
+        publish_final(output_dir, write)
     except Exception as err:
-        if is_disk_full(err):
-            raise disk_full_error(output_dir, "the final adapter", err) from err
+        if write_failure(err):
+            raise write_error(output_dir, "the final adapter", err) from err
         raise
-    discard_set_aside(output_dir)
 
 
 def _ensure_class_images(
@@ -444,4 +515,4 @@ def _write_run_info(
         "learning_rate": learning_rate,  # the rate really used: after --scale_lr, or the resumed checkpoint's
         "options": asdict(options),
     }
-    atomic_write_text(output_dir / "training_args.json", json.dumps(info, indent=2) + "\n")
+    (output_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")  # into publish_final's staging folder

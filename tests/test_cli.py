@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
+
+from dreambooth_gs.fileio import WriteFailure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,3 +102,39 @@ def test_help_text_may_contain_a_percent_sign(capsys):
         options_parser(Options, "prog", None).parse_args(["--help"])
     assert exit_info.value.code == 0
     assert "cosine to 10% of the rate. (default: 3)" in capsys.readouterr().out
+
+
+# (id, what main raises, the one line on stderr after "prog: error: "; None: not a user error, it propagates)
+RUN_CLI_CASES = [
+    ("user-error", lambda: ValueError("--rank must be positive"), "--rank must be positive"),
+    ("write-failure", lambda: WriteFailure("writing out/x failed: the disk is full (...); out/x is unchanged"),
+     "writing out/x failed: the disk is full (...); out/x is unchanged"),
+    ("erofs", lambda: OSError(errno.EROFS, "Read-only file system"),
+     "cannot write: the file system is read-only ([Errno 30] Read-only file system)"),
+    ("safetensors-enospc", lambda: SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                                   "error 28)\nsecond line"),
+     "cannot write: the disk is full (Error while serializing: I/O error: No space left on device (os error 28))"),
+    ("torch-writer", lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+     "cannot write: a write failed (the disk is probably full) ([enforce fail at inline_container.cc:672] . "
+     "unexpected pos 64 vs 0)"),
+    ("bug", lambda: RuntimeError("shapes do not match"), None),
+    ("eio", lambda: OSError(errno.EIO, "Input/output error"), None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("make_error", "line"), [c[1:] for c in RUN_CLI_CASES], ids=[c[0] for c in RUN_CLI_CASES])
+def test_run_cli_turns_user_errors_and_failed_writes_into_one_line(capsys, make_error, line):
+    from dreambooth_gs.cli import run_cli
+
+    def main(args):
+        raise make_error()
+
+    if line is None:
+        with pytest.raises(type(make_error())):
+            run_cli(main, None, "prog")
+        assert capsys.readouterr().err == ""
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, None, "prog")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"prog: error: {line}\n"
