@@ -22,7 +22,7 @@ from torch import nn
 from . import methods
 from .config import GSOFTConfig
 from .families import FAMILIES
-from .fileio import atomic_write
+from .fileio import atomic_write_files, created_directories
 from .full import full_parameters
 from .injection import merge_adapter, remove_adapter, require_targets
 
@@ -51,7 +51,11 @@ def describe_adapter(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, t
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the adapter of ``model`` to ``directory`` (created if needed), atomically; returns the directory."""
+    """Write the adapter of ``model`` to ``directory`` (created if needed), atomically; returns the directory.
+
+    Weights and config are replaced together: a failure (a full disk, a read-only folder) leaves the old pair, never
+    new weights beside an old config, and no folder this call created.
+    """
     method, config, tensors = describe_adapter(model)
     modules: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
@@ -66,11 +70,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
         "num_parameters": sum(t.numel() for t in tensors.values()),
         "modules": modules,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "library": LIBRARY_NAME, "method": method}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+    with created_directories(directory) as directory:
+        atomic_write_files(
+            {
+                directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"),
+            }
+        )
     return directory
 
 

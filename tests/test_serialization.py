@@ -1,11 +1,13 @@
 """save_adapter / load_adapter: round trips, what the files hold, and every way a folder can be bad."""
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,6 +20,7 @@ from dreambooth_gs import (
     load_adapter,
     read_adapter_config,
     save_adapter,
+    serialization,
     trainable_parameters,
 )
 from dreambooth_gs.serialization import CONFIG_NAME, WEIGHTS_NAME
@@ -342,8 +345,6 @@ def test_full_refuses_bad_targets_and_a_second_adapter(make_mlp):
 
 def test_adapter_files_get_ordinary_permissions(tmp_path, make_mlp):
     """Adapter files are readable like every other output (0o666 less the umask), not a temp file's 0o600."""
-    import os
-
     model = make_mlp()
     inject_adapter(model, GSOFTConfig(nblocks=4, target_modules=("fc1",)))
     previous = os.umask(0o022)
@@ -354,3 +355,61 @@ def test_adapter_files_get_ordinary_permissions(tmp_path, make_mlp):
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _fail(make_error):
+    def fail(*args, **kwargs):
+        raise make_error()
+
+    return fail
+
+
+def _enospc():
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _erofs():
+    return OSError(errno.EROFS, "Read-only file system")
+
+
+def _fail_config_rename(monkeypatch):
+    """The weights are renamed into place, then the config's rename fails."""
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == CONFIG_NAME:
+            raise _erofs()
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+# (id, how the save fails): the weights' write, the config's write, or the config's rename after the weights'
+SAVE_FAILURES = [
+    ("weights-enospc", lambda mp: mp.setattr(serialization, "save_file", _fail(_enospc))),
+    ("config-erofs", lambda mp: mp.setattr(Path, "write_text", _fail(_erofs))),
+    ("config-rename-erofs", _fail_config_rename),
+]
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["replace", "new"])
+@pytest.mark.parametrize("fail", [c[1] for c in SAVE_FAILURES], ids=[c[0] for c in SAVE_FAILURES])
+def test_failed_save_leaves_the_old_adapter_or_nothing(
+    tmp_path, make_mlp, randomize_adapter, monkeypatch, fail, existing
+):
+    """save_adapter used alone: a failed write leaves the old weights and config together (never new weights beside
+    an old config), no temporary file, and no folder it created; the error is the writer's own."""
+    folder = tmp_path / "runs" / "adapter"
+    if existing:
+        saved_mlp(make_mlp, randomize_adapter, folder, {"method": "boft", "nblocks": 4, "n_butterfly_factor": 2})
+    before = {p.relative_to(tmp_path).as_posix(): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    model = make_mlp()
+    inject_adapter(model, GSOFTConfig(nblocks=2, target_modules=MLP_TARGETS))
+    fail(monkeypatch)
+    with pytest.raises((OSError, SafetensorError)):
+        save_adapter(model, folder, base_model="other")
+    monkeypatch.undo()
+    after = {p.relative_to(tmp_path).as_posix(): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    assert after == before
+    if existing:
+        assert read_adapter_config(folder)["method"] == "boft" and load_adapter(make_mlp(), folder)
