@@ -3,7 +3,8 @@
 Nothing here knows the methods: the base pipeline is loaded, the adapted modules' weights are copied, the adapter is
 loaded merged (:func:`dreambooth_gs.load_adapter`), and each format works from the merged pipeline or from the
 changes ``W_merged - W_base`` of the modules that ``adapter_config.json`` lists. Every output is written into a
-hidden temporary sibling and renamed into place at the end, so ``--output`` is either untouched or complete.
+hidden temporary sibling and renamed into place at the end, so ``--output`` is either untouched or complete (a full
+disk or a read-only folder is one :class:`~dreambooth_gs.fileio.WriteFailure` line, and leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .fileio import atomic_write, first_line
+from .fileio import atomic_write, created_directories, first_line, reporting_write_failures, staged_directory
 from .ldm_layout import TEXT_LAYOUTS, default_text_layout, pipeline_to_ldm, sdxl_pipeline_to_ldm
 from .lora_export import FULL_RANK, LORA_LAYOUTS, ModuleDelta, lora_tensors, report_markdown, report_summary
 from .model_card import model_card
@@ -73,6 +72,26 @@ def _linear(pipeline: Any, component: str, module: str) -> nn.Linear:
     return layer
 
 
+def check_pipeline_class(base_model: str) -> None:
+    """Refuse a pipeline folder (or hub id) whose ``model_index.json`` names a class this diffusers does not have
+    (``from_pretrained`` would fail with an AttributeError); an index that cannot be read is left to the load."""
+    import diffusers
+
+    from . import families
+    from .families.base import read_model_index
+
+    try:
+        class_name = read_model_index(base_model).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(class_name, str) and not hasattr(diffusers, class_name):
+        raise ValueError(
+            f"cannot load the base model {base_model!r}: its model_index.json names the pipeline class {class_name!r}, "
+            f"which diffusers {diffusers.__version__} does not have; pass a diffusers folder of a supported family "
+            f"({families.supported()}) with --pretrained_model_name_or_path, or install a newer diffusers"
+        )
+
+
 def load_pipeline_for_export(base_model: str) -> Any:
     """The base pipeline in float32 exactly as its folder (or hub id, or single file) defines it, scheduler included."""
     from diffusers import DiffusionPipeline
@@ -81,6 +100,8 @@ def load_pipeline_for_export(base_model: str) -> Any:
     from .families.base import null_components
     from .sampling import quiet_loading
 
+    if not Path(base_model).is_file():
+        check_pipeline_class(base_model)
     try:
         with quiet_loading():
             if Path(base_model).is_file():
@@ -148,23 +169,18 @@ def check_output(output: Path, overwrite: bool, is_file: bool) -> None:
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
 
 
+def _writing(output: Path, what: str) -> contextlib.AbstractContextManager:
+    """A failed write of ``output`` (full disk, read-only folder) as one line that says the old output is intact."""
+    kept = f"the existing {output} is unchanged" if output.exists() else "no partial output was left"
+    return reporting_write_failures(f"{what} {output}", kept)
+
+
 @contextlib.contextmanager
-def staged_directory(output: Path) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of ``output``; on success it replaces ``output`` (an old one is removed)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+def export_directory(output: Path, what: str) -> Iterator[Path]:
+    """A staging folder that replaces ``output`` when the block succeeds (see :func:`staged_directory`: files get
+    ``open``'s permissions; a failure leaves the old output and no new folder), write failures in one line."""
+    with _writing(output, what), staged_directory(output) as staging:
         yield staging
-        retired = None
-        if output.exists():
-            retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output, retired)
-        os.replace(staging, output)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _metadata(merged: MergedPipeline, fmt: str) -> dict[str, str]:
@@ -180,10 +196,13 @@ def export_diffusers(
     merged: MergedPipeline, output: Path, adapter_dir: str | os.PathLike, dtype: torch.dtype, command: str | None
 ) -> dict[str, Any]:
     """The merged pipeline as a diffusers folder (``save_pretrained``) with a model card."""
-    with staged_directory(output) as staging:
+    from .sampling import quiet_loading
+
+    with export_directory(output, "the merged pipeline") as staging:
         if dtype != torch.float32:  # loaded and merged in float32
             merged.pipeline.to(dtype)
-        merged.pipeline.save_pretrained(staging, safe_serialization=True)
+        with quiet_loading():  # no "Writing model shards" bar per component: the command prints what it wrote
+            merged.pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / MODEL_CARD).write_text(model_card(merged.document, merged.base_model, adapter_dir, command))
     return {"format": "diffusers", "output": str(output)}
 
@@ -199,7 +218,7 @@ def export_lora(
     """The adapter's changes as a LoRA file plus ``export_report.json`` / ``.md`` beside it."""
     tensors, report = lora_tensors(module_deltas(merged), layout=layout, rank=rank, max_error=max_error, dtype=dtype)
     report.update(method=merged.document["method"], base_model=merged.base_model, file=LORA_FILES[layout])
-    with staged_directory(output) as staging:
+    with export_directory(output, "the LoRA export") as staging:
         save_file(tensors, staging / LORA_FILES[layout], metadata=_metadata(merged, f"lora/{layout}"))
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         (staging / REPORT_MD).write_text(report_markdown(report, f"LoRA export of a {report['method']} adapter"))
@@ -239,9 +258,9 @@ def export_single_file(merged: MergedPipeline, output: Path, text_layout: str, d
         if text_layout == "auto":
             text_layout = default_text_layout(pipe.text_encoder.config.hidden_act)
         tensors = pipeline_to_ldm(*unet_vae, plain(pipe.text_encoder), text_layout)
-    output.parent.mkdir(parents=True, exist_ok=True)
     metadata = {**_metadata(merged, "single_file"), "text_encoder_layout": text_layout}
-    atomic_write(output, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    with _writing(output, "the single file"), created_directories(output.parent):
+        atomic_write(output, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return {"format": "single_file", "output": str(output), "text_encoder_layout": text_layout, "tensors": len(tensors)}
 
 

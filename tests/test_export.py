@@ -1,18 +1,33 @@
 """export_adapter: every format round-trips on the tiny pipeline, through diffusers' own loaders, for every method."""
 
 import copy
+import errno
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dreambooth_gs import FullConfig, GSOFTConfig, enable_full_finetuning, inject_adapter, save_adapter
+from dreambooth_gs import export as export_module
 from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
-from dreambooth_gs.export import LORA_FILES, REPORT_JSON, REPORT_MD, export_adapter, export_lora, load_merged
+from dreambooth_gs.export import (
+    LORA_FILES,
+    REPORT_JSON,
+    REPORT_MD,
+    export_adapter,
+    export_diffusers,
+    export_lora,
+    load_merged,
+)
+from dreambooth_gs.fileio import default_file_mode
 from dreambooth_gs.ldm_layout import SDXL_OPEN_CLIP_PREFIX, unet_to_ldm, vae_to_ldm
 from dreambooth_gs.resources import TINY_SDXL_CONFIG_DIR
 from dreambooth_gs.tiny import build_tiny_pipeline
@@ -320,6 +335,132 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path, adapters, capsys, args,
     assert len(err.splitlines()) == 1 and err.startswith("export_adapter.py: error: "), err
     assert re.search(message, err), err
     assert (tmp_path / "full" / "keep.txt").read_text() == "x" and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def unknown_class_base(tiny_dir, tmp_path_factory):
+    """The tiny pipeline, its model_index.json naming a pipeline class diffusers does not have."""
+    base = tmp_path_factory.mktemp("unknown-class") / "base"
+    shutil.copytree(tiny_dir, base)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "_class_name": "NoSuchPipeline"}))
+    return base
+
+
+def test_unknown_pipeline_class_is_one_line(tmp_path, adapters, unknown_class_base, capsys):
+    folder, _ = adapters("gsoft")
+    argv = ["--adapter_dir", str(folder), "--format", "lora", "--rank", "2", "--output", str(tmp_path / "o"),
+            "--pretrained_model_name_or_path", str(unknown_class_base)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        script.run(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "pipeline class 'NoSuchPipeline'" in err and "supported family" in err and "newer diffusers" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_exported_files_get_ordinary_permissions(tmp_path, adapters):
+    """safetensors' save_file (and so save_pretrained) leaves files 0o600: every exported file gets 0o666 less the
+    umask, like the adapter files (a merged pipeline shared with other users must be readable by them)."""
+    folder, merged = adapters("gsoft")
+    previous = os.umask(0o022)
+    try:
+        export_lora(merged, tmp_path / "lora", "diffusers", 2, None, torch.float32)
+        export_diffusers(merged, tmp_path / "pipe", folder, torch.float32, None)
+    finally:
+        os.umask(previous)
+    for output in ("lora", "pipe"):
+        files = [p for p in (tmp_path / output).rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files)
+        modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+        assert set(modes.values()) == {oct(default_file_mode())} == {"0o644"}, modes
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` (recursively): a file's bytes, None for a folder."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def _raiser(make_error):
+    def fail(*args, **kwargs):
+        raise make_error()
+
+    return fail
+
+
+def _enospc_safetensors():
+    return SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "/o/.t"')
+
+
+def _erofs():
+    return OSError(errno.EROFS, "Read-only file system")
+
+
+def _torch_write():
+    return RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+
+def _fail_publish(monkeypatch):
+    """os.replace fails for the staging folder's rename into place (moving an old output aside still works)."""
+    real = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in Path(src).name:
+            raise _erofs()
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+# (id, --format and its flags, what fails: (object, attribute, error) or "publish", reason in the one line)
+WRITE_FAILURES = [
+    ("lora-weights-enospc", ["lora", "--rank", "2"], (export_module, "save_file", _enospc_safetensors),
+     "the disk is full"),
+    ("lora-report-erofs", ["lora", "--rank", "2"], (Path, "write_text", _erofs), "the file system is read-only"),
+    ("diffusers-weights-torch", ["diffusers"], (safetensors.torch, "save_file", _torch_write), "probably full"),
+    ("diffusers-card-erofs", ["diffusers"], (Path, "write_text", _erofs), "the file system is read-only"),
+    ("diffusers-publish-erofs", ["diffusers"], "publish", "the file system is read-only"),
+    ("single-file-torch", ["single_file"], (export_module, "save_file", _torch_write), "probably full"),
+    ("single-file-erofs", ["single_file"], (export_module, "save_file", _erofs), "the file system is read-only"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["overwrite", "new"])
+@pytest.mark.parametrize(
+    ("fmt", "failure", "reason"), [c[1:] for c in WRITE_FAILURES], ids=[c[0] for c in WRITE_FAILURES]
+)
+def test_failed_write_is_one_line_and_keeps_the_old_output(
+    tmp_path, adapters, monkeypatch, capsys, fmt, failure, reason, existing
+):
+    """A full disk or a read-only folder while writing: exit status 2 and one line naming the reason; an existing
+    output (--overwrite) is byte-identical afterwards, and a new one leaves nothing: no staging folder, no temporary
+    file, no parent folder the export created."""
+    folder, merged = adapters("gsoft")
+    monkeypatch.setattr(export_module, "load_merged", lambda adapter_dir, base_model=None: merged)
+    single = fmt[0] == "single_file"
+    output = tmp_path / "parent" / ("model.safetensors" if single else "out")
+    if existing:
+        output.parent.mkdir()
+        if single:
+            output.write_bytes(b"old single file")
+        else:
+            output.mkdir()
+            (output / "keep.txt").write_text("old export")
+    before = _snapshot(tmp_path)
+    if failure == "publish":
+        _fail_publish(monkeypatch)
+    else:
+        owner, name, error = failure
+        monkeypatch.setattr(owner, name, _raiser(error))
+    argv = ["--adapter_dir", str(folder), "--output", str(output), "--format", *fmt] + ["--overwrite"] * existing
+    with pytest.raises(SystemExit) as exit_info:
+        script.run(argv)
+    monkeypatch.undo()
+    assert _snapshot(tmp_path) == before  # byte for byte, and no new file or folder anywhere
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("export_adapter.py: error: writing the ") and reason in err, err
+    assert ("is unchanged" if existing else "no partial output was left") in err, err
 
 
 def test_cli_writes_and_prints_the_report(tmp_path, adapters, capsys):
