@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import PARAMETRIZATIONS, GSOFTConfig
-from .fileio import first_line
+from .fileio import first_line, reporting_write_failures, staged_directory
 from .injection import find_targets, inject_adapter, remove_adapter, trainable_parameters
 from .serialization import save_adapter
 
@@ -164,11 +164,27 @@ def convert_authors_checkpoint(
     parametrization: str = "cayley",
     overwrite: bool = False,
 ) -> Path:
-    """Convert an authors' file into an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    """Convert an authors' file into an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    The folder is written beside ``output_dir`` and renamed into place: an existing one (``overwrite``) is replaced
+    as a whole, and a failure (a full disk, a read-only folder) leaves it as it was and no new folder behind.
+    """
     output_dir = Path(output_dir)
-    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite):
+    if output_dir.is_file():
+        raise ValueError(
+            f"--output {output_dir} is a file; the converter writes an adapter folder: give a folder path (new, empty, "
+            "or with --overwrite an adapter folder to replace)"
+        )
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not an empty folder; pass --overwrite to replace it")
+    for flag, path in (("--input", input_path), ("--pretrained_model_name_or_path", base_model)):
+        inside = Path(path).resolve()
+        if output_dir.resolve() == inside or output_dir.resolve() in inside.parents:
+            raise ValueError(f"--output {output_dir} would replace {flag} {path}; choose another folder")
     tensors = read_authors_file(input_path)
     unet = load_unet(base_model)
     convert_authors_state_dict(tensors, unet, parametrization)
-    return save_adapter(unet, output_dir, base_model=base_model)
+    kept = f"the existing {output_dir} is unchanged" if output_dir.exists() else "no folder was left behind"
+    with reporting_write_failures(f"the adapter folder {output_dir}", kept), staged_directory(output_dir) as staging:
+        save_adapter(unet, staging, base_model=base_model)
+    return output_dir

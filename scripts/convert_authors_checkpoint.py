@@ -49,5 +49,10 @@ def main(args: argparse.Namespace):
     return path
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The command line: user errors and failed writes (full disk, read-only folder) are one line, exit status 2."""
+    run_cli(main, parse_args(sys.argv[1:] if argv is None else argv), "convert_authors_checkpoint.py")
+
+
 if __name__ == "__main__":
-    run_cli(main, parse_args(sys.argv[1:]), "convert_authors_checkpoint.py")
+    run()

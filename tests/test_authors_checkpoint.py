@@ -1,15 +1,17 @@
 """convert_authors_checkpoint: the GSOFT authors' save_attn_procs files become our adapter folders, exactly."""
 
+import errno
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from dreambooth_gs import GSOFTConfig, GSOFTLinear, inject_adapter, load_adapter, read_adapter_config
+from dreambooth_gs import GSOFTConfig, GSOFTLinear, inject_adapter, load_adapter, read_adapter_config, save_adapter
 from dreambooth_gs.authors import AUTHORS_FILE, convert_authors_state_dict
 from dreambooth_gs.cli import run_cli
 from dreambooth_gs.serialization import adapter_state_dict
@@ -189,3 +191,96 @@ def test_cli_errors_are_one_line(tmp_path, tiny_dir, capsys):
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "new").exists() and (tmp_path / "full" / "keep.txt").read_text() == "x"
+
+
+def test_output_that_is_a_file_is_refused_even_with_overwrite(tmp_path, tiny_dir, good_gsoft, capsys):
+    """--overwrite replaces an adapter folder; a file at --output is named as such, not 'pass --overwrite'."""
+    save_file(good_gsoft, tmp_path / AUTHORS_FILE)
+    (tmp_path / "adapter").write_bytes(b"a file")
+    for extra in ([], ["--overwrite"]):
+        args = ["--input", str(tmp_path / AUTHORS_FILE), "--output", str(tmp_path / "adapter"),
+                "--pretrained_model_name_or_path", tiny_dir, *extra]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            script.run(args)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "is a file; the converter writes an adapter folder: give a folder path" in err, err
+        assert "pass --overwrite" not in err, err
+    assert (tmp_path / "adapter").read_bytes() == b"a file"
+
+
+def test_overwrite_never_replaces_the_input_folder(tmp_path, tiny_dir, good_gsoft, capsys):
+    save_file(good_gsoft, tmp_path / AUTHORS_FILE)
+    before = (tmp_path / AUTHORS_FILE).read_bytes()
+    for output in (tmp_path, tmp_path.parent):
+        args = ["--input", str(tmp_path), "--output", str(output), "--pretrained_model_name_or_path", tiny_dir,
+                "--overwrite"]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            script.run(args)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "would replace --input" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [AUTHORS_FILE]
+    assert (tmp_path / AUTHORS_FILE).read_bytes() == before
+
+
+def test_overwrite_replaces_the_whole_folder(tmp_path, tiny_dir, good_gsoft):
+    """A stale text_encoder/ adapter of the old folder must not be loaded beside the converted UNet adapter."""
+    save_file(good_gsoft, tmp_path / AUTHORS_FILE)
+    old = tmp_path / "ours"
+    (old / "text_encoder").mkdir(parents=True)
+    (old / "text_encoder" / "adapter_config.json").write_text("{}")
+    args = ["--input", str(tmp_path / AUTHORS_FILE), "--output", str(old), "--pretrained_model_name_or_path",
+            tiny_dir, "--overwrite"]  # fmt: skip
+    script.run(args)
+    assert sorted(p.name for p in old.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([AUTHORS_FILE, "ours"])  # no staging folder left
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def _raise(make_error):
+    def fail(*args, **kwargs):
+        raise make_error()
+
+    return fail
+
+
+# (id, (serialization.save_file or Path.write_text, its error), reason in the one line)
+WRITE_FAILURES = [
+    ("weights-enospc", ("save_file", lambda: SafetensorError("Error while serializing: I/O error: No space left on "
+                                                             "device (os error 28)")), "the disk is full"),
+    ("config-erofs", ("write_text", lambda: OSError(errno.EROFS, "Read-only file system")),
+     "the file system is read-only"),
+    ("weights-torch", ("save_file", lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                         "64 vs 0")), "probably full"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["overwrite", "new"])
+@pytest.mark.parametrize(("failure", "reason"), [c[1:] for c in WRITE_FAILURES], ids=[c[0] for c in WRITE_FAILURES])
+def test_failed_write_is_one_line_and_leaves_no_folder(
+    tmp_path, tiny_dir, good_gsoft, monkeypatch, capsys, failure, reason, existing
+):
+    """A full disk or a read-only folder: one line, exit status 2, no new (empty) folder, an old folder intact."""
+    from dreambooth_gs import serialization
+
+    save_file(good_gsoft, tmp_path / AUTHORS_FILE)
+    output = tmp_path / "runs" / "ours"
+    if existing:
+        save_adapter(_adapted(tiny_dir, "double_gsoft"), output, base_model=tiny_dir)
+        (output / "notes.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    name, make_error = failure
+    monkeypatch.setattr(serialization if name == "save_file" else Path, name, _raise(make_error))
+    args = ["--input", str(tmp_path / AUTHORS_FILE), "--output", str(output), "--pretrained_model_name_or_path",
+            tiny_dir] + ["--overwrite"] * existing  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        script.run(args)
+    monkeypatch.undo()
+    assert _snapshot(tmp_path) == before  # byte for byte; no new folder, staging folder or temporary file
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"convert_authors_checkpoint.py: error: writing the adapter folder {output} failed: ")
+    assert reason in err and ("is unchanged" if existing else "no folder was left behind") in err, err
