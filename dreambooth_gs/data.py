@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +14,39 @@ from tqdm.auto import tqdm
 
 # Files that sit beside images without being images (a dataset's README, its prompts): skipped without a warning.
 NON_IMAGE_SUFFIXES = frozenset({".md", ".txt", ".json", ".yaml", ".yml", ".toml", ".csv", ".py"})
+# Single-channel integer modes PIL opens 16-bit grayscale as (PNG, TIFF; "I" holds 32-bit integers); PIL's own
+# convert("RGB") clips their 0..65535 values at 255 instead of scaling them, so they are scaled here. 16-bit RGB(A)
+# PNGs need nothing: PIL opens them as 8-bit "RGB" / "RGBA", keeping each sample's high byte.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_warned: set[str] = set()  # messages already printed by this process (see warn_once)
+
+
+def warn_once(message: str) -> None:
+    """Print ``warning: <message>`` on one line of stderr, once per process: the trainer's checks and its dataset
+    scan the same folder, and the evaluator scans a subject's folder once per run."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def to_eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (:data:`SIXTEEN_BIT_MODES`) as 8-bit "L", 0..65535 scaled to 0..255; any other
+    image unchanged."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)  # (H, W), 0..65535 (big- or little-endian on disk)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))  # (H, W) uint8: mode "L"
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode one image file fully, apply its EXIF orientation and convert it to RGB."""
+    """Decode one image file fully, apply its EXIF orientation and convert it to 8-bit RGB (16-bit images scaled).
+
+    The one loader of training, class and reference images alike.
+    """
     with Image.open(path) as image:
         image.load()
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return to_eight_bit(image).convert("RGB")
 
 
 def _candidate_files(directory: Path) -> list[Path]:
@@ -56,10 +81,9 @@ def find_images(directory: str | os.PathLike) -> list[Path]:
         raise ValueError(f"image directory {directory} does not exist; pass a folder of subject images")
     readable, unreadable = scan_images(directory)
     if unreadable:
-        warnings.warn(
+        warn_once(
             f"skipped {len(unreadable)} file(s) in {directory} that PIL cannot read as images: "
-            + ", ".join(p.name for p in unreadable),
-            stacklevel=2,
+            + ", ".join(p.name for p in unreadable)
         )
     if not readable:
         what = "holds no readable image" if any(directory.iterdir()) else "is empty"
@@ -70,6 +94,23 @@ def find_images(directory: str | os.PathLike) -> list[Path]:
 def load_images(directory: str | os.PathLike) -> list[Image.Image]:
     """Every readable image of ``directory`` as RGB with EXIF orientation applied (see :func:`find_images`)."""
     return [load_image(p) for p in find_images(directory)]
+
+
+def warn_small_images(paths: list[Path], resolution: int) -> None:
+    """One warning line naming the images whose shorter side is under half of ``resolution``: training upscales
+    them more than twice (a 1 x 1 image becomes a flat colour)."""
+    small = []
+    for path in paths:
+        with Image.open(path) as image:  # the header only: the size does not need the pixels
+            short_side = min(image.size)
+        if 2 * short_side < resolution:
+            small.append(f"{path.name} ({short_side} px)")
+    if small:
+        shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        warn_once(
+            f"{len(small)} image(s) in {paths[0].parent} have a shorter side under half the training resolution "
+            f"{resolution} px and are upscaled to it: {shown}"
+        )
 
 
 def crop_to_tensor(
@@ -145,6 +186,8 @@ class DreamBoothDataset(Dataset):
         self.class_prompt = class_prompt
         if class_data_dir is not None:
             self.class_images = find_images(class_data_dir)[:num_class_images]
+        for paths in (self.instance_images, self.class_images):
+            warn_small_images(paths, resolution)
 
     @property
     def with_prior_preservation(self) -> bool:

@@ -1,8 +1,11 @@
 """Subject images: loading, DreamBoothDataset, collate ordering, resumable class-image generation, demo subject."""
 
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -81,23 +84,87 @@ def test_load_images_applies_exif_orientation(tmp_path):
     assert image.size == (8, 16)
 
 
-def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
+def test_unreadable_files_are_skipped_with_one_clean_line_once(tmp_path, capsys):
+    """The trainer scans the folder twice (its checks, then its dataset): one line on stderr, no Python warning
+    with its source line."""
     _save(tmp_path / "good.png", Image.new("RGB", (8, 8)))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "notes.bin").write_bytes(b"\x00\x01\x02")
     (tmp_path / "README.md").write_text("# my subject")  # documents and hidden files are not images: no warning
     (tmp_path / ".DS_Store").write_bytes(b"\x00")
-    with pytest.warns(UserWarning) as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         images = load_images(tmp_path)
-    assert len(images) == 1 and len(record) == 1
-    assert "broken.png" in str(record[0].message) and "notes.bin" in str(record[0].message)
-    assert "README" not in str(record[0].message) and "DS_Store" not in str(record[0].message)
+        assert len(find_images(tmp_path)) == len(images) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: skipped 2 file(s) in {tmp_path} that PIL cannot read as images: ")
+    assert "broken.png" in line and "notes.bin" in line and "README" not in line and "DS_Store" not in line
 
 
 def test_readable_directory_loads_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_images(DEMO_SUBJECT)) == 4  # README.md beside the PNGs is ignored
+
+
+def _png_16bit(path: Path, pixels: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte (PIL writes 16-bit grayscale, not 16-bit RGB): (H, W) gray or (H, W, 3)."""
+    height, width = pixels.shape[:2]
+    colour_type = 0 if pixels.ndim == 2 else 2
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))  # filter 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+GRADIENT = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (8, 1))  # (8, 256): black to white
+SIXTEEN_BIT = [  # (file, writer of GRADIENT-based pixels, pixels)
+    ("gray.png", lambda path, a: Image.fromarray(a).save(path), GRADIENT),  # PIL: mode I;16
+    ("gray_big_endian.tif", lambda path, a: Image.fromarray(a.astype(">u2")).save(path), GRADIENT),  # I;16B
+    ("gray_int32.tif", lambda path, a: Image.fromarray(a.astype(np.int32)).save(path), GRADIENT),  # I
+    ("rgb.png", _png_16bit, np.stack([GRADIENT, 65535 - GRADIENT, GRADIENT // 4], axis=-1)),  # 48-bit RGB
+]
+
+
+@pytest.mark.parametrize("name, write, pixels", SIXTEEN_BIT, ids=[name for name, _, _ in SIXTEEN_BIT])
+def test_16_bit_images_are_scaled_to_8_bit(tmp_path, name, write, pixels):
+    """A 16-bit gradient loads as the same gradient in 8 bits (PIL's convert clips gray at 255: almost white)."""
+    write(tmp_path / name, pixels)
+    expected = np.broadcast_to((pixels / 257.0)[..., None] if pixels.ndim == 2 else pixels / 257.0, (8, 256, 3))
+    (image,) = load_images(tmp_path)
+    loaded = np.asarray(image, dtype=np.float64)  # (8, 256, 3)
+    assert image.mode == "RGB" and np.abs(loaded - expected).max() <= 1.0
+    assert loaded.min() == 0 and loaded.max() == 255 and abs(loaded.mean() - expected.mean()) < 0.5
+    pixels_8bit = (
+        DreamBoothDataset(tmp_path, "a sks toy", resolution=8, center_crop=True)[0]["instance_images"] + 1
+    ) * 127.5
+    assert abs(pixels_8bit.mean().item() - expected[:, 124:132].mean()) < 8  # the middle of the gradient, not white
+
+
+@pytest.mark.parametrize(
+    "size, resolution, warned",
+    [((1, 1), 64, True), ((31, 200), 64, True), ((32, 32), 64, False), ((64, 48), 64, False), ((8, 8), 16, False)],
+)
+def test_images_much_smaller_than_the_resolution_are_named_in_one_line(tmp_path, capsys, size, resolution, warned):
+    _save(tmp_path / "subject" / "tiny.png", Image.new("RGB", size, RED))
+    _save(tmp_path / "subject" / "fine.png", Image.new("RGB", (resolution, resolution), BLUE))
+    dataset = DreamBoothDataset(tmp_path / "subject", "a sks toy", resolution=resolution, center_crop=True)
+    assert dataset[0]["instance_images"].shape == (3, resolution, resolution)
+    lines = capsys.readouterr().err.splitlines()
+    if warned:
+        (line,) = lines
+        assert line == (
+            f"warning: 1 image(s) in {tmp_path / 'subject'} have a shorter side under half the training resolution "
+            f"{resolution} px and are upscaled to it: tiny.png ({min(size)} px)"
+        )
+    else:
+        assert lines == []
 
 
 @pytest.mark.parametrize(
