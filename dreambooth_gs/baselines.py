@@ -6,6 +6,7 @@ that PEFT built what was asked for, and move tensors in and out of the project's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -57,6 +58,22 @@ def check_peft_boft_factors(model: nn.Module, requested: int) -> None:
                 f"PEFT's BOFT built {built} butterfly factor(s) instead of {requested} at {name} (its CUDA "
                 f"extension is unavailable here, so it falls back to one factor); use the GS-core BOFT "
                 f"(--adapter boft, the default backend) to train real BOFT"
+            )
+
+
+def check_oft_block_size(model: nn.Module, requested: int) -> None:
+    """Refuse PEFT's silent rounding: OFT replaces a block size that does not divide a layer's in_features by the
+    nearest one that does (with a warning) while its config keeps the requested one. The trainer checks a new
+    adapter with it; loading does not, so folders saved before the check (config 7, blocks of 8) still load."""
+    layers = peft_layers(model)
+    for name, layer in layers:
+        built = layer.oft_block_size["default"]
+        if built != requested:
+            common = math.gcd(*(other.in_features for _, other in layers))
+            valid = ", ".join(str(b) for b in range(1, common + 1) if common % b == 0)
+            raise ValueError(
+                f"oft_block_size={requested} does not divide in_features={layer.in_features} of {name} (PEFT would "
+                f"silently train blocks of {built} there); use a divisor of every target's in_features: {valid}"
             )
 
 

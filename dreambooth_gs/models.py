@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import torch
 from accelerate import Accelerator
 
 from . import families, methods
+from .baselines import check_oft_block_size
 from .data import find_images
 from .families import Conditioning, Family, TextSettings
+from .injection import remove_adapter
 from .options import TrainingOptions
 from .resources import DEMO_SUBJECT_DIR
 
@@ -146,12 +149,7 @@ def load_components(
         if weight_dtype != torch.float32 and not (model is vae and keep_vae_fp32):
             model.to(dtype=weight_dtype)
     resolution = options.resolution or family.default_resolution(denoiser, vae)
-    multiple = family.resolution_multiple(denoiser, vae)
-    if resolution % multiple:
-        raise ValueError(
-            f"--resolution {resolution} is not a multiple of {multiple} (the {family.name} VAE's factor x its latent "
-            f"patches); use {resolution - resolution % multiple or multiple}"
-        )
+    family.check_resolution(resolution, denoiser, vae)  # a multiple of the latent patches, within SD3's positions
     return Components(
         family=family,
         tokenizers=loaded.tokenizers,
@@ -222,7 +220,15 @@ def add_adapter(denoiser: torch.nn.Module, options: TrainingOptions) -> tuple[to
     ``full`` injects nothing: the targeted projections' own weights and biases become the trainable parameters.
     """
     method, config = methods.for_options(options)
-    method.inject(denoiser, config)
+    with warnings.catch_warnings():  # PEFT's rounding of an OFT block size is refused below, in one line
+        warnings.filterwarnings("ignore", message="Invalid `oft_block_size`")
+        method.inject(denoiser, config)
+    if method.name == "oft" and config.oft_block_size:
+        try:
+            check_oft_block_size(denoiser, config.oft_block_size)
+        except ValueError:
+            remove_adapter(denoiser)
+            raise
     for param in denoiser.parameters():
         if param.requires_grad:
             param.data = param.data.float()

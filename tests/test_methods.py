@@ -3,11 +3,14 @@ model, names its tensors by module, and round-trips its config dict; the trainer
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from dreambooth_gs import methods
+from dreambooth_gs import baselines, load_adapter, methods, save_adapter
 from dreambooth_gs.injection import adapter_layers
+from dreambooth_gs.models import add_adapter
 from dreambooth_gs.options import DEFAULT_LEARNING_RATES, TrainingOptions, with_demo_defaults
 
 TINY_FLAGS = {"gsoft_nblocks": 4, "boft_block_num": 8, "oft_block_size": 8}
@@ -54,3 +57,36 @@ def test_the_forward_side_flag_reaches_every_layer(name, mode, make_unet):
     model = make_unet()
     method.inject(model, config)
     assert {layer.forward_mode for _, layer in adapter_layers(model)} == {mode}
+
+
+@pytest.mark.parametrize("block_size, built", [(8, 8), (32, 32), (7, 8), (12, 8), (64, 32)])
+def test_an_oft_block_size_peft_would_change_is_refused_by_the_trainer(make_unet, block_size, built):
+    """PEFT rounds a block size that does not divide a layer's in_features (32 or 64 here) to a divisor, with a
+    warning, while the saved config keeps the one asked for: the trainer refuses it in one line, nothing injected."""
+    options = with_demo_defaults(TrainingOptions(adapter="oft", oft_block_size=block_size))
+    model = make_unet()
+    if built == block_size:
+        add_adapter(model, options)
+        assert {layer.oft_block_size["default"] for _, layer in baselines.peft_layers(model)} == {block_size}
+        return
+    message = f"oft_block_size={block_size} does not divide in_features=32 of .*to_q \\(PEFT would silently train "
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's own warning is not shown: the error says it all
+        with pytest.raises(ValueError, match=message + f"blocks of {built} there\\); .*: 1, 2, 4, 8, 16, 32$"):
+            add_adapter(model, options)
+    assert methods.find(model) is None and not any(p.requires_grad for p in model.parameters())
+
+
+def test_an_oft_folder_saved_with_a_rounded_block_size_still_loads(make_unet, tmp_path):
+    """Folders written before the trainer's check (config 7, blocks of 8) load as before: loading does not refuse."""
+    method, config = methods.for_options(with_demo_defaults(TrainingOptions(adapter="oft", oft_block_size=7)))
+    trained = make_unet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method.inject(trained, config)
+    save_adapter(trained, tmp_path / "old-oft")
+    fresh = make_unet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_adapter(fresh, tmp_path / "old-oft", merge=False)
+    assert {layer.oft_block_size["default"] for _, layer in baselines.peft_layers(fresh)} == {8}
