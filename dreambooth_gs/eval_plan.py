@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import families
 from .data import find_images
 from .resources import PROMPTS_DIR
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
@@ -46,6 +47,7 @@ class RunSpec:
     prompt_set: str
     adapter_sha256: str
     max_sequence_length: int | None = None  # the run's --max_sequence_length (flow families): sampled the same way
+    family: str = ""  # the base model's family (sd, sdxl, sd3, flux): methods of different families are kept apart
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,28 @@ def instance_token(instance_prompt: str | None, class_name: str, default: str = 
     return found.group(1) if found else default
 
 
+def name_bytes(text: str) -> bytes:
+    """UTF-8 bytes of ``text``, with a file name's undecodable bytes (``os.fsdecode``'s surrogate escapes, e.g.
+    ``dog\\udcff.png`` for the bytes ``dog\\xff.png``) back as they are stored: what names are hashed as. Valid text
+    gives its plain UTF-8 bytes, so seeds and run ids of ordinary names do not change."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write as UTF-8: a file name's undecodable bytes shown as ``\\xff`` escapes (other lone
+    surrogates as ``\\udXXX``); valid text unchanged."""
+    try:
+        return name_bytes(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def image_seed(seed: int, scope: str, prompt: str, index: int) -> int:
     """A stable 63-bit seed from (seed, scope, prompt, index): sha256, not Python's per-process salted hash().
 
     ``scope`` names the run (its folder name) by default, or the subject for paired comparisons across methods.
     """
-    digest = hashlib.sha256(f"{seed}\x1f{scope}\x1f{prompt}\x1f{index}".encode()).digest()
+    digest = hashlib.sha256(name_bytes(f"{seed}\x1f{scope}\x1f{prompt}\x1f{index}")).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -209,7 +227,7 @@ def resolve_run(
     return RunSpec(
         entry=entry,
         path=path,
-        run_id=f"{slug(path.name, 40)}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:6]}",
+        run_id=f"{slug(path.name, 40)}-{hashlib.sha256(name_bytes(str(path.resolve()))).hexdigest()[:6]}",
         label=label or adapter["method"],
         method=adapter["method"],
         num_parameters=int(adapter.get("num_parameters") or 0),
@@ -221,6 +239,7 @@ def resolve_run(
         prompt_set=chosen_set,
         adapter_sha256=sha256_file(path / WEIGHTS_NAME),
         max_sequence_length=(info.get("options") or {}).get("max_sequence_length"),
+        family=families.detect(str(base_model)).name,
     )
 
 

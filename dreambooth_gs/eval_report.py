@@ -1,5 +1,6 @@
-"""Evaluation outputs: results.csv (one row per run x prompt), summary.md (a table per method: mean and std over
-subjects), a CLIP-I vs CLIP-T scatter plot per method and an image grid per subject (one row per method)."""
+"""Evaluation outputs: results.csv (one row per run x prompt), summary.md (a table per method and model family:
+mean and std over subjects), a CLIP-I vs CLIP-T scatter plot per method and an image grid per subject (one row per
+run). Runs of different families (sd, sdxl, sd3, flux) are never pooled: a method's scores are per family."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data import load_image
-from .eval_plan import BASE, PROMPT, ImageJob, RunSpec, slug
+from .eval_plan import BASE, PROMPT, ImageJob, RunSpec, printable, slug
 from .sampling import labeled_grid
 
-RESULT_COLUMNS = ("method", "subject", "prompt", "clip_i", "clip_t", "dino", "n", "kind", "run")
+RESULT_COLUMNS = ("method", "subject", "prompt", "clip_i", "clip_t", "dino", "n", "kind", "run", "family")
 # Per-subject scores: (column, rows of this kind, metric). The protocol's CLIP-I (and DINO) use the base-prompt
 # images, its CLIP-T the contextual prompts; the last two columns add subject fidelity under the contextual prompts.
 SUBJECT_SCORES = (
@@ -28,9 +29,10 @@ SUBJECT_SCORES = (
 
 
 def _atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 through a temporary file; undecodable file-name bytes in it become ``\\xff`` escapes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(printable(text), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -45,20 +47,25 @@ def write_results_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def subject_scores(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """``{method: {subject: {column: score}}}``: image-weighted means over the subject's prompts (and runs)."""
-    sums: dict[tuple[str, str, str], list[float]] = {}
+Group = tuple[str, str]  # (method, family): the rows one line of summary.md aggregates
+
+
+def subject_scores(rows: Sequence[dict]) -> dict[Group, dict[str, dict[str, float | None]]]:
+    """``{(method, family): {subject: {column: score}}}``: image-weighted means over the subject's prompts (and
+    runs); a method's runs on different model families stay apart."""
+    sums: dict[tuple[Group, str, str], list[float]] = {}
     for row in rows:
         for column, kind, metric in SUBJECT_SCORES:
             if row["kind"] == kind and row[metric] is not None:
-                total = sums.setdefault((row["method"], row["subject"], column), [0.0, 0.0])
+                total = sums.setdefault(((row["method"], row["family"]), row["subject"], column), [0.0, 0.0])
                 total[0] += row[metric] * row["n"]
                 total[1] += row["n"]
-    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    table: dict[Group, dict[str, dict[str, float | None]]] = {}
     for row in rows:
-        scores = table.setdefault(row["method"], {}).setdefault(row["subject"], {})
+        group = (row["method"], row["family"])
+        scores = table.setdefault(group, {}).setdefault(row["subject"], {})
         for column, _, _ in SUBJECT_SCORES:
-            total = sums.get((row["method"], row["subject"], column))
+            total = sums.get((group, row["subject"], column))
             scores[column] = total[0] / total[1] if total else None
     return table
 
@@ -77,8 +84,8 @@ def _cell(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
-def _parameters(runs: Sequence[RunSpec], method: str) -> str:
-    counts = sorted({r.num_parameters for r in runs if r.label == method})
+def _parameters(runs: Sequence[RunSpec], group: Group) -> str:
+    counts = sorted({r.num_parameters for r in runs if (r.label, r.family) == group})
     return " / ".join(f"{c:,}" for c in counts) or "–"
 
 
@@ -95,13 +102,14 @@ def summary_markdown(
         "images). CLIP-T: contextual-prompt images vs their prompt without the placeholder token.",
         "",
     ]
-    lines += ["| method | trainable params | subjects | " + " | ".join(columns) + " |"]
-    lines += ["|---|---:|---:|" + "---:|" * len(columns)]
-    for method, subjects in sorted(table.items()):
+    lines += ["| method | family | trainable params | subjects | " + " | ".join(columns) + " |"]
+    lines += ["|---|---|---:|---:|" + "---:|" * len(columns)]
+    for (method, family), subjects in sorted(table.items()):
         cells = [_cell(*mean_std([s[c] for s in subjects.values()])) for c in columns]
-        lines += [f"| {method} | {_parameters(runs, method)} | {len(subjects)} | " + " | ".join(cells) + " |"]
-    for method, subjects in sorted(table.items()):
-        lines += ["", f"## {method} ({_parameters(runs, method)} trainable parameters)", ""]
+        parameters = _parameters(runs, (method, family))
+        lines += [f"| {method} | {family} | {parameters} | {len(subjects)} | " + " | ".join(cells) + " |"]
+    for (method, family), subjects in sorted(table.items()):
+        lines += ["", f"## {method}, {family} ({_parameters(runs, (method, family))} trainable parameters)", ""]
         lines += ["| subject | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         for subject, scores in sorted(subjects.items()):
             lines += [f"| {subject} | " + " | ".join(_cell(scores[c]) for c in columns) + " |"]
@@ -140,32 +148,52 @@ def _axes(title: str):
 
 
 def plot_scatter(rows: Sequence[dict], method: str, path: str | os.PathLike) -> Path:
-    """CLIP-I (y) against CLIP-T (x) for one method: a point per subject and a star at the mean over subjects."""
-    subjects = subject_scores([r for r in rows if r["method"] == method]).get(method, {})
-    points = [
-        (s, v["CLIP-T"], v["CLIP-I"]) for s, v in sorted(subjects.items()) if None not in (v["CLIP-T"], v["CLIP-I"])
-    ]
-    figure, axes = _axes(f"{method}: CLIP-I vs CLIP-T ({len(points)} subjects)")
-    axes.scatter([x for _, x, _ in points], [y for _, _, y in points], s=25, alpha=0.7, label="subject")
-    for subject, x, y in points:
-        axes.annotate(subject, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if points:
-        mean_x, mean_y = statistics.fmean(p[1] for p in points), statistics.fmean(p[2] for p in points)
-        axes.scatter([mean_x], [mean_y], marker="*", s=180, color="black", label="mean")
+    """CLIP-I (y) against CLIP-T (x) for one method: a point per subject and a star at the mean over subjects, one
+    series per model family where the method ran on several."""
+    table = subject_scores([r for r in rows if r["method"] == method])
+    series = []
+    for (_, family), subjects in sorted(table.items()):
+        points = [
+            (s, v["CLIP-T"], v["CLIP-I"]) for s, v in sorted(subjects.items()) if None not in (v["CLIP-T"], v["CLIP-I"])
+        ]
+        series.append((family, points))
+    count = sum(len(points) for _, points in series)
+    figure, axes = _axes(printable(f"{method}: CLIP-I vs CLIP-T ({count} subjects)"))
+    several = len(series) > 1
+    for family, points in series:
+        dots = axes.scatter(
+            [x for _, x, _ in points],
+            [y for _, _, y in points],
+            s=25,
+            alpha=0.7,
+            label=family if several else "subject",
+        )
+        for subject, x, y in points:
+            axes.annotate(printable(subject), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if points:
+            mean_x, mean_y = statistics.fmean(p[1] for p in points), statistics.fmean(p[2] for p in points)
+            color = dots.get_facecolor()[0][:3] if several else "black"
+            label = f"{family} mean" if several else "mean"
+            axes.scatter([mean_x], [mean_y], marker="*", s=180, color=color, label=label)
+    if count:
         axes.legend(loc="best", fontsize=7)
     figure.tight_layout()
     return _save_figure(figure, path)
 
 
 def plot_methods(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Every method in one plot: mean CLIP-I against mean CLIP-T over subjects, with standard-deviation bars."""
+    """Every method (per model family, where there are several) in one plot: mean CLIP-I against mean CLIP-T over
+    subjects, with standard-deviation bars."""
     figure, axes = _axes("CLIP-I vs CLIP-T, mean over subjects")
-    for method, subjects in sorted(subject_scores(rows).items()):
+    table = subject_scores(rows)
+    several = len({family for _, family in table}) > 1
+    for (method, family), subjects in sorted(table.items()):
         mean_x, std_x = mean_std([s["CLIP-T"] for s in subjects.values()])
         mean_y, std_y = mean_std([s["CLIP-I"] for s in subjects.values()])
         if mean_x is None or mean_y is None:
             continue
-        axes.errorbar([mean_x], [mean_y], xerr=[std_x or 0.0], yerr=[std_y or 0.0], fmt="o", capsize=3, label=method)
+        label = printable(f"{method} ({family})" if several else method)
+        axes.errorbar([mean_x], [mean_y], xerr=[std_x or 0.0], yerr=[std_y or 0.0], fmt="o", capsize=3, label=label)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="best", fontsize=7)
     figure.tight_layout()
@@ -173,21 +201,22 @@ def plot_methods(rows: Sequence[dict], path: str | os.PathLike) -> Path:
 
 
 def subject_grid(runs: Sequence[RunSpec], jobs: dict[str, list[ImageJob]], prompts: int, path) -> Path:
-    """One subject: a row per run (labelled with its method), columns: a real image, then the first image of the
-    base prompt and of the first ``prompts`` prompts."""
+    """One subject: a row per run (labelled with its method, and its family where the runs have several), columns:
+    a real image, then the first image of the base prompt and of the first ``prompts`` prompts."""
     first_jobs = {r.run_id: [j for j in jobs[r.run_id] if j.index == 0] for r in runs}
     order = list(dict.fromkeys((j.kind, j.prompt) for r in runs for j in first_jobs[r.run_id]))
     order = [p for p in order if p[0] == BASE][:1] + [p for p in order if p[0] == PROMPT][:prompts]
+    several = len({r.family for r in runs}) > 1
     rows, labels = [], []
-    for run in sorted(runs, key=lambda r: (r.label, r.run_id)):
+    for run in sorted(runs, key=lambda r: (r.label, r.family, r.run_id)):
         by_prompt = {(j.kind, j.prompt): j for j in first_jobs[run.run_id]}
         row = [load_image(run.real_images[0])]
         row += [load_image(by_prompt[p].path) if p in by_prompt else None for p in order]
         rows.append(row)
-        labels.append(run.label)
+        labels.append(printable(f"{run.label} ({run.family})" if several else run.label))
     size = next(image.size for row in rows for image in row[1:] if image is not None)
     rows = [[row[0].resize(size)] + row[1:] for row in rows]
-    grid = labeled_grid(rows, labels, ["real"] + [prompt for _, prompt in order])
+    grid = labeled_grid(rows, labels, ["real"] + [printable(prompt) for _, prompt in order])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -33,6 +33,7 @@ from .eval_plan import (
     load_prompt_set,
     load_subjects,
     plan_jobs,
+    printable,
     resolve_run,
     seed_scope,
     shard,
@@ -65,7 +66,13 @@ def save_png(image, path: Path) -> None:
 def sampling_kwargs(run: RunSpec) -> dict:
     """The pipeline call's arguments that make it encode prompts as the run was trained (flow families: its T5
     length); part of the images' record."""
-    return families.detect(run.base_model).sampling_kwargs(run.max_sequence_length)
+    return families.get(run.family).sampling_kwargs(run.max_sequence_length)
+
+
+def drawn_resolution(run: RunSpec, requested: int | None) -> int | None:
+    """The size the run's images are drawn at for ``--resolution requested`` (None: the model's own): what its
+    family's pipeline draws (Flux rounds down to its latent patches), so that the record says what was drawn."""
+    return families.get(run.family).sampling_resolution(run.base_model, requested)
 
 
 def generate_missing(
@@ -86,7 +93,7 @@ def generate_missing(
             run = runs[run_id]
             try:
                 pipeline = load_pipeline(run.base_model, run.path, merge=True, device=device, torch_dtype=dtype)
-                sampling = sampling_kwargs(run)
+                sampling, resolution = sampling_kwargs(run), drawn_resolution(run, options.resolution)
                 for start in range(0, len(run_jobs), options.batch_size):
                     batch = run_jobs[start : start + options.batch_size]
                     images = generate_images(
@@ -96,8 +103,8 @@ def generate_missing(
                         num_inference_steps=options.num_inference_steps,
                         guidance_scale=options.guidance_scale,
                         batch_size=len(batch),
-                        height=options.resolution,
-                        width=options.resolution,
+                        height=resolution,
+                        width=resolution,
                         pipeline_kwargs=sampling,
                     )
                     for job, image in zip(batch, images):
@@ -134,6 +141,7 @@ def score_run(run: RunSpec, jobs: Sequence[ImageJob], clip, dino, references: Re
                 "n": len(images),
                 "kind": kind,
                 "run": run.run_id,
+                "family": run.family,
             }
         )
         if bar is not None:
@@ -185,12 +193,19 @@ def _plan(options: EvaluationOptions, images_dir: Path, dtype: torch.dtype, writ
             )
             if run.run_id in runs:
                 continue
+            resolution = drawn_resolution(run, options.resolution)  # refuses a size the model cannot draw
+            if resolution != options.resolution and write_records:
+                print(
+                    f"run {run.entry}: {run.family} draws --resolution {options.resolution} as {resolution} x "
+                    f"{resolution} (a multiple of its latent patches); recorded as {resolution}",
+                    file=sys.stderr,
+                )
             record = {
                 "base_model": run.base_model,
                 "adapter_sha256": run.adapter_sha256,
                 "num_inference_steps": options.num_inference_steps,
                 "guidance_scale": options.guidance_scale,
-                "resolution": options.resolution,
+                "resolution": resolution,
                 "dtype": str(dtype).removeprefix("torch."),
                 "seed": options.seed,
                 "seed_scope": seed_scope(run, options.paired_seeds),
@@ -258,6 +273,21 @@ def _score(runs, jobs, clip, options: EvaluationOptions, device, failures: dict[
     return rows, notes
 
 
+def drawn_resolutions(runs: Sequence[RunSpec], requested: int | None) -> dict:
+    """summary.md's ``resolution`` setting: the size the runs were drawn at (by family where families differ), and
+    the ``requested_resolution`` beside it where a family drew another size than asked."""
+    by_family: dict[str, set] = {}
+    for run in runs:
+        by_family.setdefault(run.family, set()).add(drawn_resolution(run, requested))
+    sizes = {size for found in by_family.values() for size in found}
+    if not sizes or sizes == {requested}:
+        return {"resolution": requested}
+    if len(sizes) == 1:
+        return {"resolution": sizes.pop(), "requested_resolution": requested}
+    drawn = {family: sorted(found) if len(found) > 1 else found.pop() for family, found in sorted(by_family.items())}
+    return {"resolution": drawn, "requested_resolution": requested}
+
+
 def evaluate(options: EvaluationOptions) -> Path:
     """Generate (resumably, sharded over processes), score and report every run; returns the output folder.
 
@@ -282,9 +312,10 @@ def evaluate(options: EvaluationOptions) -> Path:
     _drop_incomplete(runs, jobs, failures, generation_failures)
     rows, notes = _score(runs, jobs, clip, options, state.device, failures)
     settings = {k: v for k, v in asdict(options).items() if k != "runs"} | {"dtype": str(dtype).removeprefix("torch.")}
+    settings |= drawn_resolutions(runs.values(), options.resolution)
     paths = write_reports(output_dir, rows, list(runs.values()), jobs, failures, notes, settings, options.grid_prompts)
     if not runs:
         first_entry, first_message = next(iter(failures.items()))
         raise ValueError(f"every run failed ({first_entry}: {first_message}); see {paths['summary']}")
-    print(f"evaluated {len(runs)} run(s), {len(failures)} failed: {paths['results']}, {paths['summary']}")
+    print(printable(f"evaluated {len(runs)} run(s), {len(failures)} failed: {paths['results']}, {paths['summary']}"))
     return output_dir

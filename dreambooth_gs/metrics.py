@@ -167,7 +167,7 @@ def _scorer_key(kind: str, model: str, pretrained: str | None) -> str:
     """Readable, file-name-safe cache key that changes whenever the weights behind ``model`` / ``pretrained`` do."""
     detail = "\n".join([f"{model}|{pretrained}", weights_fingerprint(model), weights_fingerprint(pretrained)])
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}-{pretrained}" if pretrained else model)[-60:]
-    return f"{kind}-{readable}-{hashlib.sha256(detail.encode()).hexdigest()[:8]}"
+    return f"{kind}-{readable}-{hashlib.sha256(detail.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 @contextlib.contextmanager
@@ -289,7 +289,8 @@ class ReferenceEmbeddings:
         digest = hashlib.sha256()
         for path in paths:
             stat = os.stat(path)
-            digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            # the path's own bytes: a name that is not UTF-8 (os.fsdecode's surrogate escapes) hashes as it is stored
+            digest.update(os.fsencode(os.path.abspath(path)) + f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return f"{scorer.key}-{digest.hexdigest()[:16]}"
 
     def get(self, scorer, paths: Sequence[str | os.PathLike]) -> torch.Tensor:

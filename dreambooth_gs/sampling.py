@@ -44,6 +44,7 @@ def load_pipeline(
     from .serialization import load_adapter
 
     family = families.detect(base_model, override=model_family)
+    family.check_folder(base_model)
     kwargs = dict(family.pipeline_load_kwargs)
     if torch_dtype != torch.float32:  # pipelines load in float32 by default; casting after loading warns
         kwargs["torch_dtype"] = torch_dtype

@@ -7,6 +7,7 @@ import copy
 import csv
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -145,9 +146,9 @@ def test_split_label(entry, label, path):
     assert split_label(entry) == (label, Path(path))
 
 
-def _row(subject, kind, n, clip_i, clip_t, dino=None):
+def _row(subject, kind, n, clip_i, clip_t, dino=None, family="sd"):
     return {"method": "m", "subject": subject, "prompt": f"{kind}{n}", "clip_i": clip_i, "clip_t": clip_t,
-            "dino": dino, "n": n, "kind": kind, "run": "r"}  # fmt: skip
+            "dino": dino, "n": n, "kind": kind, "run": f"r-{family}", "family": family}  # fmt: skip
 
 
 def test_summary_aggregates_the_protocol_way():
@@ -158,14 +159,34 @@ def test_summary_aggregates_the_protocol_way():
 
     rows = [_row("a", "base", 2, 0.8, 0.9), _row("a", "prompt", 1, 0.5, 0.3), _row("a", "prompt", 3, 0.7, 0.1),
             _row("b", "base", 2, 0.6, 0.9), _row("b", "prompt", 1, 0.4, 0.35)]  # fmt: skip
-    scores = subject_scores(rows)["m"]
+    scores = subject_scores(rows)[("m", "sd")]
     assert scores["a"]["CLIP-I"] == pytest.approx(0.8) and scores["a"]["CLIP-T"] == pytest.approx(0.15)
     assert scores["a"]["CLIP-I ctx"] == pytest.approx(0.65) and scores["a"]["DINO"] is None
     assert mean_std([0.8, 0.6]) == (pytest.approx(0.7), pytest.approx(0.1414, abs=1e-4))
     assert mean_std([0.5, None]) == (0.5, None)
-    summary = summary_markdown(rows, [SimpleNamespace(label="m", num_parameters=1234)], {"bad": "no adapter"}, [], {})
-    assert "| m | 1,234 | 2 | 0.7000 ± 0.1414 | 0.2500 ± 0.1414 | – |" in summary
+    runs = [SimpleNamespace(label="m", family="sd", num_parameters=1234)]
+    summary = summary_markdown(rows, runs, {"bad": "no adapter"}, [], {})
+    assert "| m | sd | 1,234 | 2 | 0.7000 ± 0.1414 | 0.2500 ± 0.1414 | – |" in summary
     assert "| a | 0.8000 | 0.1500 | – | 0.6500 | – |" in summary and "- `bad`: no adapter" in summary
+
+
+def test_summary_keeps_model_families_apart():
+    """One method on two families: a row and a table each, never one pooled row."""
+    from types import SimpleNamespace
+
+    from dreambooth_gs.eval_report import subject_scores, summary_markdown
+
+    rows = [_row("a", "base", 2, 0.8, 0.9), _row("a", "prompt", 1, 0.5, 0.3),
+            _row("a", "base", 2, 0.4, 0.9, family="flux"), _row("a", "prompt", 1, 0.5, 0.1, family="flux")]  # fmt: skip
+    assert set(subject_scores(rows)) == {("m", "sd"), ("m", "flux")}
+    runs = [
+        SimpleNamespace(label="m", family="sd", num_parameters=10),
+        SimpleNamespace(label="m", family="flux", num_parameters=20),
+    ]
+    summary = summary_markdown(rows, runs, {}, [], {})
+    assert "| m | sd | 10 | 1 | 0.8000 | 0.3000 | – |" in summary
+    assert "| m | flux | 20 | 1 | 0.4000 | 0.1000 | – |" in summary
+    assert "## m, sd (10 trainable parameters)" in summary and "## m, flux (20 trainable parameters)" in summary
 
 
 # -- end to end on the tiny pipeline --------------------------------------------------------------------------------
@@ -209,7 +230,8 @@ def _rows(out: Path) -> list[dict]:
 
 def test_results_csv_has_a_row_per_run_and_prompt(evaluated):
     rows = _rows(evaluated[0])
-    assert list(rows[0])[:7] == ["method", "subject", "prompt", "clip_i", "clip_t", "dino", "n"]
+    assert list(rows[0]) == ["method", "subject", "prompt", "clip_i", "clip_t", "dino", "n", "kind", "run", "family"]
+    assert {r["family"] for r in rows} == {"sd"}
     assert sorted((r["method"], r["prompt"], r["n"]) for r in rows) == sorted(
         (m, p, n)
         for m in ("gsoft", "lora")
@@ -233,8 +255,8 @@ def test_summary_has_a_table_per_method_and_the_failures(evaluated, trained):
     summary = (out / "summary.md").read_text()
     for method in ("gsoft", "lora"):
         params = json.loads((trained[method] / "adapter_config.json").read_text())["num_parameters"]
-        assert f"## {method} ({params:,} trainable parameters)" in summary
-        assert f"| {method} | {params:,} | 1 |" in summary
+        assert f"## {method}, sd ({params:,} trainable parameters)" in summary
+        assert f"| {method} | sd | {params:,} | 1 |" in summary
     assert "| **mean** |" in summary and "| **std** |" in summary
     assert f"`{no_adapter}`: {no_adapter} has no adapter" in summary
     assert f"`{no_adapter / 'missing'}`: run folder {no_adapter / 'missing'} does not exist" in summary
@@ -300,6 +322,24 @@ BAD_RUNS = [  # (make the only run, part of the recorded failure)
     (lambda t, src: _run_with_instance_dir(t, src, (t / "empty").mkdir() or t / "empty"), "is empty"),
     (lambda t, src: t, "has no adapter"),
 ]
+
+
+def test_names_that_are_not_utf8_are_trained_and_evaluated(tmp_path, trained):
+    """A subject folder and image files whose names are not UTF-8 (os.fsdecode gives surrogate escapes): the
+    trainer's dataset reads them, and the evaluator hashes, scores and reports them (names as \\xff escapes)."""
+    from dreambooth_gs.data import DreamBoothDataset
+    from dreambooth_gs.resources import DEMO_SUBJECT_DIR
+
+    subject = tmp_path / os.fsdecode(b"toy\xfe")
+    subject.mkdir()
+    for index, image in enumerate(sorted(DEMO_SUBJECT_DIR.glob("*.png"))[:2]):
+        shutil.copy(image, subject / os.fsdecode(b"dog\xff%d.png" % index))
+    assert DreamBoothDataset(subject, "a sks toy", resolution=64)[1]["instance_images"].shape == (3, 64, 64)
+    out = evaluate(tmp_path / "eval", [_run_with_instance_dir(tmp_path, trained["gsoft"], subject)])
+    rows = _rows(out)
+    assert len(rows) == 3 and {r["subject"] for r in rows} == {"toy\\xfe"}
+    assert "| toy\\xfe |" in (out / "summary.md").read_text(encoding="utf-8")
+    assert (out / "grids" / "toy.png").is_file() and (out / "plots" / "clip_scatter_gsoft.png").is_file()
 
 
 @pytest.mark.parametrize("make_run, message", BAD_RUNS, ids=[m for _, m in BAD_RUNS])

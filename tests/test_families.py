@@ -49,13 +49,19 @@ def train_sdxl(model: Path, output_dir: Path, *extra: str) -> Path:
 def test_folders_are_detected_from_their_pipeline_class(tiny_sd, tiny_sdxl, tmp_path):
     assert families.detect(str(tiny_sd)).name == "sd"
     assert families.detect(str(tiny_sdxl)).name == "sdxl"
-    assert families.detect(str(tiny_sdxl), override="sd").name == "sd"
+    assert families.detect(str(tiny_sdxl), override="sdxl").name == "sdxl"
     other = tmp_path / "kandinsky"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
     supported = "supported families: sd .*, sdxl .*, sd3 .*, flux "
     with pytest.raises(ValueError, match=f"is a KandinskyV22Pipeline pipeline; {supported}"):
         families.detect(str(other))
+    assert families.detect(str(other), override="sd").name == "sd"  # a class we do not know: the override names it
+
+
+def test_an_override_that_contradicts_the_folder_is_refused(tiny_sdxl):
+    with pytest.raises(ValueError, match=r"--model_family sd does not match .*StableDiffusionXLPipeline \(sdxl\)"):
+        families.detect(str(tiny_sdxl), override="sd")
 
 
 @pytest.mark.parametrize(

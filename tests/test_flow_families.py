@@ -7,6 +7,7 @@ refusals."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,13 +192,53 @@ def test_the_adapter_loads_into_the_pipeline_merged_and_unmerged_alike(tiny, run
     assert (latents[True] - latents[None]).abs().max() > 1e-4  # the adapter changes the images
 
 
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_the_evaluator_scores_flow_runs(runs, tmp_path, name):
-    flags = ["--clip_model", "tiny-random", "--dino_model", "none", "--images_per_prompt", "1", "--base_images", "1"]
-    flags += ["--max_prompts", "1", "--num_inference_steps", "2", "--resolution", "32"]
-    args = evaluate_clip.parse_args(["--runs", str(runs[name]), "--output_dir", str(tmp_path), *flags])
-    rows = (Path(evaluate_clip.main(args)) / "results.csv").read_text().splitlines()
-    assert len(rows) >= 3 and "gsoft" in rows[1]
+EVAL_FLAGS = ["--clip_model", "tiny-random", "--dino_model", "none", "--images_per_prompt", "1", "--base_images", "1"]
+EVAL_FLAGS += ["--max_prompts", "1", "--num_inference_steps", "2"]
+
+
+def evaluate(output_dir: Path, runs: list[Path], *flags: str) -> Path:
+    args = ["--runs", *map(str, runs), "--output_dir", str(output_dir), *EVAL_FLAGS, *flags]
+    return Path(evaluate_clip.main(evaluate_clip.parse_args(args)))
+
+
+def test_the_evaluator_scores_flow_runs_and_keeps_the_families_apart(runs, tmp_path):
+    """GSOFT on SD3 and GSOFT on Flux, one subject: a summary row (and table) per family, never one pooled row."""
+    out = evaluate(tmp_path, [runs["sd3"], runs["flux"]], "--resolution", "32")
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["family"], r["kind"]) for r in rows) == sorted(
+        (f, k) for f in FAMILY_NAMES for k in ("base", "prompt")
+    )
+    assert {r["method"] for r in rows} == {"gsoft"}
+    summary = (out / "summary.md").read_text()
+    for name in FAMILY_NAMES:
+        params = json.loads((runs[name] / "adapter_config.json").read_text())["num_parameters"]
+        assert f"| gsoft | {name} | {params:,} | 1 |" in summary and f"## gsoft, {name} (" in summary
+
+
+def test_the_evaluator_records_the_resolution_flux_draws(tiny, runs, tmp_path):
+    """Flux's pipeline rounds a size down to its latent patches (VAE factor 8 x 2 = 16): --resolution 72 draws 64 x 64,
+    and generation.json and summary.md say 64; an SD3 size above its position embedding is refused before drawing."""
+    from diffusers import AutoencoderKL
+
+    folder = shutil.copytree(tiny["flux"], tmp_path / "flux-vae8", ignore=shutil.ignore_patterns("vae"))
+    config = json.loads((tiny["flux"] / "vae" / "config.json").read_text())
+    config |= {"block_out_channels": [32] * 4, "down_block_types": ["DownEncoderBlock2D"] * 4}
+    AutoencoderKL.from_config(config | {"up_block_types": ["UpDecoderBlock2D"] * 4}).save_pretrained(folder / "vae")
+    out = evaluate(
+        tmp_path / "eval", [runs["flux"]], "--resolution", "72", "--pretrained_model_name_or_path", str(folder)
+    )
+    images = list((out / "images").rglob("*.png"))
+    assert len(images) == 2 and {Image.open(p).size for p in images} == {(64, 64)}
+    (record,) = (out / "images").rglob("generation.json")
+    assert json.loads(record.read_text())["resolution"] == 64
+    summary = (out / "summary.md").read_text()
+    assert '"resolution": 64,' in summary and '"requested_resolution": 72' in summary
+    with pytest.raises(
+        ValueError, match="every run failed .*--resolution 128 is above the largest the sd3 model can take: 64"
+    ):
+        evaluate(tmp_path / "eval-sd3", [runs["sd3"]], "--resolution", "128")
+    assert not list((tmp_path / "eval-sd3").rglob("*.png"))
 
 
 def test_the_evaluator_samples_with_the_run_s_t5_length_not_the_pipeline_s(tiny, runs, tmp_path):
@@ -352,13 +394,31 @@ def test_an_sd3_folder_without_t5_trains_on_zeros_in_its_place_samples_and_expor
         ("sd3", ["--tokenizer_max_length", "32"], "--tokenizer_max_length and --text_encoder_use_attention_mask"),
         ("sd3", ["--gsoft_nblocks", "3"], "attn.to_q"),
         ("flux", ["--offload", "--train_text_encoder"], "--offload moves the text encoders"),
+        (
+            "sd3",
+            ["--model_family", "flux"],
+            "--model_family flux does not match .* a StableDiffusion3Pipeline \\(sd3\\)",
+        ),
+        ("sd3", ["--resolution", "72"], "above the largest the sd3 model can take: 64 \\(pos_embed_max_size 16 x "),
     ],
-    ids=["snr", "clip-length", "blocks", "offload-te"],
+    ids=["snr", "clip-length", "blocks", "offload-te", "family-mismatch", "sd3-too-large"],
 )
-def test_bad_flags_are_one_line_and_write_nothing(tiny, tmp_path, name, flags, message):
+def test_bad_flags_are_one_line_and_write_nothing(tiny, tmp_path, capfd, name, flags, message):
     with pytest.raises(ValueError, match=message) as info:
         train(tiny[name], tmp_path / "out", "--max_train_steps", "1", *flags)
     assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert "LOAD REPORT" not in capfd.readouterr().err  # no model was loaded as another family's
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_folder_without_its_transformer_is_named_before_anything_loads(tiny, tmp_path, name):
+    folder = shutil.copytree(tiny[name], tmp_path / "model", ignore=shutil.ignore_patterns("transformer"))
+    message = f"{folder} is not a complete .* folder: its subfolder transformer/ is missing"
+    with pytest.raises(ValueError, match=message):
+        train(folder, tmp_path / "out", "--max_train_steps", "1")
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(str(folder))  # the evaluator's loader
     assert not (tmp_path / "out").exists()
 
 

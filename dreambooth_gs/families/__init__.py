@@ -56,10 +56,31 @@ class _ShapeView(dict):
         return type("Shape", (), {"shape": tuple(sliced.get_shape())})()
 
 
+def _check_override(model_id: str, revision: str | None, family: Family) -> None:
+    """Refuse ``--model_family`` against a pipeline folder whose model_index.json names another supported family
+    (loading it would fail after pages of load reports); a class we do not know, or no readable index, is left to
+    the override."""
+    if Path(model_id).is_file():
+        return
+    try:
+        class_name = read_model_index(model_id, revision).get("_class_name", "")
+    except (OSError, ValueError):
+        return
+    found = BY_PIPELINE_CLASS.get(class_name)
+    if found is not None and found is not family:
+        raise ValueError(
+            f"--model_family {family.name} does not match {model_id}: its model_index.json names a {class_name} "
+            f"({found.name}); drop --model_family (the family is detected) or pass a {family.name} model"
+        )
+
+
 def detect(model_id: str, revision: str | None = None, override: str | None = None) -> Family:
-    """The family of ``model_id`` (its ``model_index.json`` class, or a single file's keys); ``override`` wins."""
+    """The family of ``model_id`` (its ``model_index.json`` class, or a single file's keys); ``override`` names it
+    where detection cannot (a pipeline class we do not know), and is refused where it contradicts the index."""
     if override is not None:
-        return get(override)
+        family = get(override)
+        _check_override(model_id, revision, family)
+        return family
     if Path(model_id).is_file():
         return _family_of_single_file(Path(model_id))
     try:

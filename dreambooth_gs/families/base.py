@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -109,6 +110,36 @@ def null_components(model_id: str, revision: str | None = None) -> dict[str, Non
     return {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
 
 
+def read_component_config(model_id: str, subfolder: str, revision: str | None = None) -> dict | None:
+    """A component's ``config.json`` (a local folder's, or a hub id's through diffusers) without loading weights;
+    None for a single file, a folder without that subfolder, or a hub id that cannot be reached."""
+    path = Path(model_id)
+    if path.is_file():
+        return None
+    local = path / subfolder / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if path.is_dir():
+        return None
+    from diffusers import AutoencoderKL  # any model class reads a subfolder's config.json
+
+    try:
+        return dict(AutoencoderKL.load_config(model_id, subfolder=subfolder, revision=revision))
+    except (OSError, ValueError):
+        return None
+
+
+def config_stand_ins(model_id: str, denoiser_name: str, revision: str | None = None) -> tuple | None:
+    """``(denoiser, vae)`` stand-ins holding only the components' configs (``.config``), for what a family derives
+    from them (resolution multiple and limit) before any weight loads; None where a config cannot be read."""
+    from diffusers.configuration_utils import FrozenDict
+
+    configs = [read_component_config(model_id, name, revision) for name in (denoiser_name, "vae")]
+    if any(config is None for config in configs):
+        return None
+    return tuple(SimpleNamespace(config=FrozenDict(config)) for config in configs)
+
+
 def tokenizer_name(text_encoder_name: str) -> str:
     """The pipeline attribute of a text encoder's tokenizer: ``text_encoder_2`` -> ``tokenizer_2``."""
     return text_encoder_name.replace("text_encoder", "tokenizer")
@@ -203,6 +234,65 @@ class Family:
     def resolution_multiple(self, denoiser: torch.nn.Module, vae: torch.nn.Module) -> int:
         """Training resolutions must be multiples of this (the VAE's factor, times the latent patch size)."""
         return vae_scale_factor(vae)
+
+    def max_resolution(self, denoiser: torch.nn.Module, vae: torch.nn.Module) -> tuple[int, str] | None:
+        """``(largest resolution, why)`` the denoiser can take, or None where it has no limit."""
+        return None
+
+    def check_resolution(self, resolution: int, denoiser: torch.nn.Module, vae: torch.nn.Module) -> None:
+        """Refuse a training resolution the model cannot take (one line), before any data loads."""
+        multiple = self.resolution_multiple(denoiser, vae)
+        if resolution % multiple:
+            raise ValueError(
+                f"--resolution {resolution} is not a multiple of {multiple} (the {self.name} VAE's factor x its latent "
+                f"patches); use {resolution - resolution % multiple or multiple}"
+            )
+        self._check_limit(resolution, denoiser, vae)
+
+    def _check_limit(self, resolution: int, denoiser, vae) -> None:
+        limit = self.max_resolution(denoiser, vae)
+        if limit is not None and resolution > limit[0]:
+            raise ValueError(
+                f"--resolution {resolution} is above the largest the {self.name} model can take: {limit[0]} "
+                f"({limit[1]}); use {limit[0]} or less"
+            )
+
+    def sampling_resolution(self, model_id: str, requested: int | None, revision: str | None = None) -> int | None:
+        """The size this family's pipeline draws when asked for ``requested`` x ``requested`` (None: the model's
+        own size): rounded down to :meth:`resolution_multiple`, as Flux's pipeline rounds it (SD3's would refuse
+        it). One line refuses a size below one multiple or above :meth:`max_resolution`. Read from the model's
+        configs; a single file (diffusers builds it from standard configs) is taken at its word."""
+        stand_ins = None if requested is None else config_stand_ins(model_id, self.denoiser_name, revision)
+        if stand_ins is None:
+            return requested
+        multiple = self.resolution_multiple(*stand_ins)
+        if requested < multiple:
+            raise ValueError(f"--resolution {requested} is below the smallest size {self.name} draws ({multiple})")
+        drawn = requested - requested % multiple
+        self._check_limit(drawn, *stand_ins)
+        return drawn
+
+    def required_folders(self, model_id: str, revision: str | None = None) -> list[str]:
+        """The component subfolders a pipeline folder of this family holds (those saved as null excepted)."""
+        names = [self.denoiser_name, "vae", "scheduler"]
+        for encoder in self.text_encoder_names:
+            names += [encoder, tokenizer_name(encoder)]
+        nulls = null_components(model_id, revision) if (Path(model_id) / "model_index.json").is_file() else {}
+        return [name for name in names if name not in nulls]
+
+    def check_folder(self, model_id: str, revision: str | None = None) -> None:
+        """Refuse a local pipeline folder that lacks a component's subfolder (one line naming it), before anything
+        loads; diffusers would report a config.json missing at the folder's root."""
+        folder = Path(model_id)
+        if not folder.is_dir():
+            return
+        missing = [f"{name}/" for name in self.required_folders(model_id, revision) if not (folder / name).is_dir()]
+        if missing:
+            what = f"subfolder {missing[0]} is" if len(missing) == 1 else f"subfolders {', '.join(missing)} are"
+            raise ValueError(
+                f"{model_id} is not a complete {self.pipeline_classes[0]} ({self.name}) folder: its {what} missing "
+                "(a diffusers pipeline folder holds one subfolder per component)"
+            )
 
     def make_sampler(self, noise_scheduler):
         """The scheduler to sample with, from the training scheduler's config (DDIM for the UNet families)."""

@@ -48,6 +48,7 @@ class FlowFamily(Family):
         import diffusers
         import transformers
 
+        self.check_folder(model_id, revision)  # a missing subfolder is named, before anything loads
         try:
             if Path(model_id).is_file():
                 pipe = self.pipeline_class().from_single_file(model_id)

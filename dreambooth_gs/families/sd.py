@@ -29,6 +29,7 @@ class StableDiffusion(Family):
         from diffusers import DDPMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        self.check_folder(model_id, revision)  # a missing subfolder is named, before anything loads
         try:
             if Path(model_id).is_file():
                 pipe = StableDiffusionPipeline.from_single_file(model_id)

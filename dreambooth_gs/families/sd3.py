@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Conditioning, TextSettings
+from .base import Conditioning, TextSettings, vae_scale_factor
 from .flow import FlowFamily, clip_hidden_and_pooled, t5_hidden
 
 
@@ -35,6 +35,15 @@ class StableDiffusion3(FlowFamily):
             t5 = t5_hidden(tokenizers[2], text_encoders[2], prompts, length).to(clip_hidden.dtype)  # (N, L, D)
         clip_hidden = F.pad(clip_hidden, (0, t5.shape[-1] - clip_hidden.shape[-1]))  # (N, 77, D)
         return Conditioning(torch.cat([clip_hidden, t5], dim=-2), pooled)  # (N, 77 + L, D), (N, P_1 + P_2)
+
+    def max_resolution(self, denoiser, vae) -> tuple[int, str] | None:
+        """The transformer's position embedding covers pos_embed_max_size x pos_embed_max_size latent patches."""
+        patches = getattr(denoiser.config, "pos_embed_max_size", None)
+        if patches is None:
+            return None
+        patch_size, factor = denoiser.config.patch_size, vae_scale_factor(vae)
+        why = f"pos_embed_max_size {patches} x patch_size {patch_size} x the VAE's factor {factor}"
+        return patches * patch_size * factor, why
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning, batch, resolution, guidance_scale=None):
         return denoiser(

@@ -32,6 +32,7 @@ class StableDiffusionXL(Family):
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+        self.check_folder(model_id, revision)  # a missing subfolder is named, before anything loads
         try:
             if Path(model_id).is_file():
                 pipe = StableDiffusionXLPipeline.from_single_file(model_id)
