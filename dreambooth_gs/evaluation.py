@@ -39,7 +39,7 @@ from .eval_plan import (
     shard,
 )
 from .eval_report import write_reports
-from .fileio import first_line
+from .fileio import first_line, write_failure, write_failure_error
 from .metrics import (
     TINY_RANDOM,
     ReferenceEmbeddings,
@@ -111,10 +111,19 @@ def generate_missing(
                         save_png(image, job.path)
                     bar.update(len(batch))
             except Exception as err:  # one bad run (corrupt adapter, out of memory, ...) must not stop the others
+                _stop_on_write_failure(err, f"the images of {run.entry}", Path(options.output_dir))
                 failures[run_id] = f"generation failed: {first_line(err)}"
                 print(f"run {run.entry}: generation failed: {first_line(err)}", file=sys.stderr)
             pipeline = None  # free the model before the next run's
     return failures
+
+
+def _stop_on_write_failure(err: Exception, what: str, output_dir: Path) -> None:
+    """A full disk or a read-only output folder is no failure of one run: every other run would fail the same way,
+    so the evaluation stops with one line (what is on disk is kept, and a rerun resumes from it)."""
+    if write_failure(err):
+        kept = "the images already written are kept: make room (or fix the folder), then run again to resume"
+        raise write_failure_error(f"{what} in {output_dir}", err, kept) from err
 
 
 def score_run(run: RunSpec, jobs: Sequence[ImageJob], clip, dino, references: ReferenceEmbeddings, bar=None):
@@ -268,6 +277,7 @@ def _score(runs, jobs, clip, options: EvaluationOptions, device, failures: dict[
             try:
                 rows.extend(score_run(run, jobs[run_id], clip, dino, references, bar))
             except Exception as err:  # e.g. an unreadable generated image: report it, score the others
+                _stop_on_write_failure(err, f"the scores of {run.entry}", Path(options.output_dir))
                 failures[runs.pop(run_id).entry] = f"scoring failed: {first_line(err)}"
                 print(f"run {run.entry}: scoring failed: {first_line(err)}", file=sys.stderr)
     return rows, notes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -432,3 +433,32 @@ def test_load_adapter_gives_the_in_memory_images(tmp_path, tiny_pipeline, method
         pipeline = _pipeline_with(tiny_pipeline, copy.deepcopy(tiny_pipeline.unet))
         load_adapter(pipeline, tmp_path, merge=merge)
         torch.testing.assert_close(_latents(pipeline), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "writer, error, reason",
+    [("images", OSError(errno.EROFS, "Read-only file system"), "the file system is read-only"),
+     ("tables", OSError(errno.ENOSPC, "No space left on device"), "the disk is full")],
+)  # fmt: skip
+def test_a_failed_write_is_one_line(tmp_path, trained, capsys, monkeypatch, writer, error, reason):
+    """Issue 30: a read-only or full output folder ended the evaluator in a traceback."""
+    import PIL.Image
+
+    from dreambooth_gs import eval_report
+
+    def fail(*args, **kwargs):
+        raise error
+
+    if writer == "images":
+        monkeypatch.setattr(PIL.Image.Image, "save", fail)
+    else:
+        monkeypatch.setattr(eval_report.Path, "write_text", fail)
+    args = evaluate_clip.parse_args(["--runs", str(trained["gsoft"]), "--output_dir", str(tmp_path), *FAST_EVAL])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate_clip.main, args, "evaluate_clip.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert (
+        err.strip().splitlines()[-1].startswith("evaluate_clip.py: error: ") and reason in err.strip().splitlines()[-1]
+    )
