@@ -2,7 +2,7 @@
 fitted to a dense random orthogonal matrix.
 
 For d = 320, 640, 1024 the target Q* is the Q of a QR of a Gaussian matrix (signs fixed, so Haar-distributed; seed
-0). Each structure is a product of block-diagonal factors with Cayley blocks, built by ``dreambooth_gs.functional``
+0). Each structure is a product of block-diagonal factors with Cayley blocks, built by ``dreambooth_gs.gs.functional``
 (``gs_matrix``; ``boft_apply`` with ``butterfly_permutation`` / ``boft_gathers``; ``block_diag_apply``), starts at
 the identity (zero parameters, as the adapters do) and is fitted by Adam (cosine-decayed learning rate) on the
 relative error ||Q - Q*||_F / ||Q*||_F. Budgets are matched exactly in stored parameters (b x b per block, the
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DOCS, IMAGES, THREADS_HELP, load_line, machine_line, markdown_table, save_figure  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
-from dreambooth_gs import functional as gsf  # noqa: E402
+from dreambooth_gs.gs import functional as gsf  # noqa: E402
 
 # d -> GS block sizes b (budgets 2 d b): one GS shape with b < r (sparse Q) or b = r, one with b >= r (dense Q).
 GS_BLOCK_SIZES = {320: (10, 20), 640: (20, 40), 1024: (16, 32)}

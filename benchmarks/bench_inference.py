@@ -73,7 +73,7 @@ def forward_fn(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[
 
 def auto_sides(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str:
     """Which side ``forward_mode='auto'`` picked, counted over the GSOFT layers' calls in one forward."""
-    from dreambooth_gs.injection import adapter_layers
+    from dreambooth_gs.methods.injection import adapter_layers
 
     counts: dict[str, int] = {}
     hooks = []

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import THREADS_HELP, load_line, machine_line  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
 from dreambooth_gs import GSOFTConfig, inject_adapter  # noqa: E402
-from dreambooth_gs.functional import gs_linear  # noqa: E402
+from dreambooth_gs.gs.functional import gs_linear  # noqa: E402
 
 
 @dataclass(frozen=True)

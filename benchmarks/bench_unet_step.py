@@ -306,7 +306,7 @@ def layer_profile(base: nn.Module, batch: Batch, rounds: int) -> str:
     the layer's extra time over the frozen layer is the weight side's transform and weight gradient, the scale
     vector and glue.
     """
-    from dreambooth_gs import functional as gsf
+    from dreambooth_gs.gs import functional as gsf
 
     calls = projection_shapes(base, StepRunner(base, [], batch, False))
     shapes: dict[tuple[int, int, int], int] = {}

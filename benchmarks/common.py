@@ -148,7 +148,7 @@ def unshare_projections(
 
 def projection_linears(model: nn.Module, targets: tuple[str, ...] = TARGETS) -> list[tuple[str, nn.Linear]]:
     """The attention projections the adapters target (a UNet's to_q / to_k / to_v / to_out.0 by default)."""
-    from dreambooth_gs.injection import is_target
+    from dreambooth_gs.methods.injection import is_target
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, targets)]
 
@@ -205,7 +205,7 @@ def apply_method(model: nn.Module, method: Method, targets: tuple[str, ...] = TA
     from peft import BOFTConfig, OFTConfig, inject_adapter_in_model
 
     from dreambooth_gs import GSOFTConfig, inject_adapter, trainable_parameters
-    from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
+    from dreambooth_gs.methods.baselines import inject_peft_adapter, make_peft_config
 
     model.requires_grad_(False)
     with warnings.catch_warnings():

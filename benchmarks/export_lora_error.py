@@ -42,11 +42,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import IMAGES, build_unet, machine_line, markdown_table, millions, save_figure  # noqa: E402
 from dreambooth_gs import GSOFTConfig, adapter_layers, inject_adapter, remove_adapter  # noqa: E402
-from dreambooth_gs.export import MergedPipeline, load_merged, module_deltas  # noqa: E402
-from dreambooth_gs.lora_export import ModuleDelta  # noqa: E402
-from dreambooth_gs.lowrank import LowRank, error_curve, low_rank, relative_error, singular_values  # noqa: E402
-from dreambooth_gs.sampling import labeled_grid  # noqa: E402
-from dreambooth_gs.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from dreambooth_gs.adapters.sampling import labeled_grid  # noqa: E402
+from dreambooth_gs.adapters.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
+from dreambooth_gs.export.formats import MergedPipeline, load_merged, module_deltas  # noqa: E402
+from dreambooth_gs.export.lora import ModuleDelta  # noqa: E402
+from dreambooth_gs.export.lowrank import LowRank, error_curve, low_rank, relative_error, singular_values  # noqa: E402
 
 NBLOCKS = 32
 

@@ -1,6 +1,6 @@
 """Fit the constant of ``forward_mode='auto'``'s cost model (``FLOPS_PER_ELEMENT_PASS``) from measured timings.
 
-While adapter gradients are needed, :func:`dreambooth_gs.layers.choose_forward_side` compares, in element passes
+While adapter gradients are needed, :func:`dreambooth_gs.gs.layers.choose_forward_side` compares, in element passes
 (p = ``ROTATION_PASSES[True]``, n tokens, k = 2 for Double GSOFT, else 1; rotated = in, plus out for Double GSOFT):
 
     activation side:  p * n * rotated
@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_layer_speed import ours, step_time  # noqa: E402
 from benchmarks.common import DOCS, load_line, machine_line  # noqa: E402
 from benchmarks.report import replace_section  # noqa: E402
-from dreambooth_gs import layers  # noqa: E402
+from dreambooth_gs.gs import layers  # noqa: E402
 
 METHODS = {"gsoft": 32, "double_gsoft": 64}  # method -> block count: the paper's GSOFT r=32, Double GSOFT r=64
 # (in_features, token counts): square Linears at the SD UNet's widths; 77 x 4 tokens is batch 4's cross-attention
@@ -106,7 +106,7 @@ class Fit:
 
 def cost_terms(timing: Timing) -> tuple[float, float, float]:
     """(element passes of the activation side, element passes of the weight side, the weight gradient's FLOPs),
-    the terms :func:`~dreambooth_gs.layers.choose_forward_side` weighs while adapter gradients are needed."""
+    the terms :func:`~dreambooth_gs.gs.layers.choose_forward_side` weighs while adapter gradients are needed."""
     passes = layers.ROTATION_PASSES[True]
     n, d_in, d_out = timing.tokens, timing.in_features, timing.out_features
     rotated = d_in + (d_out if timing.double else 0)

@@ -1,13 +1,17 @@
 """dreambooth-gs: GSOFT / Double GSOFT orthogonal fine-tuning (Group-and-Shuffle matrices) for diffusers models."""
 
-from . import functional
-from .authors import convert_authors_checkpoint
-from .config import GSOFTConfig
-from .eval_options import EvaluationOptions
-from .evaluation import evaluate
-from .export import export_adapter
-from .full import FullConfig, enable_full_finetuning
-from .injection import (
+from .adapters.sampling import generate_images, load_pipeline
+from .adapters.serialization import load_adapter, read_adapter_config, save_adapter
+from .evaluate.evaluation import evaluate
+from .evaluate.options import EvaluationOptions
+from .export.authors import convert_authors_checkpoint
+from .export.formats import export_adapter
+from .gs import functional
+from .gs.config import GSOFTConfig
+from .gs.layers import GSOFTLinear
+from .lipschitz import GSSOC, SOC, ChannelShuffle, LipConvnet, MaxMinPermuted, certified_accuracy, certified_radius
+from .methods.full import FullConfig, enable_full_finetuning
+from .methods.injection import (
     adapter_layers,
     disable_adapters,
     find_targets,
@@ -16,10 +20,6 @@ from .injection import (
     remove_adapter,
     trainable_parameters,
 )
-from .layers import GSOFTLinear
-from .lipschitz import GSSOC, SOC, ChannelShuffle, LipConvnet, MaxMinPermuted, certified_accuracy, certified_radius
-from .sampling import generate_images, load_pipeline
-from .serialization import load_adapter, read_adapter_config, save_adapter
 
 __version__ = "0.1.0"
 

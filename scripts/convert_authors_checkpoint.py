@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dreambooth_gs.authors import convert_authors_checkpoint
 from dreambooth_gs.cli import run_cli
-from dreambooth_gs.config import PARAMETRIZATIONS
+from dreambooth_gs.export.authors import convert_authors_checkpoint
+from dreambooth_gs.gs.config import PARAMETRIZATIONS
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:

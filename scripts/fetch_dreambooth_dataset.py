@@ -22,9 +22,9 @@ import zipfile
 from pathlib import Path
 
 from dreambooth_gs.cli import run_cli
-from dreambooth_gs.data import scan_images
-from dreambooth_gs.eval_plan import DATASET_DIR, load_subjects
+from dreambooth_gs.evaluate.plan import DATASET_DIR, load_subjects
 from dreambooth_gs.resources import SUBJECTS_FILE
+from dreambooth_gs.train.data import scan_images
 
 REPOSITORY = "https://github.com/google/dreambooth"
 DATASET_FOLDER = "dataset"

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-weight models, adapter randomisation and dense reference builders.
 
-Nothing here calls :mod:`dreambooth_gs.functional`: the ``ref`` fixture builds permutations, orthogonal blocks and
+Nothing here calls :mod:`dreambooth_gs.gs.functional`: the ``ref`` fixture builds permutations, orthogonal blocks and
 GS matrices densely from the paper's formulas, so tests can cross-check the library's fast paths against them.
 """
 
@@ -77,7 +77,7 @@ def _boft_matrix(blocks: torch.Tensor, gathers: list[torch.Tensor]) -> torch.Ten
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny SD pipeline folder, built once per session into the session's temporary folder."""
-    from dreambooth_gs.tiny import build_tiny_pipeline
+    from dreambooth_gs.tiny.pipelines import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.getbasetemp() / "tiny-sd", seed=0)
 
@@ -96,7 +96,7 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
-    """Dense reference math (float64) built from the formulas, independent of dreambooth_gs.functional."""
+    """Dense reference math (float64) built from the formulas, independent of dreambooth_gs.gs.functional."""
     return SimpleNamespace(
         shuffle_sigma=_shuffle_sigma,
         shuffle_matrix=_shuffle_matrix,

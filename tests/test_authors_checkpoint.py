@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dreambooth_gs import GSOFTConfig, GSOFTLinear, inject_adapter, load_adapter, read_adapter_config, save_adapter
-from dreambooth_gs.authors import AUTHORS_FILE, convert_authors_state_dict
+from dreambooth_gs.adapters.serialization import adapter_state_dict
 from dreambooth_gs.cli import run_cli
-from dreambooth_gs.serialization import adapter_state_dict
+from dreambooth_gs.export.authors import AUTHORS_FILE, convert_authors_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -264,7 +264,7 @@ def test_failed_write_is_one_line_and_leaves_no_folder(
     tmp_path, tiny_dir, good_gsoft, monkeypatch, capsys, failure, reason, existing
 ):
     """A full disk or a read-only folder: one line, exit status 2, no new (empty) folder, an old folder intact."""
-    from dreambooth_gs import serialization
+    from dreambooth_gs.adapters import serialization
 
     save_file(good_gsoft, tmp_path / AUTHORS_FILE)
     output = tmp_path / "runs" / "ours"

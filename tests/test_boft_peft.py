@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dreambooth_gs import GSOFTConfig, GSOFTLinear
-from dreambooth_gs import functional as gsf
+from dreambooth_gs.gs import functional as gsf
 
 peft_boft = pytest.importorskip("peft.tuners.boft.layer")
 BOFTConfig = pytest.importorskip("peft").BOFTConfig

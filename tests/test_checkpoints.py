@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_gs import checkpoints  # noqa: E402
+from dreambooth_gs.train import checkpoints  # noqa: E402
 from train_dreambooth_gsoft import main, parse_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")
@@ -70,7 +70,7 @@ def test_checkpoint_has_a_manifest_and_no_pickle_is_loaded_unsafely(after_two):
 KILL_AT_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from dreambooth_gs import checkpoints
+from dreambooth_gs.train import checkpoints
 original = checkpoints.GeneratorState.save
 def save_then_die(self, directory, rank):
     original(self, directory, rank)
@@ -163,7 +163,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(afte
 
 
 def test_a_read_only_folder_during_a_checkpoint_is_one_line_from_the_command(after_two, monkeypatch, capsys):
-    from dreambooth_gs import serialization
+    from dreambooth_gs.adapters import serialization
     from train_dreambooth_gsoft import run as command
 
     def read_only(*args, **kwargs):
@@ -184,7 +184,7 @@ def test_a_read_only_folder_during_a_checkpoint_is_one_line_from_the_command(aft
 
 
 def test_a_full_disk_at_the_final_save_is_one_line(after_two, monkeypatch):
-    from dreambooth_gs import serialization
+    from dreambooth_gs.adapters import serialization
 
     before = snapshot(after_two)
 
@@ -199,7 +199,8 @@ def test_a_full_disk_at_the_final_save_is_one_line(after_two, monkeypatch):
 
 @pytest.mark.parametrize("failing", ["adapter", "record"])
 def test_a_failed_final_save_without_checkpoints_leaves_no_half_adapter(tmp_path, monkeypatch, failing):
-    from dreambooth_gs import serialization, training
+    from dreambooth_gs.adapters import serialization
+    from dreambooth_gs.train import loop as training
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -257,7 +258,7 @@ def test_resume_refuses_a_checkpoint_past_the_budget_and_an_adapter_without_chec
 KILL_AFTER_SET_ASIDE = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from dreambooth_gs import training
+from dreambooth_gs.train import loop as training
 original = training.set_aside
 def set_aside_then_die(output_dir, files):
     moved = original(output_dir, files)
@@ -288,7 +289,7 @@ def test_a_killed_overwrite_gives_the_earlier_run_back(after_two, tmp_path, caps
 
 
 def test_a_set_aside_run_that_cannot_go_back_is_kept_and_named(tmp_path):
-    from dreambooth_gs import run_folder
+    from dreambooth_gs.train import run_folder
 
     out = tmp_path / "out"
     aside = out / ".earlier-run-20260101-000000"

@@ -6,7 +6,7 @@ from dataclasses import fields
 import pytest
 
 from dreambooth_gs import GSOFTConfig
-from dreambooth_gs.config import divisors
+from dreambooth_gs.gs.config import divisors
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import fit_cost_model as fcm  # noqa: E402
-from dreambooth_gs import layers  # noqa: E402
+from dreambooth_gs.gs import layers  # noqa: E402
 
 # (in = out, double, token counts): both methods, widths and token counts on both sides of the break-even point
 SHAPES = [

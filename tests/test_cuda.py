@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dreambooth_gs import GSOFTConfig, GSOFTLinear
-from dreambooth_gs.layers import choose_forward_side
+from dreambooth_gs.gs.layers import choose_forward_side
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_dreambooth_gsoft.py, for the trainer test
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -167,7 +167,8 @@ def test_tiny_trainer_trains_on_cuda_and_its_adapter_rebuilds_the_unet_on_the_cp
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from dreambooth_gs import load_adapter, models
+    from dreambooth_gs import load_adapter
+    from dreambooth_gs.train import models
     from train_dreambooth_gsoft import main, parse_args
 
     kept = {}

@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_gs.data import (
+from dreambooth_gs.resources import DEMO_SUBJECT_DIR
+from dreambooth_gs.tiny.demo_subject import make_demo_subject
+from dreambooth_gs.train.data import (
     DreamBoothDataset,
     collate_examples,
     crop_to_tensor,
@@ -19,8 +21,6 @@ from dreambooth_gs.data import (
     image_to_tensor,
     load_images,
 )
-from dreambooth_gs.demo_data import make_demo_subject
-from dreambooth_gs.resources import DEMO_SUBJECT_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_SUBJECT = DEMO_SUBJECT_DIR

@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate_clip  # noqa: E402
-from dreambooth_gs import evaluation, load_adapter, save_adapter  # noqa: E402
+from dreambooth_gs import load_adapter, save_adapter  # noqa: E402
 from dreambooth_gs.cli import run_cli  # noqa: E402
-from dreambooth_gs.eval_plan import (  # noqa: E402
+from dreambooth_gs.evaluate import evaluation  # noqa: E402
+from dreambooth_gs.evaluate.metrics import load_clip_scorer, mean_cosine_to  # noqa: E402
+from dreambooth_gs.evaluate.plan import (  # noqa: E402
     format_prompt,
     image_seed,
     instance_token,
@@ -35,7 +37,6 @@ from dreambooth_gs.eval_plan import (  # noqa: E402
     shard,
     split_label,
 )
-from dreambooth_gs.metrics import load_clip_scorer, mean_cosine_to  # noqa: E402
 from dreambooth_gs.resources import SUBJECTS_FILE  # noqa: E402
 
 COMMON = [
@@ -156,7 +157,7 @@ def test_summary_aggregates_the_protocol_way():
     """CLIP-I from base-prompt rows, CLIP-T from contextual rows (image-weighted), then mean and std over subjects."""
     from types import SimpleNamespace
 
-    from dreambooth_gs.eval_report import mean_std, subject_scores, summary_markdown
+    from dreambooth_gs.evaluate.report import mean_std, subject_scores, summary_markdown
 
     rows = [_row("a", "base", 2, 0.8, 0.9), _row("a", "prompt", 1, 0.5, 0.3), _row("a", "prompt", 3, 0.7, 0.1),
             _row("b", "base", 2, 0.6, 0.9), _row("b", "prompt", 1, 0.4, 0.35)]  # fmt: skip
@@ -175,7 +176,7 @@ def test_summary_keeps_model_families_apart():
     """One method on two families: a row and a table each, never one pooled row."""
     from types import SimpleNamespace
 
-    from dreambooth_gs.eval_report import subject_scores, summary_markdown
+    from dreambooth_gs.evaluate.report import subject_scores, summary_markdown
 
     rows = [_row("a", "base", 2, 0.8, 0.9), _row("a", "prompt", 1, 0.5, 0.3),
             _row("a", "base", 2, 0.4, 0.9, family="flux"), _row("a", "prompt", 1, 0.5, 0.1, family="flux")]  # fmt: skip
@@ -328,8 +329,8 @@ BAD_RUNS = [  # (make the only run, part of the recorded failure)
 def test_names_that_are_not_utf8_are_trained_and_evaluated(tmp_path, trained):
     """A subject folder and image files whose names are not UTF-8 (os.fsdecode gives surrogate escapes): the
     trainer's dataset reads them, and the evaluator hashes, scores and reports them (names as \\xff escapes)."""
-    from dreambooth_gs.data import DreamBoothDataset
     from dreambooth_gs.resources import DEMO_SUBJECT_DIR
+    from dreambooth_gs.train.data import DreamBoothDataset
 
     subject = tmp_path / os.fsdecode(b"toy\xfe")
     subject.mkdir()
@@ -410,15 +411,15 @@ def _pipeline_with(pipeline, unet):
 
 
 def _latents(pipeline) -> torch.Tensor:
-    from dreambooth_gs.sampling import generate_images
+    from dreambooth_gs.adapters.sampling import generate_images
 
     return torch.stack(generate_images(pipeline, ["a sks toy"], [7], 2, 7.0, output_type="latent"))  # (1, 4, 8, 8)
 
 
 @pytest.mark.parametrize("method", list(METHOD_FLAGS))
 def test_load_adapter_gives_the_in_memory_images(tmp_path, tiny_pipeline, method):
-    from dreambooth_gs.models import add_adapter
-    from dreambooth_gs.options import TrainingOptions, with_demo_defaults
+    from dreambooth_gs.train.models import add_adapter
+    from dreambooth_gs.train.options import TrainingOptions, with_demo_defaults
 
     options = with_demo_defaults(TrainingOptions(adapter=method, **METHOD_FLAGS[method]))
     trained_unet, _ = add_adapter(copy.deepcopy(tiny_pipeline.unet), options)
@@ -444,7 +445,7 @@ def test_a_failed_write_is_one_line(tmp_path, trained, capsys, monkeypatch, writ
     """Issue 30: a read-only or full output folder ended the evaluator in a traceback."""
     import PIL.Image
 
-    from dreambooth_gs import eval_report
+    from dreambooth_gs.evaluate import report as eval_report
 
     def fail(*args, **kwargs):
         raise error

@@ -16,9 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dreambooth_gs import FullConfig, GSOFTConfig, enable_full_finetuning, inject_adapter, save_adapter
-from dreambooth_gs import export as export_module
-from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
-from dreambooth_gs.export import (
+from dreambooth_gs.export import formats as export_module
+from dreambooth_gs.export.formats import (
     LORA_FILES,
     REPORT_JSON,
     REPORT_MD,
@@ -27,10 +26,11 @@ from dreambooth_gs.export import (
     export_lora,
     load_merged,
 )
+from dreambooth_gs.export.ldm_layout import SDXL_OPEN_CLIP_PREFIX, unet_to_ldm, vae_to_ldm
 from dreambooth_gs.fileio import default_file_mode
-from dreambooth_gs.ldm_layout import SDXL_OPEN_CLIP_PREFIX, unet_to_ldm, vae_to_ldm
+from dreambooth_gs.methods.baselines import inject_peft_adapter, make_peft_config
 from dreambooth_gs.resources import TINY_SDXL_CONFIG_DIR
-from dreambooth_gs.tiny import build_tiny_pipeline
+from dreambooth_gs.tiny.pipelines import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

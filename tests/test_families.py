@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 import evaluate_clip  # noqa: E402
 from dreambooth_gs import families, load_adapter  # noqa: E402
 from dreambooth_gs.resources import TINY_SDXL_CONFIG_DIR  # noqa: E402
-from dreambooth_gs.tiny import build_tiny_pipeline  # noqa: E402
+from dreambooth_gs.tiny.pipelines import build_tiny_pipeline  # noqa: E402
 from train_dreambooth_gsoft import main, parse_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")
@@ -32,7 +32,7 @@ def tiny_sdxl(tmp_path_factory, tiny_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_sd(tiny_cache) -> Path:
-    from dreambooth_gs.tiny import default_tiny_pipeline_dir
+    from dreambooth_gs.tiny.pipelines import default_tiny_pipeline_dir
 
     return build_tiny_pipeline(default_tiny_pipeline_dir())
 
@@ -140,7 +140,7 @@ def sdxl_run(tiny_sdxl, tmp_path_factory) -> Path:
 def test_sdxl_adapter_loads_merged_and_unmerged_alike(tiny_sdxl, sdxl_run):
     from diffusers import StableDiffusionXLPipeline
 
-    from dreambooth_gs.sampling import generate_images
+    from dreambooth_gs.adapters.sampling import generate_images
 
     assert (sdxl_run / "validation" / "step-000002.png").is_file()
     latents = {}

@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate_clip  # noqa: E402
-from dreambooth_gs import families, load_adapter, models  # noqa: E402
-from dreambooth_gs.objectives import LossSettings, flow_matching_loss  # noqa: E402
+from dreambooth_gs import families, load_adapter  # noqa: E402
+from dreambooth_gs.adapters.sampling import generate_images, load_pipeline  # noqa: E402
 from dreambooth_gs.resources import TINY_FLUX_CONFIG_DIR, TINY_SD3_CONFIG_DIR  # noqa: E402
-from dreambooth_gs.sampling import generate_images, load_pipeline  # noqa: E402
-from dreambooth_gs.tiny import build_tiny_pipeline  # noqa: E402
+from dreambooth_gs.tiny.pipelines import build_tiny_pipeline  # noqa: E402
+from dreambooth_gs.train import models  # noqa: E402
+from dreambooth_gs.train.objectives import LossSettings, flow_matching_loss  # noqa: E402
 from train_dreambooth_gsoft import main, parse_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")
@@ -246,7 +247,7 @@ def test_the_evaluator_samples_with_the_run_s_t5_length_not_the_pipeline_s(tiny,
     import numpy as np
     from PIL import Image
 
-    from dreambooth_gs.eval_plan import BASE, plan_jobs, resolve_run
+    from dreambooth_gs.evaluate.plan import BASE, plan_jobs, resolve_run
 
     flags = ["--clip_model", "tiny-random", "--dino_model", "none", "--images_per_prompt", "1", "--base_images", "1"]
     flags += ["--max_prompts", "1", "--num_inference_steps", "2", "--resolution", "32"]
@@ -274,7 +275,7 @@ def test_the_evaluator_samples_with_the_run_s_t5_length_not_the_pipeline_s(tiny,
 def test_exports_load_in_plain_diffusers(tiny, runs, tmp_path, name):
     """The merged folder and a full-rank LoRA (``transformer.*`` keys, read by the pipeline's own
     load_lora_weights) give the adapter's images; the kohya layout is the UNet families' and is refused."""
-    from dreambooth_gs.export import export_adapter
+    from dreambooth_gs.export.formats import export_adapter
 
     def latents(pipe):
         pipe.set_progress_bar_config(disable=True)
@@ -371,7 +372,7 @@ def test_an_sd3_folder_without_t5_trains_on_zeros_in_its_place_samples_and_expor
     assert pipe.text_encoder_3 is None
     (image,) = generate_images(pipe, ["a sks toy"], [0], 2, 5.0, height=32, width=32, pipeline_kwargs={})
     assert image.size == (32, 32)
-    from dreambooth_gs.export import export_adapter  # the exporter's loader passes them as None too
+    from dreambooth_gs.export.formats import export_adapter  # the exporter's loader passes them as None too
 
     export_adapter(out, "diffusers", tmp_path / "merged")
     from diffusers import DiffusionPipeline  # it saves T5 as null too: diffusers loads it passing None, as for SD3

@@ -1,11 +1,11 @@
-"""dreambooth_gs.functional against dense matrices built in the test from the paper's formulas."""
+"""dreambooth_gs.gs.functional against dense matrices built in the test from the paper's formulas."""
 
 import math
 
 import pytest
 import torch
 
-from dreambooth_gs import functional as gsf
+from dreambooth_gs.gs import functional as gsf
 
 # (k, n) pairs for P(k, n), including k = 1, k = n and k not a power of two.
 SHUFFLE_CASES = [(1, 4), (2, 4), (2, 6), (3, 6), (4, 8), (3, 12), (6, 24), (5, 15), (8, 8), (32, 320)]

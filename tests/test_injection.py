@@ -17,7 +17,7 @@ from dreambooth_gs import (
     remove_adapter,
     trainable_parameters,
 )
-from dreambooth_gs.injection import is_target
+from dreambooth_gs.methods.injection import is_target
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # Configurations that fit every attention Linear of the tiny UNet (dims 32 and 64) with dense Q (b >= r).

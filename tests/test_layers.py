@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreambooth_gs import GSOFTConfig, GSOFTLinear
-from dreambooth_gs import functional as gsf
-from dreambooth_gs.layers import choose_forward_side
+from dreambooth_gs.gs import functional as gsf
+from dreambooth_gs.gs.layers import choose_forward_side
 
 # (id, config kwargs, in_features, out_features): every method, nblocks / block_size, b dividing r and not, sparse.
 LAYER_CASES = [

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from dreambooth_gs import functional as gsf
+from dreambooth_gs.gs import functional as gsf
 from dreambooth_gs.lipschitz import (
     GSSOC,
     SOC,

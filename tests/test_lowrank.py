@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dreambooth_gs.lowrank import (
+from dreambooth_gs.export.lowrank import (
     error_curve,
     low_rank,
     rank_for_error,

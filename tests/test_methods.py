@@ -8,10 +8,12 @@ import warnings
 import pytest
 import torch
 
-from dreambooth_gs import baselines, load_adapter, methods, save_adapter
-from dreambooth_gs.injection import adapter_layers
-from dreambooth_gs.models import add_adapter
-from dreambooth_gs.options import DEFAULT_LEARNING_RATES, TrainingOptions, with_demo_defaults
+from dreambooth_gs import load_adapter, save_adapter
+from dreambooth_gs.methods import baselines
+from dreambooth_gs.methods import registry as methods
+from dreambooth_gs.methods.injection import adapter_layers
+from dreambooth_gs.train.models import add_adapter
+from dreambooth_gs.train.options import DEFAULT_LEARNING_RATES, TrainingOptions, with_demo_defaults
 
 TINY_FLAGS = {"gsoft_nblocks": 4, "boft_block_num": 8, "oft_block_size": 8}
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_gs import metrics
-from dreambooth_gs.metrics import (
+from dreambooth_gs.evaluate import metrics
+from dreambooth_gs.evaluate.metrics import (
     TINY_RANDOM,
     ReferenceEmbeddings,
     load_clip_scorer,

@@ -41,8 +41,8 @@ from benchmarks.minibooth.world import (  # noqa: E402
     scene_rng,
     world_item,
 )
-from dreambooth_gs.eval_plan import format_prompt, load_prompt_set  # noqa: E402
-from dreambooth_gs.metrics import remove_token  # noqa: E402
+from dreambooth_gs.evaluate.metrics import remove_token  # noqa: E402
+from dreambooth_gs.evaluate.plan import format_prompt, load_prompt_set  # noqa: E402
 
 MINIBOOTH = ROOT / "benchmarks" / "minibooth"
 WORLD = load_world()
@@ -351,7 +351,7 @@ def test_attention_projection_widths_suit_the_adapters(name):
 def test_flow_pretraining_smoke_gives_an_sd3_pipeline_the_trainer_fine_tunes(tmp_path):
     from benchmarks.minibooth import pretrain as script
     from dreambooth_gs import families
-    from dreambooth_gs.sampling import generate_images, load_pipeline
+    from dreambooth_gs.adapters.sampling import generate_images, load_pipeline
     from train_dreambooth_gsoft import main, parse_args
 
     prompts = tmp_path / "prompts.txt"
@@ -415,7 +415,7 @@ def test_instance_ceiling_is_the_mean_over_distinct_pairs():
     from PIL import Image
 
     from benchmarks.minibooth.fidelity import instance_ceiling
-    from dreambooth_gs.metrics import ClipScorer, tiny_random_clip
+    from dreambooth_gs.evaluate.metrics import ClipScorer, tiny_random_clip
 
     model, preprocess, tokenizer = tiny_random_clip()
     scorer = ClipScorer(model, preprocess, tokenizer)
@@ -648,7 +648,7 @@ def test_oracle_fidelity_scores_the_subject_look_and_the_named_context(tmp_path,
     from types import SimpleNamespace
 
     from benchmarks.minibooth import fidelity
-    from dreambooth_gs.eval_plan import slug
+    from dreambooth_gs.evaluate.plan import slug
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {token} {class} on a striped yellow background\na red {token} {class}\n")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dreambooth_gs import GSOFTConfig, families, inject_adapter, trainable_parameters
-from dreambooth_gs.injection import is_target
+from dreambooth_gs.methods.injection import is_target
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "sd2_base_unet.json"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -111,7 +111,7 @@ SDXL_CASES = [
     ids=[f"{m}-{next(iter(k.values()))}" for m, k, *_ in SDXL_CASES],
 )
 def test_sdxl_parameter_counts(method, kwargs, per_linear, pinned):
-    from dreambooth_gs.baselines import inject_peft_adapter, make_peft_config
+    from dreambooth_gs.methods.baselines import inject_peft_adapter, make_peft_config
 
     unet = sdxl_unet()
     linears = [m for n, m in unet.named_modules() if isinstance(m, nn.Linear) and is_target(n, ATTENTION)]
@@ -173,8 +173,8 @@ TRANSFORMER_CASES = [
     ("name", "method", "per_linear", "pinned"), TRANSFORMER_CASES, ids=[f"{n}-{m}" for n, m, *_ in TRANSFORMER_CASES]
 )
 def test_transformer_parameter_counts(name, method, per_linear, pinned):
-    from dreambooth_gs import methods
-    from dreambooth_gs.baselines import make_peft_config
+    from dreambooth_gs.methods import registry as methods
+    from dreambooth_gs.methods.baselines import make_peft_config
 
     _, d, projections, attn2 = TRANSFORMERS[name]
     model = transformer(name)

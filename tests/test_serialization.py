@@ -20,10 +20,10 @@ from dreambooth_gs import (
     load_adapter,
     read_adapter_config,
     save_adapter,
-    serialization,
     trainable_parameters,
 )
-from dreambooth_gs.serialization import CONFIG_NAME, WEIGHTS_NAME
+from dreambooth_gs.adapters import serialization
+from dreambooth_gs.adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
 
 MLP_TARGETS = ("fc1", "fc2")
 METHOD_CONFIGS = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dreambooth_gs import GSOFTConfig, inject_adapter
-from dreambooth_gs.tiny import (
+from dreambooth_gs.tiny.pipelines import (
     MARKER_FILE,
     REQUIRED_FILES,
     TINY_CONFIG_DIR,

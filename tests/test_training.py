@@ -74,7 +74,8 @@ def default_precision():
 def test_full_trains_only_the_projections_and_loads_back(tmp_path, monkeypatch, default_precision):
     from diffusers import UNet2DConditionModel
 
-    from dreambooth_gs import find_targets, load_adapter, models
+    from dreambooth_gs import find_targets, load_adapter
+    from dreambooth_gs.train import models
 
     kept = {}
     add_adapter = models.add_adapter

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_gs import models, objectives, training  # noqa: E402
+from dreambooth_gs.train import loop as training  # noqa: E402
+from dreambooth_gs.train import models, objectives  # noqa: E402
 from train_dreambooth_gsoft import main, parse_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tiny_cache")
@@ -241,7 +242,8 @@ def test_text_encoder_adapters_export_to_lora_exactly(text_run, tmp_path, layout
 def test_weight_side_modules_are_opt_in(tmp_path, family, flags, expected, adapter):
     """--gsoft_weight_side_modules (a memory option: it costs step time on small token counts) reaches the
     adapter's config; unset or 'none', no module is forced to the weight side."""
-    from dreambooth_gs import families, methods
+    from dreambooth_gs import families
+    from dreambooth_gs.methods import registry as methods
 
     argv = ["--pretrained_model_name_or_path", "x", "--instance_data_dir", str(tmp_path), "--instance_prompt", "a sks",
             "--output_dir", str(tmp_path / "out"), "--adapter", adapter, *flags]  # fmt: skip

@@ -59,7 +59,7 @@ def make_scheduler(config_dir: str | os.PathLike):
 def make_model(config_dir: str | os.PathLike, name: str, seed: int):
     """The diffusers or transformers model (or diffusers scheduler) of ``<config_dir>/<name>.json``, named by its
     ``_class_name``, with random weights drawn from ``seed``."""
-    from dreambooth_gs.tiny import make_model as model_from_config
+    from dreambooth_gs.tiny.pipelines import make_model as model_from_config
 
     path = Path(config_dir) / f"{name}.json"
     if not path.is_file():
@@ -71,7 +71,7 @@ def make_model(config_dir: str | os.PathLike, name: str, seed: int):
 
 def make_tokenizer(directory: str | os.PathLike, max_length: int):
     """SD's CLIP tokenizer (written into ``directory``), padding and truncating at ``max_length`` tokens."""
-    from dreambooth_gs.tiny import build_clip_tokenizer
+    from dreambooth_gs.tiny.pipelines import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(directory)
     tokenizer.model_max_length = max_length

@@ -291,7 +291,7 @@ def evaluate(
 def run_specs(folders: Sequence[Path], subjects_file: Path) -> dict[Path, object]:
     """evaluate_clip.py's view of each run folder (its ``RunSpec``: run id, subject, token, prompts, adapter hash),
     resolved once per evaluation and shared by everything that reads the evaluator's output."""
-    from dreambooth_gs.eval_plan import load_subjects, resolve_run
+    from dreambooth_gs.evaluate.plan import load_subjects, resolve_run
 
     subjects = load_subjects(subjects_file)
     return {folder: resolve_run(str(folder), subjects, prompt_set=str(PROMPTS_FILE)) for folder in folders}

@@ -21,7 +21,7 @@ from .world import Scene, World, caption
 
 def attribute_accuracy(scorer, images: Sequence, scenes: Sequence[Scene], world: World) -> dict[str, float]:
     """``{attribute: fraction of pictures whose true value CLIP ranks first}`` over ``images`` of ``scenes``, embedded
-    as the evaluator embeds them (``scorer``: a :class:`dreambooth_gs.metrics.ClipScorer`)."""
+    as the evaluator embeds them (``scorer``: a :class:`dreambooth_gs.evaluate.metrics.ClipScorer`)."""
     image_features = scorer.image_embeddings(images)  # (N, D), unit norm
     result = {}
     for attribute, values in attribute_values(world).items():
@@ -40,8 +40,8 @@ def prompt_fidelity(
     """``{"clip": {"generated", "real"}, "oracle": {"generated", "real"}, "chance"}`` (accuracy per attribute) for
     the base model at ``pipeline_dir``."""
     from dreambooth_gs import families
-    from dreambooth_gs.metrics import ClipScorer
-    from dreambooth_gs.sampling import generate_images, load_pipeline
+    from dreambooth_gs.adapters.sampling import generate_images, load_pipeline
+    from dreambooth_gs.evaluate.metrics import ClipScorer
 
     from .clip_training import load_clip
 
@@ -70,8 +70,8 @@ def prompt_fidelity(
 
 def instance_ceiling(scorer, images: Sequence[Image.Image]) -> float:
     """CLIP-I of the subject's own instance pictures against each other (distinct pairs), embedded as the evaluator
-    embeds them (``scorer``: a :class:`dreambooth_gs.metrics.ClipScorer`): what a model whose pictures were as close
-    to the subject as the real ones are to each other would score."""
+    embeds them (``scorer``: a :class:`dreambooth_gs.evaluate.metrics.ClipScorer`): what a model whose pictures
+    were as close to the subject as the real ones are to each other would score."""
     if len(images) < 2:
         raise ValueError(f"the ceiling needs at least 2 instance pictures, got {len(images)}")
     features = scorer.image_embeddings(images)  # (M, D), unit norm
@@ -82,7 +82,7 @@ def instance_ceiling(scorer, images: Sequence[Image.Image]) -> float:
 
 def subject_ceilings(clip_dir, subjects_dir, names: Sequence[str]) -> dict[str, float]:
     """``{subject: instance_ceiling}`` under the MiniBooth CLIP for the instance pictures in ``subjects_dir/<name>``."""
-    from dreambooth_gs.metrics import ClipScorer
+    from dreambooth_gs.evaluate.metrics import ClipScorer
 
     from .clip_training import load_clip
 
@@ -120,8 +120,8 @@ def oracle_fidelity(
     * ``context_fidelity``: over the contextual prompts, the fraction of (picture, attribute the prompt names other
       than the shape) pairs the picture gets right: backgrounds, sizes, positions and colour / pattern changes.
     """
-    from dreambooth_gs.eval_plan import BASE, run_prompts, slug
-    from dreambooth_gs.metrics import remove_token
+    from dreambooth_gs.evaluate.metrics import remove_token
+    from dreambooth_gs.evaluate.plan import BASE, run_prompts, slug
 
     from .world import parse_caption
 

@@ -249,7 +249,7 @@ def train_denoiser(
 
 @dataclass(frozen=True)
 class FlowParts:
-    """What the trainer's flow-matching objective reads of its components (``dreambooth_gs.objectives``)."""
+    """What the trainer's flow-matching objective reads of its components (``dreambooth_gs.train.objectives``)."""
 
     family: Any
     noise_scheduler: Any
@@ -271,10 +271,10 @@ def train_flow_denoiser(
     log_every: int = 100,
 ) -> list[float]:
     """Train SD3's transformer and its two CLIP encoders together with the objective the trainer fine-tunes SD3
-    with (``dreambooth_gs.objectives.flow_matching_loss`` at SD3's defaults: logit-normal timesteps, preconditioned
-    outputs), on prompts encoded as the trainer and the pipeline encode them (zeros in T5's place)."""
+    with (``dreambooth_gs.train.objectives.flow_matching_loss`` at SD3's defaults: logit-normal timesteps,
+    preconditioned outputs), on prompts encoded as the trainer and the pipeline encode them (zeros in T5's place)."""
     from dreambooth_gs import families
-    from dreambooth_gs.objectives import LossSettings, flow_matching_loss
+    from dreambooth_gs.train.objectives import LossSettings, flow_matching_loss
 
     family = families.get("sd3")
     parts = FlowParts(family, scheduler, resolution=0)  # resolution: read by Flux's prediction only
@@ -332,7 +332,7 @@ def sample_grid(
     """A labelled grid (one row per prompt, one column per seed) of a saved pipeline's pictures (its family's
     sampler: DDIM, or flow-matching Euler)."""
     from dreambooth_gs import families
-    from dreambooth_gs.sampling import generate_images, labeled_grid, load_pipeline
+    from dreambooth_gs.adapters.sampling import generate_images, labeled_grid, load_pipeline
 
     pipeline = load_pipeline(str(pipeline_dir))
     sampling = families.detect(str(pipeline_dir)).sampling_kwargs()  # as pretrained (SD3: 77 zero rows for T5)

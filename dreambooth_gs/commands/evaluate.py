@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from dreambooth_gs.cli import parse_options, run_cli
-from dreambooth_gs.evaluation import EvaluationOptions, evaluate
+from dreambooth_gs.evaluate.evaluation import EvaluationOptions, evaluate
 
 
 def parse_args(input_args: list[str] | None = None) -> EvaluationOptions:

@@ -26,9 +26,9 @@ import sys
 import torch
 
 from dreambooth_gs.cli import run_cli
-from dreambooth_gs.export import FORMATS, export_adapter
-from dreambooth_gs.ldm_layout import TEXT_LAYOUTS
-from dreambooth_gs.lora_export import FULL_RANK, LORA_LAYOUTS
+from dreambooth_gs.export.formats import FORMATS, export_adapter
+from dreambooth_gs.export.ldm_layout import TEXT_LAYOUTS
+from dreambooth_gs.export.lora import FULL_RANK, LORA_LAYOUTS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

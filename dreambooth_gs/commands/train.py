@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 
 from dreambooth_gs.cli import parse_options, run_cli
-from dreambooth_gs.options import TrainingOptions
-from dreambooth_gs.training import train
+from dreambooth_gs.train.loop import train
+from dreambooth_gs.train.options import TrainingOptions
 
 
 def parse_args(input_args: list[str] | None = None) -> TrainingOptions:

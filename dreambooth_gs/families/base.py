@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import GSOFTConfig
+from ..gs.config import GSOFTConfig
 
 
 @dataclass

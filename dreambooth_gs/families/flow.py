@@ -1,6 +1,6 @@
 """What the flow-matching transformer families (SD3 / SD3.5, Flux.1) share: loading a pipeline folder whose
 denoiser is ``pipe.transformer`` (or a single file), the CLIP and T5 prompt encoders, the flow-matching sampler and
-the checks of their text settings. The objective itself lives in :mod:`dreambooth_gs.objectives`."""
+the checks of their text settings. The objective itself lives in :mod:`dreambooth_gs.train.objectives`."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Conventions:
 * Convolutions are stride 1 with zero "same" padding and odd kernels. Then the adjoint of ``conv(., K)`` is
   ``conv(., K^T)`` with ``K^T[j, i, k, l] = K[i, j, r-k-1, s-l-1]`` (:func:`conv_transpose_kernel`), so
   ``L = M - M^T`` is a skew-symmetric operator and ``exp(L)`` is orthogonal (Singla & Feizi, ICML 2021).
-* Channel permutations follow :mod:`dreambooth_gs.functional`: ``P[sigma(i), i] = 1``, i.e. ``(P x)[sigma(i)] =
+* Channel permutations follow :mod:`dreambooth_gs.gs.functional`: ``P[sigma(i), i] = 1``, i.e. ``(P x)[sigma(i)] =
   x[i]``, applied to the channel axis.
 """
 
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import functional as gs_functional
+from ..gs import functional as gs_functional
 
 # ---------------------------------------------------------------------------------------------------------------
 # Skew kernels and the convolution exponential
@@ -168,7 +168,7 @@ def channel_shuffle(x: torch.Tensor, groups: int, paired: bool = False) -> torch
     """``P x`` on the channel axis (dim 1) for :func:`channel_shuffle_permutation`, as one reshape-transpose.
 
     Output block ``j`` (of ``groups`` blocks of ``n/k`` channels) gathers ``x[:, j::k]`` (pairs ``x[:, 2j:2j+2]``,
-    ``2j+2k:..`` when paired), the same reshape as :func:`dreambooth_gs.functional.apply_shuffle`.
+    ``2j+2k:..`` when paired), the same reshape as :func:`dreambooth_gs.gs.functional.apply_shuffle`.
     """
     channels = x.shape[1]
     check_channel_shuffle(groups, channels, paired)

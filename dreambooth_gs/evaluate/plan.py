@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import families
-from .data import find_images
-from .resources import PROMPTS_DIR
-from .serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from .. import families
+from ..adapters.serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from ..resources import PROMPTS_DIR
+from ..train.data import find_images
 
 DATASET_DIR = Path("datasets") / "dreambooth"  # where scripts/fetch_dreambooth_dataset.py puts the real images
 RUN_INFO_NAME = "training_args.json"

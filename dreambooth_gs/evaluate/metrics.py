@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .fileio import first_line
+from ..fileio import first_line
 
 TINY_RANDOM = "tiny-random"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
@@ -295,7 +295,7 @@ class ReferenceEmbeddings:
 
     def get(self, scorer, paths: Sequence[str | os.PathLike]) -> torch.Tensor:
         """(M, D) unit-norm embeddings of the images at ``paths`` under ``scorer``."""
-        from .data import load_image
+        from ..train.data import load_image
 
         key = self.key(scorer, paths)
         if key in self._memory:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from .families import FAMILIES
-from .methods import DEFAULT_LEARNING_RATES, TRAINER_ADAPTERS
+from ..families import FAMILIES
+from ..methods.registry import DEFAULT_LEARNING_RATES, TRAINER_ADAPTERS
 
 FAMILY_NAMES = tuple(FAMILIES)
 

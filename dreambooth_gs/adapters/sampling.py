@@ -39,8 +39,8 @@ def load_pipeline(
     """The family's pipeline (its sampler: DDIM for the UNet families, flow-matching Euler for SD3 / Flux; no
     safety checker) from a hub id, a local diffusers folder or a single-file checkpoint, with the adapter of
     ``adapter_dir`` loaded (merged into the weights by default)."""
-    from . import families
-    from .families.base import null_components
+    from .. import families
+    from ..families.base import null_components
     from .serialization import load_adapter
 
     family = families.detect(base_model, override=model_family)

@@ -12,9 +12,9 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import load_image
-from .eval_plan import BASE, PROMPT, ImageJob, RunSpec, printable, slug
-from .sampling import labeled_grid
+from ..adapters.sampling import labeled_grid
+from ..train.data import load_image
+from .plan import BASE, PROMPT, ImageJob, RunSpec, printable, slug
 
 RESULT_COLUMNS = ("method", "subject", "prompt", "clip_i", "clip_t", "dino", "n", "kind", "run", "family")
 # Per-subject scores: (column, rows of this kind, metric). The protocol's CLIP-I (and DINO) use the base-prompt

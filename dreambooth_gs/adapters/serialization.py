@@ -19,12 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import methods
-from .config import GSOFTConfig
-from .families import FAMILIES
-from .fileio import atomic_write_files, created_directories
-from .full import full_parameters
-from .injection import merge_adapter, remove_adapter, require_targets
+from ..families import FAMILIES
+from ..fileio import atomic_write_files, created_directories
+from ..gs.config import GSOFTConfig
+from ..methods import registry as methods
+from ..methods.full import full_parameters
+from ..methods.injection import merge_adapter, remove_adapter, require_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

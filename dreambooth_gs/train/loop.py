@@ -23,6 +23,10 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..adapters.sampling import generate_images, image_grid
+from ..adapters.serialization import WEIGHTS_NAME, save_adapter
+from ..fileio import atomic_write, write_failure
+from ..methods.injection import disable_adapters
 from . import models
 from .checkpoints import (
     Checkpoint,
@@ -37,8 +41,6 @@ from .checkpoints import (
     write_error,
 )
 from .data import DreamBoothDataset, collate_examples, generate_class_images
-from .fileio import atomic_write, write_failure
-from .injection import disable_adapters
 from .objectives import LossSettings, encode_latent_parameters, training_loss
 from .options import DEFAULT_MAX_TRAIN_STEPS, DEMO_MAX_TRAIN_STEPS, TrainingOptions, with_demo_defaults
 from .run_folder import (
@@ -50,8 +52,6 @@ from .run_folder import (
     restore_set_aside,
     set_aside,
 )
-from .sampling import generate_images, image_grid
-from .serialization import WEIGHTS_NAME, save_adapter
 
 
 def validate(

@@ -23,10 +23,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import families
-from .data import load_image
-from .eval_options import EvaluationOptions
-from .eval_plan import (
+from .. import families
+from ..adapters.sampling import generate_images, load_pipeline
+from ..fileio import first_line, write_failure, write_failure_error
+from ..train.data import load_image
+from .metrics import (
+    TINY_RANDOM,
+    ReferenceEmbeddings,
+    load_clip_scorer,
+    load_dino_scorer,
+    mean_cosine_to,
+    mean_pairwise_cosine,
+    remove_token,
+)
+from .options import EvaluationOptions
+from .plan import (
     ImageJob,
     RunSpec,
     check_record,
@@ -38,18 +49,7 @@ from .eval_plan import (
     seed_scope,
     shard,
 )
-from .eval_report import write_reports
-from .fileio import first_line, write_failure, write_failure_error
-from .metrics import (
-    TINY_RANDOM,
-    ReferenceEmbeddings,
-    load_clip_scorer,
-    load_dino_scorer,
-    mean_cosine_to,
-    mean_pairwise_cosine,
-    remove_token,
-)
-from .sampling import generate_images, load_pipeline
+from .report import write_reports
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_RANDOM_NOTE = "CLIP is tiny-random: a small RANDOM-WEIGHT CLIP for smoke runs; its scores mean nothing"

@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import PARAMETRIZATIONS, GSOFTConfig
-from .fileio import first_line, reporting_write_failures, staged_directory
-from .injection import find_targets, inject_adapter, remove_adapter, trainable_parameters
-from .serialization import save_adapter
+from ..adapters.serialization import save_adapter
+from ..fileio import first_line, reporting_write_failures, staged_directory
+from ..gs.config import PARAMETRIZATIONS, GSOFTConfig
+from ..methods.injection import find_targets, inject_adapter, remove_adapter, trainable_parameters
 
 AUTHORS_FILE = "pytorch_lora_weights.safetensors"
 PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .resources import TINY_SD_CONFIG_DIR as TINY_CONFIG_DIR
+from ..resources import TINY_SD_CONFIG_DIR as TINY_CONFIG_DIR
 
 CLIP_CONTEXT_LENGTH = 77
 # CLIP's BPE file: a header line, then merges; CLIP keeps the first 49152 - 256 - 2 of them so that
@@ -200,7 +200,7 @@ def make_tiny_pipeline(
 
     import diffusers
 
-    from .families.base import tokenizer_name
+    from ..families.base import tokenizer_name
 
     config_dir = Path(config_dir) if config_dir is not None else TINY_CONFIG_DIR
     names = component_names(config_dir)

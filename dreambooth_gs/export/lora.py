@@ -1,7 +1,7 @@
 """Weight changes -> LoRA tensors in diffusers' or kohya's key layout, and the export report (errors, ranks).
 
-No file IO here (:mod:`dreambooth_gs.export` writes): each adapted Linear's change ``delta = W_merged - W_base`` is
-approximated by a truncated SVD (:mod:`dreambooth_gs.lowrank`) and laid out as
+No file IO here (:mod:`dreambooth_gs.export.formats` writes): each adapted Linear's change
+``delta = W_merged - W_base`` is approximated by a truncated SVD (:mod:`dreambooth_gs.export.lowrank`) and laid out as
 
 * ``diffusers`` (what ``pipe.load_lora_weights`` reads, PEFT's names): ``unet.<module>.lora_A.weight`` ``(r, in)``,
   ``unet.<module>.lora_B.weight`` ``(out, r)``, no alpha (diffusers then scales by 1 for every rank); a changed bias

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..gs.config import GSOFTConfig
 from . import baselines
-from .config import GSOFTConfig
 from .full import FULL_METHOD, FullConfig, enable_full_finetuning, full_config, full_parameters
 from .injection import adapter_layers, inject_adapter, trainable_parameters
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from ..gs.config import target_module_names
 from .baselines import peft_layers
-from .config import target_module_names
 from .injection import adapter_layers, find_targets, require_targets
 
 FULL_METHOD = "full"

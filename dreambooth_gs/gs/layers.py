@@ -7,7 +7,7 @@
 Trainable parameters carry the ``gsoft_`` prefix (``gsoft_L``, ``gsoft_R`` of shape ``(r, b, b)``; Double GSOFT's
 ``gsoft_in_*`` / ``gsoft_out_*``; BOFT's ``gsoft_butterfly`` ``(m, r, b, b)``; ``gsoft_s`` ``(out,)``) and are
 float32 whatever the base dtype. Every path (activation-side forward, weight-side forward, merge, unmerge) goes
-through :mod:`dreambooth_gs.functional`.
+through :mod:`dreambooth_gs.gs.functional`.
 """
 
 from __future__ import annotations

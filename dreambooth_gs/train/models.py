@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from . import families, methods
-from .baselines import check_oft_block_size
+from .. import families
+from ..families import Conditioning, Family, TextSettings
+from ..methods import registry as methods
+from ..methods.baselines import check_oft_block_size
+from ..methods.injection import remove_adapter
+from ..resources import DEMO_SUBJECT_DIR
 from .data import find_images
-from .families import Conditioning, Family, TextSettings
-from .injection import remove_adapter
 from .options import TrainingOptions
-from .resources import DEMO_SUBJECT_DIR
 
 SUBJECT_FILE = "subject.json"  # optional, beside instance images: {"class_name": "dog"}
 
@@ -62,7 +63,7 @@ class Components:
 def _resolve_model(options: TrainingOptions, accelerator: Accelerator) -> tuple[str, bool]:
     if options.pretrained_model_name_or_path:
         return options.pretrained_model_name_or_path, False
-    from .tiny import build_tiny_pipeline, default_tiny_pipeline_dir
+    from ..tiny.pipelines import build_tiny_pipeline, default_tiny_pipeline_dir
 
     with accelerator.main_process_first():
         return str(build_tiny_pipeline(default_tiny_pipeline_dir())), True
@@ -99,8 +100,8 @@ def check_subject_data(options: TrainingOptions, accelerator: Accelerator) -> Su
     """Check the instance folder (it exists and holds readable images) and the prompts, before any model loads."""
     instance_dir = Path(options.instance_data_dir) if options.instance_data_dir else DEMO_SUBJECT_DIR
     if options.instance_data_dir is None and not instance_dir.is_dir():
-        from .demo_data import make_demo_subject
-        from .tiny import default_tiny_pipeline_dir
+        from ..tiny.demo_subject import make_demo_subject
+        from ..tiny.pipelines import default_tiny_pipeline_dir
 
         instance_dir = default_tiny_pipeline_dir().parent / "demo_subject"
         with accelerator.main_process_first():

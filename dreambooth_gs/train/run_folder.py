@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from ..adapters.serialization import WEIGHTS_NAME
+from ..fileio import default_file_mode
 from .checkpoints import list_checkpoints, newest_complete, partial_saves
-from .fileio import default_file_mode
-from .serialization import WEIGHTS_NAME
 
 SET_ASIDE_PREFIX = ".earlier-run-"
 FINAL_STAGING = ".final-{}.partial"

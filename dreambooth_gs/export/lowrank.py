@@ -1,6 +1,6 @@
 """Low-rank approximation of weight changes: truncated SVD, the rank an error budget needs, and relative errors.
 
-Pure torch, no IO: the LoRA export (:mod:`dreambooth_gs.lora_export`), its report, the benchmark and the tests call
+Pure torch, no IO: the LoRA export (:mod:`dreambooth_gs.export.lora`), its report, the benchmark and the tests call
 these functions. Everything is computed in float64; a change ``delta`` of shape ``(out, in)`` is approximated by
 ``up @ down`` with ``up`` ``(out, rank)`` (LoRA's ``lora_B``) and ``down`` ``(rank, in)`` (``lora_A``). By
 Eckart-Young the truncated SVD is the best rank-``r`` approximation in Frobenius norm, and its relative error is

@@ -45,7 +45,7 @@ def model_card(doc: dict[str, Any], base_model: str, adapter_dir: str | os.PathL
             "",
             "## How it was made",
             "",
-            f"`{command}`" if command else "`dreambooth_gs.export.export_adapter(..., fmt='diffusers')`",
+            f"`{command}`" if command else "`dreambooth_gs.export.formats.export_adapter(..., fmt='diffusers')`",
             "",
             f"(dreambooth_gs {_library_version()}, adapter method `{doc['method']}`, base `{base_model}`)",
             "",

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .eval_plan import BASE_PROMPT, DATASET_DIR
+from ..resources import SUBJECTS_FILE
 from .metrics import DEFAULT_DINO_MODEL
-from .resources import SUBJECTS_FILE
+from .plan import BASE_PROMPT, DATASET_DIR
 
 
 def _help(text: str) -> dict[str, str]:

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ..gs.config import GSOFTConfig, is_target
+from ..gs.layers import ADAPTER_PREFIX, GSOFTLinear, dimension_error
 from .baselines import merge_peft_layers, peft_layers, remove_peft_adapter
-from .config import GSOFTConfig, is_target
-from .layers import ADAPTER_PREFIX, GSOFTLinear, dimension_error
 
 
 def _split_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_text, first_line
+from ..fileio import atomic_write_text, first_line
 
 MODEL_CARD_NAME = "README.md"
 # Never uploaded: resumable state, killed saves, set-aside earlier runs, tracker logs.

@@ -20,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from .fileio import WriteFailure, atomic_write_text, first_line, write_failure, write_failure_error
-from .serialization import load_adapter_weights, save_adapter
+from ..adapters.serialization import load_adapter_weights, save_adapter
+from ..fileio import WriteFailure, atomic_write_text, first_line, write_failure, write_failure_error
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -22,7 +22,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The objective's flags (a :class:`~dreambooth_gs.options.TrainingOptions` after the family filled its
+    """The objective's flags (a :class:`~dreambooth_gs.train.options.TrainingOptions` after the family filled its
     defaults in)."""
 
     prior_loss_weight: float | None = None  # None: no prior preservation

@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .fileio import atomic_write, created_directories, first_line, reporting_write_failures, staged_directory
+from ..adapters.serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, denoiser_name, load_adapter, read_adapter_config
+from ..fileio import atomic_write, created_directories, first_line, reporting_write_failures, staged_directory
 from .ldm_layout import TEXT_LAYOUTS, default_text_layout, pipeline_to_ldm, sdxl_pipeline_to_ldm
-from .lora_export import FULL_RANK, LORA_LAYOUTS, ModuleDelta, lora_tensors, report_markdown, report_summary
+from .lora import FULL_RANK, LORA_LAYOUTS, ModuleDelta, lora_tensors, report_markdown, report_summary
 from .model_card import model_card
-from .serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, denoiser_name, load_adapter, read_adapter_config
 
 FORMATS = ("diffusers", "lora", "single_file")
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
@@ -77,8 +77,8 @@ def check_pipeline_class(base_model: str) -> None:
     (``from_pretrained`` would fail with an AttributeError); an index that cannot be read is left to the load."""
     import diffusers
 
-    from . import families
-    from .families.base import read_model_index
+    from .. import families
+    from ..families.base import read_model_index
 
     try:
         class_name = read_model_index(base_model).get("_class_name")
@@ -96,9 +96,9 @@ def load_pipeline_for_export(base_model: str) -> Any:
     """The base pipeline in float32 exactly as its folder (or hub id, or single file) defines it, scheduler included."""
     from diffusers import DiffusionPipeline
 
-    from . import families
-    from .families.base import null_components
-    from .sampling import quiet_loading
+    from .. import families
+    from ..adapters.sampling import quiet_loading
+    from ..families.base import null_components
 
     if not Path(base_model).is_file():
         check_pipeline_class(base_model)
@@ -196,7 +196,7 @@ def export_diffusers(
     merged: MergedPipeline, output: Path, adapter_dir: str | os.PathLike, dtype: torch.dtype, command: str | None
 ) -> dict[str, Any]:
     """The merged pipeline as a diffusers folder (``save_pretrained``) with a model card."""
-    from .sampling import quiet_loading
+    from ..adapters.sampling import quiet_loading
 
     with export_directory(output, "the merged pipeline") as staging:
         if dtype != torch.float32:  # loaded and merged in float32
@@ -267,7 +267,7 @@ def export_single_file(merged: MergedPipeline, output: Path, text_layout: str, d
 def _check_kohya_family(adapter_dir: str | os.PathLike, base_model: str | None) -> None:
     """Refuse the kohya layout for a transformer family before the base pipeline loads (its model_index is read;
     a base that cannot be read is left to the load, which says why)."""
-    from . import families
+    from .. import families
 
     base = base_model or read_adapter_config(adapter_dir).get("base_model")
     try:

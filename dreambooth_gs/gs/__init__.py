@@ -1,0 +1,7 @@
+"""The Group-and-Shuffle core: the pure tensor math (``functional``: permutations, Cayley / exp blocks, block-diagonal
+and GS products, dense materialisation), the adapter config (``config.GSOFTConfig``) and the adapter layer that wraps
+a frozen ``nn.Linear`` (``layers.GSOFTLinear``).
+
+The bottom of the house: it imports torch only, and nothing of diffusers, PEFT, training or files. Every other path
+(forward, merge, export, GS-SOC convolutions, tests) calls this math instead of repeating it.
+"""
