@@ -6,6 +6,10 @@ prompts (with pooled embeddings where it has them), calls the denoiser on a trai
 time ids, Flux's packing, position ids and guidance), names its objective (DDPM for the UNet families, flow matching
 for the transformers) and builds the pipeline used for sampling. :func:`detect` finds the family of a diffusers
 folder, a hub id or a single file.
+
+May import :mod:`~dreambooth_gs.gs` (the default targets), :mod:`~dreambooth_gs.fileio` and the package resources;
+nothing of methods, adapters, training, evaluation or export. A new family is a module here plus its entry in
+``FAMILIES``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
 pair-preserving), ``GSSOC`` (grouped SOCs interleaved with shuffles), ``MaxMinPermuted`` and ``LipConvnet``; the
 pure math is in :mod:`dreambooth_gs.lipschitz.functional`, training and checkpoints in
 :mod:`dreambooth_gs.lipschitz.training`.
+
+May import :mod:`dreambooth_gs.gs` (the shuffle permutations of its functional core) only: it knows nothing of
+diffusion models.
 """
 
 from . import functional
