@@ -5,8 +5,11 @@ loads in diffusers and whose CLIP loads in open_clip."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import random
+import re
 import sys
 import time
 from dataclasses import replace
@@ -718,3 +721,116 @@ def test_every_script_prints_its_help(script):
     result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and "--" in result.stdout.split("usage:", 1)[1]
+    assert "%%" not in result.stdout  # pretrain.py's "cosine to 10%": escaped once, by dreambooth_gs.cli
+
+
+# -- the scripts' command lines: dreambooth_gs.cli's builder, as for the trainer -------------------------------------
+
+SCRIPTS = {"run": "RunOptions", "pretrain": "PretrainOptions", "tradeoff": "TradeoffOptions"}  # script: options
+DOCUMENTED = re.compile(r"benchmarks/minibooth/(run|pretrain|tradeoff)\.py((?: +--\w+(?: +[\w./]+)*)*)")
+
+
+def minibooth_script(name: str):
+    return importlib.import_module(f"benchmarks.minibooth.{name}")
+
+
+def documented_command_lines() -> list[tuple[str, str]]:
+    """``(script, flags)`` of every MiniBooth command line in docs/minibooth.md and the scripts' docstrings."""
+    texts = [(ROOT / "docs" / "minibooth.md").read_text(), *(minibooth_script(s).__doc__ for s in SCRIPTS)]
+    found = {(m[1], m[2].strip()) for text in texts for m in DOCUMENTED.finditer(text)}
+    return sorted(line for line in found if "--help" not in line[1])
+
+
+def test_every_documented_command_line_still_parses(monkeypatch):
+    """The flags users type (docs, docstrings, protocol.json's pretraining flags) parse as they did."""
+    monkeypatch.chdir(ROOT)  # --world_file benchmarks/minibooth/world_v2.json is relative to the checkout
+    lines = documented_command_lines()
+    assert len(lines) >= 15 and {s for s, _ in lines} == set(SCRIPTS)
+    for script, flags in lines:
+        minibooth_script(script).parse_args(flags.split())
+    pretrain = minibooth_script("pretrain")
+    for profile in json.loads(driver.PROTOCOL_FILE.read_text())["profiles"]:
+        protocol = driver.load_protocol(profile)
+        pretrain.parse_args([*protocol.pretrain_args, "--world_file", str(protocol.world_file)])
+
+
+PARSED = [  # (script, flags, {field: value})
+    ("run", [], {"profile": "full", "smoke": False, "jobs": 1, "methods": None, "until": "all", "seeds": None}),
+    ("run", ["--smoke", "--until", "sweep", "--methods", "gsoft", "lora", "--seeds", "0", "1"],
+     {"smoke": True, "until": "sweep", "methods": ["gsoft", "lora"], "seeds": [0, 1]}),
+    ("run", ["--num_threads", "1", "--jobs", "2", "--max_subjects", "2"],
+     {"num_threads": 1, "jobs": 2, "max_subjects": 2}),
+    ("pretrain", [], {"smoke": False, "family": "sd", "vae_lr": 2e-3, "config_dir": None, "num_threads": None}),
+    ("pretrain", ["--smoke", "--family", "sd3", "--vae_lr", "1e-3"], {"smoke": True, "family": "sd3", "vae_lr": 1e-3}),
+    ("tradeoff", [], {"methods": None, "seed": 0, "profile": "full", "from_sweep": False}),
+    ("tradeoff", ["--from_sweep", "--methods", "lora", "gsoft"], {"from_sweep": True, "methods": ["lora", "gsoft"]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script, flags, expected", PARSED, ids=[f"{c[0]} {' '.join(c[1])}" for c in PARSED])
+def test_flags_parse_with_the_dataclass_defaults(script, flags, expected):
+    options = minibooth_script(script).parse_args(flags)
+    assert {name: getattr(options, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_field_once_with_its_default(script, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    module = minibooth_script(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    fields = [f.name for f in dataclasses.fields(getattr(module, SCRIPTS[script]))]
+    assert re.findall(r"^  --(\w+)", text, flags=re.MULTILINE) == fields  # one flag per field, no dashed twins
+    assert re.search(r"--jobs INT .*\(default: 1\)" if script != "pretrain" else r"\(default: 3000\)", text, re.S)
+    assert "%%" not in text
+    if script == "pretrain":
+        assert re.search(r"then cosine to 10%\.\s+\(default: 200\)", text)  # a help text with a "%" renders
+
+
+BAD = [  # (script, flags, what the one line on stderr says)
+    ("run", ["--job", "2"], "unknown flag --job; did you mean --jobs?"),
+    ("run", ["--num-threads", "1"], "unknown flag --num-threads; did you mean --num_threads?"),
+    ("run", ["--prof", "v2"], "unknown flag --prof; did you mean --profile?"),  # no abbreviations
+    ("run", ["--until", "report"], "invalid choice: 'report'"),
+    ("run", ["--jobs", "two"], "invalid int value: 'two'"),
+    ("run", ["--smoke", "True"], "unexpected argument 'True'"),  # a switch takes no value
+    ("run", ["--seeds"], "expected at least one argument"),
+    ("pretrain", ["--vae_step", "3"], "unknown flag --vae_step; did you mean --vae_steps?"),
+    ("pretrain", ["--oracle_width", "12"], "--oracle_width must be a multiple of 8"),  # __post_init__
+    ("pretrain", ["--family", "flux"], "--family must be one of sd, sd3, got 'flux'"),
+    ("pretrain", ["--world_file", "missing.json"], "--world_file missing.json does not exist"),
+    ("pretrain", ["--num_images", "0"], "--num_images must be at least 1, got 0"),
+    ("tradeoff", ["--from-sweep"], "unknown flag --from-sweep; did you mean --from_sweep?"),
+    ("tradeoff", ["--seed", "0.5"], "invalid int value: '0.5'"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", BAD, ids=[f"{c[0]} {' '.join(c[1])}" for c in BAD])
+def test_bad_flags_are_one_line_without_usage(script, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        minibooth_script(script).parse_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{script}.py: error: ") and message in err and "usage:" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [
+        ("run", ["--profile", "nope"], "run.py: error: unknown profile 'nope'"),
+        ("tradeoff", ["--profile", "v2", "--work_dir", "{tmp}"], "tradeoff.py: error: {tmp}/sweep.json not found"),
+    ],
+)
+def test_errors_at_run_time_are_one_line(script, flags, message, tmp_path, capsys):
+    from dreambooth_gs.cli import run_cli
+
+    module = minibooth_script(script)
+    options = module.parse_args([flag.format(tmp=tmp_path) for flag in flags])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, options, f"{script}.py")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(tmp=tmp_path)) and len(err.strip().splitlines()) == 1, err

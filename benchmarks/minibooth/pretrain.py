@@ -19,7 +19,6 @@ by later runs.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -31,7 +30,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
 from benchmarks.minibooth import architectures as arch  # noqa: E402
 from benchmarks.minibooth.cache import build_stage, cache_root, fingerprint  # noqa: E402
@@ -48,69 +46,80 @@ from benchmarks.minibooth.stages import (  # noqa: E402
     write_samples,
 )
 from benchmarks.minibooth.world import WORLD_FILE, load_world  # noqa: E402
-
-
-def _help(text: str) -> dict:
-    return {"help": text.replace("%", "%%")}  # argparse formats help with %: a literal "10%" must be "10%%"
+from dreambooth_gs.cli import parse_options, run_cli  # noqa: E402
 
 
 @dataclass
 class PretrainOptions:
     """Sizes come from the JSON files of --config_dir; step counts and learning rates from these flags."""
 
-    cache_dir: str | None = field(default=None, metadata=_help("Cache root. Default: $DREAMBOOTH_GS_CACHE/minibooth."))
-    config_dir: str | None = field(
-        default=None, metadata=_help("Model configs (vae, unet, text_encoder, scheduler, clip .json). Default: full.")
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache root. Default: $DREAMBOOTH_GS_CACHE/minibooth."}
     )
-    smoke: bool = field(default=False, metadata=_help("Tiny configs and a few steps (seconds): checks the plumbing."))
+    config_dir: str | None = field(
+        default=None,
+        metadata={"help": "Model configs (vae, unet, text_encoder, scheduler, clip .json). Default: full."},
+    )
+    smoke: bool = field(
+        default=False, metadata={"help": "Tiny configs and a few steps (seconds): checks the plumbing."}
+    )
     family: str = field(
         default="sd",
-        metadata=_help(
-            "The base model's denoiser: sd (UNet2DConditionModel, DDPM) or sd3 (SD3Transformer2DModel with two CLIP "
-            "encoders, flow matching: the configs' sd3/ folder). The VAE, CLIP and oracle stages are shared."
-        ),
+        metadata={
+            "help": (
+                "The base model's denoiser: sd (UNet2DConditionModel, DDPM) or sd3 (SD3Transformer2DModel with two "
+                "CLIP encoders, flow matching: the configs' sd3/ folder). The VAE, CLIP and oracle stages are shared."
+            )
+        },
     )
     world_file: str = field(
-        default=str(WORLD_FILE), metadata=_help("The world (world.json; MiniBooth v2: world_v2.json).")
+        default=str(WORLD_FILE), metadata={"help": "The world (world.json; MiniBooth v2: world_v2.json)."}
     )
-    seed: int = field(default=0, metadata=_help("Seed of the world, the initialisations and the training."))
-    resolution: int = field(default=64, metadata=_help("Picture size in pixels."))
-    num_images: int = field(default=16000, metadata=_help("World pictures to train on (rendered once per process)."))
-    vae_steps: int = field(default=3000, metadata=_help("VAE optimizer steps."))
-    vae_batch_size: int = field(default=32, metadata=_help("VAE batch size (crops)."))
-    vae_crop: int = field(default=32, metadata=_help("VAE training crop in pixels (a multiple of 8)."))
-    vae_lr: float = field(default=2e-3, metadata=_help("VAE learning rate (AdamW, warm-up + cosine)."))
-    vae_kl_weight: float = field(default=1e-6, metadata=_help("Weight of the VAE's KL term (SD: 1e-6)."))
-    unet_steps: int = field(default=4000, metadata=_help("Denoiser (UNet or transformer) + text encoder steps."))
-    unet_batch_size: int = field(default=32, metadata=_help("Denoiser batch size."))
-    unet_lr: float = field(default=5e-4, metadata=_help("Denoiser + text encoder learning rate (AdamW)."))
-    unet_warmup_steps: int = field(default=200, metadata=_help("Linear warm-up steps, then cosine to 10%."))
-    ema_decay: float = field(default=0.999, metadata=_help("EMA decay of the saved UNet and text encoder weights."))
-    caption_dropout: float = field(default=0.1, metadata=_help("Empty-caption probability (classifier-free guidance)."))
-    min_snr_gamma: float = field(default=5.0, metadata=_help("Min-SNR-gamma loss weighting (sd; sd3 uses SD3's)."))
-    clip_steps: int = field(default=1500, metadata=_help("CLIP optimizer steps."))
-    clip_batch_size: int = field(default=128, metadata=_help("CLIP batch size (pairs)."))
-    clip_lr: float = field(default=5e-4, metadata=_help("CLIP learning rate (AdamW)."))
-    clip_warmup_steps: int = field(default=100, metadata=_help("CLIP warm-up steps."))
+    seed: int = field(default=0, metadata={"help": "Seed of the world, the initialisations and the training."})
+    resolution: int = field(default=64, metadata={"help": "Picture size in pixels."})
+    num_images: int = field(default=16000, metadata={"help": "World pictures to train on (rendered once per process)."})
+    vae_steps: int = field(default=3000, metadata={"help": "VAE optimizer steps."})
+    vae_batch_size: int = field(default=32, metadata={"help": "VAE batch size (crops)."})
+    vae_crop: int = field(default=32, metadata={"help": "VAE training crop in pixels (a multiple of 8)."})
+    vae_lr: float = field(default=2e-3, metadata={"help": "VAE learning rate (AdamW, warm-up + cosine)."})
+    vae_kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the VAE's KL term (SD: 1e-6)."})
+    unet_steps: int = field(default=4000, metadata={"help": "Denoiser (UNet or transformer) + text encoder steps."})
+    unet_batch_size: int = field(default=32, metadata={"help": "Denoiser batch size."})
+    unet_lr: float = field(default=5e-4, metadata={"help": "Denoiser + text encoder learning rate (AdamW)."})
+    unet_warmup_steps: int = field(default=200, metadata={"help": "Linear warm-up steps, then cosine to 10%."})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet and text encoder weights."})
+    caption_dropout: float = field(
+        default=0.1, metadata={"help": "Empty-caption probability (classifier-free guidance)."}
+    )
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "Min-SNR-gamma loss weighting (sd; sd3 uses SD3's)."})
+    clip_steps: int = field(default=1500, metadata={"help": "CLIP optimizer steps."})
+    clip_batch_size: int = field(default=128, metadata={"help": "CLIP batch size (pairs)."})
+    clip_lr: float = field(default=5e-4, metadata={"help": "CLIP learning rate (AdamW)."})
+    clip_warmup_steps: int = field(default=100, metadata={"help": "CLIP warm-up steps."})
     clip_caption_keep_scale: float = field(
-        default=0.5, metadata=_help("Scales the world's attribute-drop probabilities for CLIP captions (1: same).")
+        default=0.5, metadata={"help": "Scales the world's attribute-drop probabilities for CLIP captions (1: same)."}
     )
-    oracle_images: int = field(default=16000, metadata=_help("World pictures the attribute oracle trains on."))
-    oracle_steps: int = field(default=1500, metadata=_help("Attribute-oracle optimizer steps."))
-    oracle_batch_size: int = field(default=128, metadata=_help("Attribute-oracle batch size."))
-    oracle_lr: float = field(default=2e-3, metadata=_help("Attribute-oracle learning rate (AdamW, warm-up + cosine)."))
-    oracle_width: int = field(default=16, metadata=_help("Channels of the oracle's first conv block (x2, x4 after)."))
+    oracle_images: int = field(default=16000, metadata={"help": "World pictures the attribute oracle trains on."})
+    oracle_steps: int = field(default=1500, metadata={"help": "Attribute-oracle optimizer steps."})
+    oracle_batch_size: int = field(default=128, metadata={"help": "Attribute-oracle batch size."})
+    oracle_lr: float = field(
+        default=2e-3, metadata={"help": "Attribute-oracle learning rate (AdamW, warm-up + cosine)."}
+    )
+    oracle_width: int = field(
+        default=16, metadata={"help": "Channels of the oracle's first conv block (x2, x4 after)."}
+    )
     sample_prompts: str = field(
-        default=str(HERE / "sample_prompts.txt"), metadata=_help("Prompts of the base model's sample grid.")
+        default=str(HERE / "sample_prompts.txt"), metadata={"help": "Prompts of the base model's sample grid."}
     )
-    sample_seeds: int = field(default=4, metadata=_help("Columns (seeds) of the sample grid."))
-    sample_steps: int = field(default=25, metadata=_help("DDIM steps of the sample grid."))
-    guidance_scale: float = field(default=5.0, metadata=_help("Classifier-free guidance of the sample grid."))
+    sample_seeds: int = field(default=4, metadata={"help": "Columns (seeds) of the sample grid."})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the sample grid."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance of the sample grid."})
     fidelity_pictures: int = field(
-        default=64, metadata=_help("Held-out scenes drawn by the base model for the prompt-fidelity check (0: skip).")
+        default=64,
+        metadata={"help": "Held-out scenes drawn by the base model for the prompt-fidelity check (0: skip)."},
     )
-    num_threads: int | None = field(default=None, metadata=_help("torch CPU threads. Default: torch's choice."))
-    log_every: int = field(default=100, metadata=_help("Print the loss every N steps."))
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads. Default: torch's choice."})
+    log_every: int = field(default=100, metadata={"help": "Print the loss every N steps."})
 
     def __post_init__(self) -> None:
         if self.family not in arch.FAMILIES:
@@ -203,15 +212,7 @@ def pretrain(options: PretrainOptions, log=print) -> Pretrained:
 
 
 def parse_args(input_args: list[str] | None = None) -> PretrainOptions:
-    parser = HfArgumentParser(
-        PretrainOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.prog = "pretrain.py"
-    try:
-        (options,) = parser.parse_args_into_dataclasses(args=input_args)
-    except ValueError as err:
-        parser.error(str(err))
-    return options
+    return parse_options(PretrainOptions, input_args, "pretrain.py", __doc__)
 
 
 def main(args: PretrainOptions) -> Pretrained:
@@ -219,4 +220,4 @@ def main(args: PretrainOptions) -> Pretrained:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args(), "pretrain.py")

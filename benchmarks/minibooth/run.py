@@ -15,7 +15,6 @@ $DREAMBOOTH_GS_CACHE/minibooth/work-<profile> (default ~/.cache/dreambooth_gs/mi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,8 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from transformers import HfArgumentParser  # noqa: E402
-
 from benchmarks.minibooth import driver  # noqa: E402
 from benchmarks.minibooth import pretrain as pretraining_script  # noqa: E402
 from benchmarks.minibooth.cache import cache_root  # noqa: E402
@@ -37,45 +34,46 @@ from benchmarks.minibooth.fidelity import SUBJECT_LOOK, subject_ceilings  # noqa
 from benchmarks.minibooth.report import per_subject_means, render_report, summarize, timing_conditions  # noqa: E402
 from benchmarks.minibooth.subjects import WorldSubject, load_subjects, write_subject_images  # noqa: E402
 from benchmarks.minibooth.world import load_world  # noqa: E402
-
-
-def _help(text: str) -> dict:
-    return {"help": text.replace("%", "%%")}  # argparse formats help with %: a literal "10%" must be "10%%"
+from dreambooth_gs.cli import parse_options, run_cli  # noqa: E402
 
 
 @dataclass
 class RunOptions:
     profile: str = field(
         default="full",
-        metadata=_help(
-            "The protocol's profile: full (MiniBooth v1, sprite subjects), v2 (world-object subjects held out of the "
-            "v2 world, scored by the attribute oracle too), flow (v2's world and subjects on an SD3 transformer "
-            "pretrained with flow matching), smoke or flow_smoke (plumbing)."
-        ),
+        metadata={
+            "help": (
+                "The protocol's profile: full (MiniBooth v1, sprite subjects), v2 (world-object subjects held out of "
+                "the v2 world, scored by the attribute oracle too), flow (v2's world and subjects on an SD3 "
+                "transformer pretrained with flow matching), smoke or flow_smoke (plumbing)."
+            )
+        },
     )
-    smoke: bool = field(default=False, metadata=_help("Same as --profile smoke: tiny models and runs (plumbing)."))
+    smoke: bool = field(default=False, metadata={"help": "Same as --profile smoke: tiny models and runs (plumbing)."})
     work_dir: str | None = field(
-        default=None, metadata=_help("Work folder. Default: <cache>/minibooth/work-<profile>.")
+        default=None, metadata={"help": "Work folder. Default: <cache>/minibooth/work-<profile>."}
     )
-    num_threads: int | None = field(default=None, metadata=_help("CPU threads of every process. Default: torch's."))
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads of every process. Default: torch's."})
     jobs: int = field(
         default=1,
-        metadata=_help(
-            "Fine-tuning runs trained at once (each a process with --num_threads threads; the evaluation, which "
-            "runs alone, gets jobs x num_threads). On 2 cores, --jobs 2 --num_threads 1 gets through the runs "
-            "faster; seconds per step are then measured under that load (the report says so)."
-        ),
+        metadata={
+            "help": (
+                "Fine-tuning runs trained at once (each a process with --num_threads threads; the evaluation, which "
+                "runs alone, gets jobs x num_threads). On 2 cores, --jobs 2 --num_threads 1 gets through the runs "
+                "faster; seconds per step are then measured under that load (the report says so)."
+            )
+        },
     )
-    methods: list[str] | None = field(default=None, metadata=_help("Only these methods of protocol.json."))
-    until: Literal["pretrain", "sweep", "all"] = field(default="all", metadata=_help("Stop after this step."))
+    methods: list[str] | None = field(default=None, metadata={"help": "Only these methods of protocol.json."})
+    until: Literal["pretrain", "sweep", "all"] = field(default="all", metadata={"help": "Stop after this step."})
     seeds: list[int] | None = field(
-        default=None, metadata=_help("Seeds of the main runs instead of the profile's (the report says which).")
+        default=None, metadata={"help": "Seeds of the main runs instead of the profile's (the report says which)."}
     )
     max_subjects: int | None = field(
-        default=None, metadata=_help("Report only the first N held-out subjects instead of the profile's.")
+        default=None, metadata={"help": "Report only the first N held-out subjects instead of the profile's."}
     )
-    protocol_file: str = field(default=str(driver.PROTOCOL_FILE), metadata=_help("The protocol (methods, runs)."))
-    subjects_file: str | None = field(default=None, metadata=_help("The held-out subjects. Default: the profile's."))
+    protocol_file: str = field(default=str(driver.PROTOCOL_FILE), metadata={"help": "The protocol (methods, runs)."})
+    subjects_file: str | None = field(default=None, metadata={"help": "The held-out subjects. Default: the profile's."})
 
 
 def log(message: str) -> None:
@@ -219,16 +217,8 @@ def main(args: RunOptions) -> Path:
 
 
 def parse_args(input_args: list[str] | None = None) -> RunOptions:
-    parser = HfArgumentParser(RunOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.prog = "run.py"
-    try:
-        (options,) = parser.parse_args_into_dataclasses(args=input_args)
-    except ValueError as err:
-        parser.error(str(err))
-    return options
+    return parse_options(RunOptions, input_args, "run.py", __doc__)
 
 
 if __name__ == "__main__":
-    from dreambooth_gs.cli import run_cli
-
     run_cli(main, parse_args(), "run.py")

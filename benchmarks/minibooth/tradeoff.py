@@ -17,7 +17,6 @@ subject and one seed (sweep_tradeoff.md, sweep_tradeoff.png).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,12 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from transformers import HfArgumentParser  # noqa: E402
-
 from benchmarks.minibooth import driver  # noqa: E402
 from benchmarks.minibooth import run as comparison  # noqa: E402
 from benchmarks.minibooth.cache import cache_root  # noqa: E402
 from benchmarks.minibooth.report import METRIC_NAMES, noise_verdict, paired_difference  # noqa: E402
+from dreambooth_gs.cli import parse_options, run_cli  # noqa: E402
 
 
 @dataclass
@@ -291,11 +289,9 @@ def main(options: TradeoffOptions) -> Path:
     return write_tradeoff(curves, chosen, protocol, base, header, title, work_dir / "tradeoff", columns, paired)
 
 
-if __name__ == "__main__":
-    from dreambooth_gs.cli import run_cli
+def parse_args(input_args: list[str] | None = None) -> TradeoffOptions:
+    return parse_options(TradeoffOptions, input_args, "tradeoff.py", __doc__)
 
-    parser = HfArgumentParser(
-        TradeoffOptions, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    (parsed,) = parser.parse_args_into_dataclasses()
-    run_cli(main, parsed, "tradeoff.py")
+
+if __name__ == "__main__":
+    run_cli(main, parse_args(), "tradeoff.py")
