@@ -20,7 +20,9 @@ from .methods.injection import (
     remove_adapter,
     trainable_parameters,
 )
+from .methods.peft_gs import register as _register_with_peft
 
+_register_with_peft()  # GSOFTConfig then works with get_peft_model, PeftModel.from_pretrained, diffusers' add_adapter
 __version__ = "0.1.0"
 
 __all__ = [

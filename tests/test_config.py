@@ -56,13 +56,19 @@ def test_invalid_configs_say_what_is_wrong(kwargs, match):
 ])  # fmt: skip
 def test_dict_round_trip_through_json(kwargs):
     config = GSOFTConfig(**kwargs)
-    data = json.loads(json.dumps(config.to_dict()))
+    data = json.loads(json.dumps(config.adapter_dict()))
     assert isinstance(data["target_modules"], list)
     assert GSOFTConfig.from_dict(data) == config
+    # an adapter folder's config section holds the GS fields only, as format 1 always did
+    assert set(data) == {"method", "nblocks", "block_size", "n_butterfly_factor", "target_modules", "scale",
+                         "parametrization", "forward_mode", "weight_side_modules"}  # fmt: skip
+    # PEFT's form carries peft_type, and PEFT's own loader reads it back
+    peft_form = json.loads(json.dumps(config.to_dict()))
+    assert peft_form["peft_type"] == "GSOFT" and GSOFTConfig.from_peft_type(**peft_form) == config
 
 
 def test_from_dict_rejects_unknown_fields():
-    data = GSOFTConfig().to_dict() | {"rank": 4}
+    data = GSOFTConfig().adapter_dict() | {"rank": 4}
     with pytest.raises(ValueError, match=r"unknown GSOFTConfig fields \['rank'\]"):
         GSOFTConfig.from_dict(data)
 

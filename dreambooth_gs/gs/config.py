@@ -1,4 +1,11 @@
-"""GSOFTConfig: what an adapter is (method, block structure, targets), validated, and its JSON form."""
+"""GSOFTConfig: what an adapter is (method, block structure, targets), validated, and its JSON forms.
+
+It is a PEFT config (``peft.PeftConfig``, peft type ``GSOFT``), so ``peft.get_peft_model(model, GSOFTConfig(...))``
+and diffusers' ``add_adapter`` take it (the tuner that builds the layers is registered by
+:mod:`dreambooth_gs.methods.peft_gs`). Two JSON forms: :meth:`GSOFTConfig.adapter_dict` is the ``config`` section
+of this toolkit's adapter folders (the GS fields only, unchanged since format 1); ``to_dict`` is PEFT's (every
+field, with ``peft_type``), which PEFT's own ``save_pretrained`` / ``from_pretrained`` write and read.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,30 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from peft import PeftConfig
+from peft.utils.peft_types import PeftType
+
 METHODS = ("gsoft", "double_gsoft", "boft")
 PARAMETRIZATIONS = ("cayley", "exp")
 FORWARD_MODES = ("auto", "activation", "weight")
 DEFAULT_NBLOCKS = 32
 DEFAULT_BOFT_FACTORS = 4  # the paper's BOFT (32 blocks, 4 factors) row of Table 2
+
+
+PEFT_TYPE = "GSOFT"
+
+
+def gsoft_peft_type() -> PeftType:
+    """PEFT's ``PeftType.GSOFT``, added to its enum on first use (PEFT's enum is closed: an out-of-tree method has to
+    add its member before ``register_peft_method`` accepts it; nothing of PEFT's files is edited)."""
+    if PEFT_TYPE not in PeftType.__members__:
+        member = str.__new__(PeftType, PEFT_TYPE)
+        member._name_ = member._value_ = PEFT_TYPE
+        type.__setattr__(PeftType, PEFT_TYPE, member)
+        PeftType._member_map_[PEFT_TYPE] = member
+        PeftType._value2member_map_[PEFT_TYPE] = member
+        PeftType._member_names_.append(PEFT_TYPE)
+    return PeftType[PEFT_TYPE]
 
 
 def divisors(n: int) -> list[int]:
@@ -36,8 +62,8 @@ def target_module_names(
 
 
 @dataclass
-class GSOFTConfig:
-    """Configuration of a GSOFT / Double GSOFT / BOFT adapter; ``to_dict`` / ``from_dict`` round-trip it."""
+class GSOFTConfig(PeftConfig):
+    """Configuration of a GSOFT / Double GSOFT / BOFT adapter; ``adapter_dict`` / ``from_dict`` round-trip it."""
 
     FORMAT_VERSION: ClassVar[int] = 1
 
@@ -99,7 +125,16 @@ class GSOFTConfig:
         },
     )
 
+    # What PEFT's tuner reads of every config; GS adapters always name their targets and adapt nothing else.
+    exclude_modules: tuple[str, ...] | None = field(default=None, metadata={"help": "PEFT: modules never adapted."})
+    target_parameters: None = field(default=None, metadata={"help": "PEFT: unused by GS adapters."})
+    modules_to_save: None = field(default=None, metadata={"help": "PEFT: unused by GS adapters."})
+    layers_to_transform: None = field(default=None, metadata={"help": "PEFT: unused by GS adapters."})
+    layers_pattern: None = field(default=None, metadata={"help": "PEFT: unused by GS adapters."})
+
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = gsoft_peft_type()
         self.target_modules = target_module_names(self.target_modules)
         self.weight_side_modules = target_module_names(self.weight_side_modules, "weight_side_modules", allow_none=True)
         if self.method not in METHODS:
@@ -142,7 +177,15 @@ class GSOFTConfig:
             return self.nblocks if dim % self.nblocks == 0 else None
         return dim // self.block_size if dim % self.block_size == 0 else None
 
+    def adapter_dict(self) -> dict[str, Any]:
+        """The ``config`` section of an adapter folder: the GS fields only (format 1)."""
+        data = {name: getattr(self, name) for name in ADAPTER_FIELDS}
+        data["target_modules"] = list(self.target_modules)
+        data["weight_side_modules"] = list(self.weight_side_modules)
+        return data
+
     def to_dict(self) -> dict[str, Any]:
+        """PEFT's form: every field, ``peft_type`` included (what ``PeftConfig.save_pretrained`` writes)."""
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         data["weight_side_modules"] = list(self.weight_side_modules)
@@ -150,8 +193,19 @@ class GSOFTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GSOFTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """A config from :meth:`adapter_dict`'s form (an adapter folder's ``config`` section); refuses unknown
+        fields."""
+        unknown = sorted(set(data) - set(ADAPTER_FIELDS))
         if unknown:
-            raise ValueError(f"unknown GSOFTConfig fields {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"unknown GSOFTConfig fields {unknown}; known fields: {sorted(ADAPTER_FIELDS)}")
         return cls(**data)
+
+
+# The fields of an adapter folder's config section: GSOFTConfig's own, not those it inherits from PEFT's config.
+ADAPTER_FIELDS = tuple(
+    f.name
+    for f in fields(GSOFTConfig)
+    if f.name
+    not in {g.name for g in fields(PeftConfig)}
+    | {"exclude_modules", "target_parameters", "modules_to_save", "layers_to_transform", "layers_pattern"}
+)

@@ -156,6 +156,25 @@ def orthogonal_blocks(params: torch.Tensor, parametrization: str = "cayley") -> 
     raise ValueError(f"unknown parametrization {parametrization!r}; use 'cayley' or 'exp'")
 
 
+def orthogonal_blocks_at_strength(
+    params: torch.Tensor, strength: float, parametrization: str = "cayley"
+) -> torch.Tensor:
+    """The blocks of an adapter applied at ``strength`` ``s``: ``Cayley(s K)`` (``exp(s K)``) from each block's skew
+    generator ``K = skew(A)``. ``s = 0`` gives the identity, ``s = 1`` exactly :func:`orthogonal_blocks` (the same
+    call, bit for bit), and every ``s`` an orthogonal block: unlike ``I + s (Q - I)``, the strength never leaves the
+    orthogonal group. ``skew`` is linear, so ``skew(s A) = s K``."""
+    if strength == 1:
+        return orthogonal_blocks(params, parametrization)
+    return orthogonal_blocks(params * strength, parametrization)
+
+
+def scale_at_strength(scale: torch.Tensor, strength: float) -> torch.Tensor:
+    """A trained scale vector ``d`` at ``strength`` ``s``: ``1 + s (d - 1)`` (``s = 1``: ``d`` itself, unchanged)."""
+    if strength == 1:
+        return scale
+    return 1 + strength * (scale - 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Block-diagonal and GS multiplies
 # ---------------------------------------------------------------------------------------------------------------

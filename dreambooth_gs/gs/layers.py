@@ -82,7 +82,7 @@ class GSOFTLinear(nn.Module):
         if error:
             raise ValueError(error)
         self.base_layer = base_layer
-        self.config_dict = config.to_dict()  # what save_adapter writes; all layers of one injection share it
+        self.config_dict = config.adapter_dict()  # what save_adapter writes; all layers of one injection share it
         self.method = config.method
         self.parametrization = config.parametrization
         weight_side = config.forward_mode == "auto" and is_target(name, config.weight_side_modules)
@@ -120,8 +120,9 @@ class GSOFTLinear(nn.Module):
     def _boft_gathers(self) -> list[torch.Tensor | None]:
         return [getattr(self, f"boft_gather_{i}") if kept else None for i, kept in enumerate(self._gather_slots)]
 
-    def orthogonal_factors(self) -> dict[str, torch.Tensor]:
-        """The orthogonal blocks of every factor (float32), in as few batched solves as the shapes allow."""
+    def orthogonal_factors(self, strength: float = 1.0) -> dict[str, torch.Tensor]:
+        """The orthogonal blocks of every factor (float32), in as few batched solves as the shapes allow; at
+        ``strength`` ``s`` each block is ``Cayley(s K)`` of its generator (``gsf.orthogonal_blocks_at_strength``)."""
         names = [n for n, _ in self.named_parameters(recurse=False) if n != "gsoft_s"]
         params = [getattr(self, n) for n in names]
         flat = [p.reshape(-1, *p.shape[-2:]) for p in params]  # (blocks, b, b) each
@@ -130,7 +131,8 @@ class GSOFTLinear(nn.Module):
         for i, p in enumerate(flat):
             by_size.setdefault(p.shape[-1], []).append(i)
         for indices in by_size.values():
-            blocks = gsf.orthogonal_blocks(torch.cat([flat[i] for i in indices]), self.parametrization)
+            stacked = torch.cat([flat[i] for i in indices])  # (blocks of this size, b, b)
+            blocks = gsf.orthogonal_blocks_at_strength(stacked, strength, self.parametrization)
             for i, chunk in zip(indices, blocks.split([flat[i].shape[0] for i in indices])):
                 out[names[i]] = chunk.view(params[i].shape)
         return out
@@ -150,24 +152,31 @@ class GSOFTLinear(nn.Module):
         return factors[prefix + "L"].to(dtype), factors[prefix + "R"].to(dtype)
 
     def _transform_weight(
-        self, weight: torch.Tensor, inverse: bool = False, factors: dict[str, torch.Tensor] | None = None
+        self,
+        weight: torch.Tensor,
+        inverse: bool = False,
+        factors: dict[str, torch.Tensor] | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """``diag(s) Q_out W Q_in`` (or its inverse) computed in float32 (``factors``: the orthogonal blocks, if
-        already computed)."""
-        factors = self.orthogonal_factors() if factors is None else factors
+        already computed); ``strength``: the adapter at that strength (blocks and scale vector alike)."""
+        factors = self.orthogonal_factors(strength) if factors is None else factors
+        scale = None if self.gsoft_s is None else gsf.scale_at_strength(self.gsoft_s, strength)
         w = weight.float()
-        if inverse and self.gsoft_s is not None:
-            w = w / self.gsoft_s.float()[:, None]
+        if inverse and scale is not None:
+            w = w / scale.float()[:, None]
         w = self._rotate(w, factors, "in", transpose=not inverse)  # rows: W Q_in (or W Q_in^T)
         if self.method == "double_gsoft":
             w = self._rotate(w.T, factors, "out", transpose=inverse).T  # columns: Q_out W (or Q_out^T W)
-        if not inverse and self.gsoft_s is not None:
-            w = w * self.gsoft_s.float()[:, None]
+        if not inverse and scale is not None:
+            w = w * scale.float()[:, None]
         return w
 
-    def merged_weight(self) -> torch.Tensor:
-        """The weight with the adapter folded in, in the base weight's dtype."""
-        return self._transform_weight(self.base_layer.weight).to(self.base_layer.weight.dtype)
+    def merged_weight(self, strength: float = 1.0) -> torch.Tensor:
+        """The weight with the adapter folded in, in the base weight's dtype; at ``strength`` ``s`` each block is
+        ``Cayley(s K)`` and the scale vector ``1 + s (d - 1)`` (``s = 0``: the base weight, ``s = 1``: the adapter)."""
+        weight = self._transform_weight(self.base_layer.weight, strength=strength)
+        return weight.to(self.base_layer.weight.dtype)
 
     # -- forward ----------------------------------------------------------------------------------------------
 
