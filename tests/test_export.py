@@ -436,7 +436,7 @@ def test_failed_write_is_one_line_and_keeps_the_old_output(
     output (--overwrite) is byte-identical afterwards, and a new one leaves nothing: no staging folder, no temporary
     file, no parent folder the export created."""
     folder, merged = adapters("gsoft")
-    monkeypatch.setattr(export_module, "load_merged", lambda adapter_dir, base_model=None: merged)
+    monkeypatch.setattr(export_module, "load_merged", lambda adapter_dir, base_model=None, strength=1.0: merged)
     single = fmt[0] == "single_file"
     output = tmp_path / "parent" / ("model.safetensors" if single else "out")
     if existing:
@@ -494,3 +494,127 @@ def test_error_benchmark_on_a_trained_adapter(tmp_path, base_pipe, adapters, met
     torch.testing.assert_close(curve.samples["base model"], bench.draw(base_pipe, "a sks dog", 2, 2, 5.0))
     bench.save_sample_grid(curve, tmp_path)
     assert (tmp_path / f"export_lora_samples_{method}.jpg").is_file()
+
+
+# -- --scale: the adapter at a strength -------------------------------------------------------------------------
+
+
+def _unet_weights(pipe) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in pipe.unet.state_dict().items() if k.endswith("weight")}
+
+
+@pytest.mark.parametrize("method", [m for m, _ in METHODS])
+def test_scale_zero_is_the_base_and_one_the_plain_merge(tiny_dir, adapters, method):
+    """s = 0 changes no weight at all (bit for bit); s = 1 through the strength path is the plain merge (bit for bit
+    for the rotations; lora / full interpolate W + s (W' - W), one rounding off, which is why --scale 1 never takes
+    that path and the export stays what it was)."""
+    from dreambooth_gs.export.formats import module_deltas
+    from dreambooth_gs.export.strength import adapter_documents, load_at_strength
+
+    folder, merged = adapters(method)
+    at_zero = load_merged(folder, strength=0.0)
+    assert at_zero.strength == 0.0
+    assert all(not d.weight.any() and (d.bias is None or not d.bias.any()) for d in module_deltas(at_zero))
+    pipe = export_module.load_pipeline_for_export(tiny_dir)
+    load_at_strength(pipe, folder, 1.0, adapter_documents(merged.document, folder), merged.base)
+    actual, expected = _unet_weights(pipe), _unet_weights(merged.pipeline)
+    if method in ("lora", "full"):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+    else:
+        assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_scale_one_writes_todays_file_and_zero_no_lora(tmp_path, adapters):
+    folder, _ = adapters("gsoft")
+    for name, scale in (("default", None), ("one", 1.0)):
+        kwargs = {} if scale is None else {"scale": scale}
+        export_adapter(folder, "lora", tmp_path / name, rank=8, lora_format="kohya", **kwargs)
+    # safetensors writes its metadata in hash order, so two files are compared by tensors and metadata, not bytes
+    (default, default_meta), (one, one_meta) = (
+        (load_file(path), safetensors.safe_open(path, "pt").metadata())
+        for path in (tmp_path / n / LORA_FILES["kohya"] for n in ("default", "one"))
+    )
+    assert default.keys() == one.keys() and all(torch.equal(default[k], one[k]) for k in default)
+    assert default_meta == one_meta and "dreambooth_gs_scale" not in one_meta
+    with pytest.raises(ValueError, match="--scale 0 is the base model itself"):
+        export_adapter(folder, "lora", tmp_path / "zero", rank=8, scale=0.0)
+    assert not (tmp_path / "zero").exists()
+
+
+def _layer(method: str, scale: bool, parametrization: str = "cayley"):
+    from dreambooth_gs.gs.layers import GSOFTLinear
+
+    torch.manual_seed(0)
+    config = {"gsoft": {}, "double_gsoft": {"method": "double_gsoft"},
+              "boft": {"method": "boft", "n_butterfly_factor": 2}}[method]  # fmt: skip
+    layer = GSOFTLinear(
+        torch.nn.Linear(32, 48), GSOFTConfig(nblocks=4, scale=scale, parametrization=parametrization, **config)
+    )
+    with torch.no_grad():
+        for param in layer.adapter_parameters():
+            param.add_(torch.randn(param.shape) * 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("parametrization", ["cayley", "exp"])
+@pytest.mark.parametrize("method", ["gsoft", "double_gsoft", "boft"])
+def test_gs_strength_is_a_rotation_cayley_of_s_k(method, parametrization, ref):
+    """Half strength without the scale vector: W' = W Q(0.5) keeps W's singular values (the rotation stays in the
+    orthogonal group, unlike a linear blend), lies strictly between base and adapter, and its blocks are Cayley(K / 2)
+    (exp(K / 2)); with the scale vector d, the rows are scaled by 1 + s (d - 1)."""
+    from dreambooth_gs.gs import functional as gsf
+
+    layer = _layer(method, scale=False, parametrization=parametrization)
+    base = layer.base_layer.weight.detach()
+    assert torch.equal(layer.merged_weight(1.0), layer.merged_weight())
+    half, full = layer.merged_weight(0.5).detach(), layer.merged_weight().detach()
+    torch.testing.assert_close(torch.linalg.svdvals(half), torch.linalg.svdvals(base), rtol=1e-5, atol=1e-6)
+    assert 0 < (half - base).norm() < (full - base).norm() and (half - full).norm() > 1e-3
+    torch.testing.assert_close(layer.merged_weight(0.0), base, rtol=0, atol=1e-6)
+    params = layer.adapter_parameters()[0].detach().reshape(-1, 8, 8)  # the first factor's raw blocks
+    blocks = gsf.orthogonal_blocks_at_strength(params, 0.5, parametrization).double()
+    k = (params.double() - params.double().mT) / 2
+    expected = ref.cayley(params / 2) if parametrization == "cayley" else torch.linalg.matrix_exp(k / 2)
+    torch.testing.assert_close(blocks, expected, rtol=1e-5, atol=1e-6)
+
+    scaled = _layer(method, scale=True, parametrization=parametrization)
+    d = scaled.gsoft_s.detach()
+    assert torch.equal(gsf.scale_at_strength(d, 1.0), d)
+    unscaled = scaled.merged_weight(0.5).detach() / (1 + 0.5 * (d - 1))[:, None]
+    torch.testing.assert_close(torch.linalg.svdvals(unscaled), torch.linalg.svdvals(base), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gsoft", "oft", "lora"])
+def test_half_strength_lora_loads_as_the_adapter_at_half_strength(tmp_path, base_pipe, adapters, method):
+    """--scale 0.5 through the exporter: the full-rank LoRA reproduces the half-strength merge in diffusers; an
+    orthogonal method's merged weights keep the base's singular values (PEFT's OFT: Cayley of its scaled
+    generator), a LoRA's change is half the full one."""
+    folder, merged = adapters(method)
+    report = export_adapter(folder, "lora", tmp_path / "lora", rank="full", scale=0.5)
+    assert report["scale"] == 0.5 and "strength 0.5" in report["summary"][0]
+    metadata = safetensors.safe_open(tmp_path / "lora" / LORA_FILES["diffusers"], "pt").metadata()
+    assert metadata["dreambooth_gs_scale"] == "0.5"
+    half = load_merged(folder, strength=0.5)
+    _close(_lora_out(base_pipe, tmp_path / "lora"), _out(half.pipeline.unet))
+    for (component, module), (weight, _) in half.base.items():
+        new, old = half.linear(component, module).weight.detach(), merged.linear(component, module).weight.detach()
+        if method == "lora":
+            torch.testing.assert_close(new - weight, (old - weight) / 2, rtol=1e-4, atol=1e-6)
+        elif method == "oft":
+            torch.testing.assert_close(torch.linalg.svdvals(new), torch.linalg.svdvals(weight), rtol=1e-5, atol=1e-6)
+        assert 0 < (new - weight).norm() < (old - weight).norm()
+
+
+def test_scale_is_refused_where_it_has_no_meaning(tmp_path, adapters, capsys):
+    from dreambooth_gs.export.strength import check_strength
+
+    with pytest.raises(ValueError, match="peft_boft, which is exported at --scale 1 only"):
+        check_strength(0.5, {"unet": {"method": "peft_boft", "config": {}}})
+    with pytest.raises(ValueError, match="constrained OFT"):
+        check_strength(0.5, {"unet": {"method": "oft", "config": {"coft": True}}})
+    check_strength(1.0, {"unet": {"method": "peft_boft", "config": {}}})  # s = 1 is the plain merge: always fine
+    folder, _ = adapters("gsoft")
+    argv = ["--adapter_dir", str(folder), "--format", "diffusers", "--output", str(tmp_path / "o"), "--scale", "nan"]
+    with pytest.raises(SystemExit):
+        run_cli(script.main, script.parse_args(argv), "export_adapter.py")
+    assert "--scale must be a finite number" in capsys.readouterr().err

@@ -6,13 +6,20 @@
         --output out/dog-lora-a1111
     python export_adapter.py --adapter_dir out/dog-gsoft --format single_file --save_dtype float16 \\
         --output out/dog.safetensors
+    python export_adapter.py --adapter_dir out/dog-gsoft --format lora --rank full --lora_format kohya --scale 0.6 \\
+        --output out/dog-lora-0.6
 
 diffusers:    a full pipeline folder with the adapter merged (DiffusionPipeline.from_pretrained(OUT)) and a README.md.
-lora:         OUT/pytorch_lora_weights.safetensors (pipe.load_lora_weights(OUT)) or, with --lora_format kohya,
-              OUT/lora_kohya.safetensors (A1111 / ComfyUI keys), plus export_report.json / .md with the relative
+lora:         OUT/pytorch_lora_weights.safetensors (pipe.load_lora_weights(OUT); ComfyUI for SD3 / Flux) or, with
+              --lora_format kohya, OUT/lora_kohya.safetensors (A1111, and ComfyUI for SD / SDXL: it maps no unet.*
+              keys of the diffusers layout), plus export_report.json / .md with the relative
               error ||delta - BA||_F / ||delta||_F of every module. An orthogonal adapter's change is not low-rank:
               --rank full reproduces it to float precision, lower ranks approximate it (see docs/export.md).
 single_file:  one .safetensors in the original SD 1.x / 2.x / XL layout (A1111, ComfyUI, from_single_file).
+
+--scale S exports the adapter at strength S (default 1, the adapter as trained): an orthogonal adapter (gsoft,
+double_gsoft, boft, oft) rotates each block by Cayley(S K) of its generator K and scales by 1 + S (d - 1), so it stays
+a rotation (not the linear blend W + S (R W - W) of other tools); lora and full scale their change by S.
 
 The base model is the adapter's adapter_config.json "base_model" unless --pretrained_model_name_or_path is given.
 """
@@ -72,7 +79,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--lora_format",
         choices=LORA_LAYOUTS,
         default="diffusers",
-        help="lora: key layout; diffusers (PEFT names, carries bias changes) or kohya (A1111 / ComfyUI; no bias).",
+        help="lora: key layout; diffusers (PEFT names, carries bias changes; ComfyUI reads it for SD3 / Flux) or kohya "
+        "(A1111, and ComfyUI for SD / SDXL; no bias).",
     )
     parser.add_argument(
         "--text_encoder_layout",
@@ -84,6 +92,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--save_dtype", choices=DTYPES, default="float32", help="dtype of the written weights (merging is in fp32)."
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="The adapter's strength S in the export: 0 the base model, 1 the adapter as trained; orthogonal methods "
+        "rotate by Cayley(S K) of each block's generator K with scale vector 1 + S (d - 1), lora / full scale their "
+        "change by S (see above). A LoRA at --scale 0 is refused: it would be empty.",
     )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output.")
     return parser.parse_args(input_args)
@@ -108,6 +124,7 @@ def main(args: argparse.Namespace) -> dict:
         dtype=DTYPES[args.save_dtype],
         overwrite=args.overwrite,
         command=command,
+        scale=args.scale,
     )
     for line in result.get("summary", []):
         print(line)

@@ -1,16 +1,18 @@
 """Export an adapter folder for other tools: a merged diffusers pipeline, a LoRA file, or one original-layout file.
 
 Nothing here knows the methods: the base pipeline is loaded, the adapted modules' weights are copied, the adapter is
-loaded merged (:func:`dreambooth_gs.load_adapter`), and each format works from the merged pipeline or from the
-changes ``W_merged - W_base`` of the modules that ``adapter_config.json`` lists. Every output is written into a
-hidden temporary sibling and renamed into place at the end, so ``--output`` is either untouched or complete (a full
-disk or a read-only folder is one :class:`~dreambooth_gs.fileio.WriteFailure` line, and leaves nothing behind).
+loaded merged (:func:`dreambooth_gs.load_adapter`; at a strength other than 1, by :mod:`.strength`), and each format
+works from the merged pipeline or from the changes ``W_merged - W_base`` of the modules that ``adapter_config.json``
+lists. Every output is written into a hidden temporary sibling and renamed into place at the end, so ``--output`` is
+either untouched or complete (a full disk or a read-only folder is one :class:`~dreambooth_gs.fileio.WriteFailure`
+line, and leaves nothing behind).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +23,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters.serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, denoiser_name, load_adapter, read_adapter_config
+from ..adapters.serialization import denoiser_name, load_adapter, read_adapter_config
 from ..fileio import atomic_write, created_directories, first_line, reporting_write_failures, staged_directory
 from .ldm_layout import TEXT_LAYOUTS, default_text_layout, pipeline_to_ldm, sdxl_pipeline_to_ldm
 from .lora import FULL_RANK, LORA_LAYOUTS, ModuleDelta, lora_tensors, report_markdown, report_summary
 from .model_card import model_card
+from .strength import adapter_documents, check_strength, load_at_strength
 
 FORMATS = ("diffusers", "lora", "single_file")
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
@@ -40,6 +43,7 @@ class MergedPipeline:
     document: dict[str, Any]
     base_model: str
     base: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]]  # (component, module) -> (weight, bias)
+    strength: float = 1.0  # the strength the adapter was merged at (--scale)
 
     def linear(self, component: str, module: str) -> nn.Linear:
         """The adapted (merged) Linear ``component.module`` of the pipeline."""
@@ -52,11 +56,8 @@ def adapted_modules(
     """``(component, module path)`` of every module the adapter changes: the denoiser's (adapter_config.json's
     paths are relative to the pipeline's ``denoiser``: ``unet`` or ``transformer``), then those of the text-encoder
     adapters ``--train_text_encoder`` writes in subfolders named after the pipeline's encoders."""
-    found = [(denoiser, name) for name in document["modules"]]
-    for component in TEXT_ENCODER_FOLDERS:
-        if (Path(adapter_dir) / component / CONFIG_NAME).is_file():
-            found += [(component, name) for name in read_adapter_config(Path(adapter_dir) / component)["modules"]]
-    return found
+    documents = adapter_documents(document, adapter_dir, denoiser)
+    return [(component, name) for component, config in documents.items() for name in config["modules"]]
 
 
 def _linear(pipeline: Any, component: str, module: str) -> nn.Linear:
@@ -123,8 +124,9 @@ def load_pipeline_for_export(base_model: str) -> Any:
     return pipeline
 
 
-def load_merged(adapter_dir: str | os.PathLike, base_model: str | None = None) -> MergedPipeline:
-    """Load the base pipeline (``base_model`` or the adapter's ``base_model`` field) and merge the adapter into it."""
+def load_merged(adapter_dir: str | os.PathLike, base_model: str | None = None, strength: float = 1.0) -> MergedPipeline:
+    """Load the base pipeline (``base_model`` or the adapter's ``base_model`` field) and merge the adapter into it,
+    at ``strength`` (``--scale``; see :mod:`dreambooth_gs.export.strength`; 1: the plain merge, bit for bit)."""
     document = read_adapter_config(adapter_dir)
     base_model = base_model or document.get("base_model")
     if not base_model:
@@ -135,8 +137,12 @@ def load_merged(adapter_dir: str | os.PathLike, base_model: str | None = None) -
         layer = _linear(pipeline, component, module)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         base[(component, module)] = (layer.weight.detach().clone(), bias)
-    load_adapter(pipeline, adapter_dir, merge=True)
-    return MergedPipeline(pipeline, document, str(base_model), base)
+    if strength == 1:
+        load_adapter(pipeline, adapter_dir, merge=True)
+    else:
+        documents = adapter_documents(document, adapter_dir, denoiser_name(pipeline))
+        load_at_strength(pipeline, adapter_dir, strength, documents, base)
+    return MergedPipeline(pipeline, document, str(base_model), base, strength)
 
 
 def module_deltas(merged: MergedPipeline) -> list[ModuleDelta]:
@@ -184,12 +190,15 @@ def export_directory(output: Path, what: str) -> Iterator[Path]:
 
 
 def _metadata(merged: MergedPipeline, fmt: str) -> dict[str, str]:
-    return {
+    metadata = {
         "format": "pt",
         "dreambooth_gs_export": fmt,
         "dreambooth_gs_method": str(merged.document["method"]),
         "base_model": merged.base_model,
     }
+    if merged.strength != 1:  # written only then: a --scale 1 file is the one earlier releases wrote
+        metadata["dreambooth_gs_scale"] = repr(merged.strength)
+    return metadata
 
 
 def export_diffusers(
@@ -217,7 +226,9 @@ def export_lora(
 ) -> dict[str, Any]:
     """The adapter's changes as a LoRA file plus ``export_report.json`` / ``.md`` beside it."""
     tensors, report = lora_tensors(module_deltas(merged), layout=layout, rank=rank, max_error=max_error, dtype=dtype)
-    report.update(method=merged.document["method"], base_model=merged.base_model, file=LORA_FILES[layout])
+    report.update(
+        method=merged.document["method"], base_model=merged.base_model, file=LORA_FILES[layout], scale=merged.strength
+    )
     with export_directory(output, "the LoRA export") as staging:
         save_file(tensors, staging / LORA_FILES[layout], metadata=_metadata(merged, f"lora/{layout}"))
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
@@ -294,8 +305,11 @@ def export_adapter(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     command: str | None = None,
+    scale: float = 1.0,
 ) -> dict[str, Any]:
-    """Export the adapter of ``adapter_dir`` as ``fmt`` (diffusers | lora | single_file) to ``output``.
+    """Export the adapter of ``adapter_dir`` as ``fmt`` (diffusers | lora | single_file) to ``output``, applied at
+    strength ``scale`` (``--scale``: rotations ``Cayley(s K)`` and scale vectors ``1 + s (d - 1)``, additive changes
+    ``s * delta``; see :mod:`dreambooth_gs.export.strength`).
 
     Arguments are checked before the (slow) pipeline load; returns a summary (for ``lora``, the full report).
     """
@@ -312,6 +326,13 @@ def export_adapter(
             raise ValueError(f"--rank must be a positive integer or 'full', got {rank!r}")
     elif rank is not None or max_error is not None:
         raise ValueError("--rank / --max_error only apply to --format lora")
+    if not math.isfinite(scale):
+        raise ValueError(f"--scale must be a finite number, got {scale}")
+    if fmt == "lora" and scale == 0:
+        raise ValueError(
+            "--scale 0 is the base model itself: the LoRA would change nothing, so none is written (use a non-zero "
+            "--scale, or --format diffusers / single_file for the base model)"
+        )
     if text_encoder_layout not in ("auto", *TEXT_LAYOUTS):
         raise ValueError(f"unknown --text_encoder_layout {text_encoder_layout!r}; choose auto, clip or open_clip")
     output = Path(output)
@@ -321,7 +342,9 @@ def export_adapter(
         raise ValueError(f"--output {output} would replace the adapter folder {adapter_dir}; choose another path")
     if fmt == "lora" and lora_format == "kohya":
         _check_kohya_family(adapter_dir, base_model)
-    merged = load_merged(adapter_dir, base_model)
+    if scale != 1:  # the denoiser's name does not matter to the check: only the methods do
+        check_strength(scale, adapter_documents(read_adapter_config(adapter_dir), adapter_dir))
+    merged = load_merged(adapter_dir, base_model, strength=scale)
     if fmt == "diffusers":
         return export_diffusers(merged, output, adapter_dir, dtype, command)
     if fmt == "lora":

@@ -11,6 +11,13 @@ No file IO here (:mod:`dreambooth_gs.export.formats` writes): each adapted Linea
   .weight`` / ``.lora_up.weight`` / ``.alpha``, applied as ``alpha / r * up @ down``. One alpha for every module (the
   largest rank; ``up`` absorbs ``r / alpha``), because diffusers' converter keeps a single alpha when they differ.
   This layout has no bias: a changed bias is dropped and the report says by how much.
+
+Text-encoder modules are named as transformers 4 named CLIP's, with the ``text_model`` level that transformers 5
+dropped from ``CLIPTextModel`` (``CLIPTextModelWithProjection`` kept it), because those are the names ComfyUI's
+``model_lora_keys_clip`` and A1111 look up (without the level they skip every text-encoder key):
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj`` (diffusers; its loader strips the level again for an
+encoder without it) and ``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (kohya; SDXL's ``lora_te1_`` /
+``lora_te2_``).
 """
 
 from __future__ import annotations
@@ -52,12 +59,27 @@ class ModuleDelta:
         return not bool(self.weight.abs().max() > 0) and not self.bias_changed
 
 
+def clip_module_name(component: str, module: str) -> str:
+    """``module`` of ``component`` as transformers 4 named it: a CLIP text encoder's ``encoder.layers.*`` (transformers
+    5's flattened ``CLIPTextModel``) gets its ``text_model.`` level back; every other module is returned unchanged."""
+    if component.startswith("text_encoder") and module.startswith("encoder.layers."):
+        return "text_model." + module
+    return module
+
+
+def diffusers_name(component: str, module: str) -> str:
+    """``unet.down_blocks.0...to_q`` / ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``: the module's key
+    in diffusers' layout (PEFT's names under the pipeline component)."""
+    return f"{component}.{clip_module_name(component, module)}"
+
+
 def kohya_name(component: str, module: str, two_text_encoders: bool = False) -> str:
-    """``lora_unet_down_blocks_0_..._to_q``: kohya's module name (the diffusers path with '.' -> '_')."""
+    """``lora_unet_down_blocks_0_..._to_q`` / ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``: kohya's module
+    name (the diffusers path, text encoders with their ``text_model`` level, with '.' -> '_')."""
     if component not in KOHYA_PREFIXES:
         raise ValueError(f"the kohya layout has no prefix for component {component!r} (known: {list(KOHYA_PREFIXES)})")
     prefix = "lora_te1_" if component == "text_encoder" and two_text_encoders else KOHYA_PREFIXES[component]
-    return prefix + module.replace(".", "_")
+    return prefix + clip_module_name(component, module).replace(".", "_")
 
 
 def lora_tensors(
@@ -87,10 +109,11 @@ def lora_tensors(
     rows = []
     for delta in changed:
         f = factors[delta.name]
+        key = diffusers_name(delta.component, delta.module)
         if layout == "diffusers":
             up, down = f.up.to(dtype), f.down.to(dtype)
-            tensors[f"{delta.name}.lora_A.weight"] = down.contiguous()
-            tensors[f"{delta.name}.lora_B.weight"] = up.contiguous()
+            tensors[f"{key}.lora_A.weight"] = down.contiguous()
+            tensors[f"{key}.lora_B.weight"] = up.contiguous()
             applied = up.double() @ down.double()
         else:
             name = kohya_name(delta.component, delta.module, two_text_encoders)
@@ -102,9 +125,9 @@ def lora_tensors(
         carried = None
         if with_bias and delta.bias is not None:
             carried = delta.bias.to(dtype)
-            tensors[f"{delta.name}.lora_B.bias"] = carried.contiguous()
+            tensors[f"{key}.lora_B.bias"] = carried.contiguous()
         elif with_bias:
-            tensors[f"{delta.name}.lora_B.bias"] = torch.zeros(delta.weight.shape[0], dtype=dtype)
+            tensors[f"{key}.lora_B.bias"] = torch.zeros(delta.weight.shape[0], dtype=dtype)
         rows.append(_row(delta, f.rank, f.full_rank, applied, carried))
     return tensors, _report(rows, layout, rank, max_error, dtype, sum(t.numel() for t in tensors.values()), alpha)
 
@@ -172,6 +195,8 @@ def report_markdown(report: dict[str, Any], title: str) -> str:
     ]
     if report["bias_changed"]:
         summary.append(("total relative error of the bias changes", f"{report['total_bias_relative_error']:.3e}"))
+    if report.get("scale", 1) != 1:
+        summary.insert(0, ("adapter strength (--scale)", f"{report['scale']:g}"))
     lines = [f"# {title}", "", "| | |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in summary]
     lines += [
         "",
@@ -194,6 +219,8 @@ def report_summary(report: dict[str, Any], worst: int = 3) -> list[str]:
         f"{report['rank_max']} (median {report['rank_median']:g}), {report['num_parameters']:,} parameters",
         f"total relative error ||delta - BA||_F / ||delta||_F = {report['total_relative_error']:.3e}",
     ]
+    if report.get("scale", 1) != 1:
+        lines[0] += f", the adapter at strength {report['scale']:g}"
     for row in sorted(report["modules"], key=lambda r: -r["relative_error"])[:worst]:
         lines.append(f"  {row['module']}: rank {row['rank']}/{row['full_rank']}, error {row['relative_error']:.3e}")
     dropped = [r for r in report["modules"] if r["bias_changed"] and not r["bias_carried"]]
