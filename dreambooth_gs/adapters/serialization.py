@@ -23,7 +23,7 @@ from ..families import FAMILIES
 from ..fileio import atomic_write_files, created_directories
 from ..gs.config import GSOFTConfig
 from ..methods import registry as methods
-from ..methods.full import full_parameters
+from ..methods.full import FullConfig, full_parameters
 from ..methods.injection import merge_adapter, remove_adapter, require_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -116,7 +116,33 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is corrupt or truncated ({err}); save the adapter again") from err
 
 
-def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bool = True) -> list[str]:
+def adapter_parts(model: nn.Module | Any, directory: Path) -> list[tuple[nn.Module, Path]]:
+    """``(component, folder)`` pairs an adapter folder goes into: the model itself, or a pipeline's denoiser and the
+    text encoders whose subfolders (``text_encoder/``, ``text_encoder_2/``) the folder holds."""
+    if isinstance(model, nn.Module):
+        return [(model, directory)]
+    denoiser = pipeline_denoiser(model)
+    if denoiser is None:
+        raise TypeError(
+            f"load_adapter needs a torch model or a pipeline with a .unet or .transformer, got {type(model).__name__}"
+        )
+    parts = [(denoiser, directory)]
+    for name in TEXT_ENCODER_FOLDERS:
+        if (directory / name / CONFIG_NAME).is_file():
+            encoder = getattr(model, name, None)
+            if not isinstance(encoder, nn.Module):
+                raise ValueError(f"{directory} holds a {name} adapter but the pipeline has no {name}")
+            parts.append((encoder, directory / name))
+    return parts
+
+
+def load_adapter(
+    model: nn.Module | Any,
+    directory: str | os.PathLike,
+    merge: bool = True,
+    adapter_name: str | None = None,
+    scale: float = 1.0,
+) -> list[str]:
     """Inject the adapter saved in ``directory`` into ``model`` and load its tensors strictly.
 
     ``model`` is a torch model or a diffusers pipeline: the adapter goes into its denoiser (``unet``, or
@@ -125,24 +151,24 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
     (gsoft, double_gsoft, boft, lora, oft, peft_boft, full). With ``merge=True`` (the default) the adapter is folded
     into the weights (plain layers, no inference overhead); with ``merge=False`` it stays switchable
     (``disable_adapters``, ``merge_adapter`` later). A ``full`` folder holds the projections' weights themselves:
-    they are copied in, whatever ``merge`` says. On any error the model (every component of a pipeline) is left as
-    it was. Returns the adapted module names.
+    they are copied in, whatever ``merge`` says.
+
+    ``adapter_name`` loads it as a named adapter at strength ``scale`` (PEFT's layers, several at once, switchable:
+    :mod:`dreambooth_gs.adapters.named`; ``merge`` then fuses it at that strength). Without a name, ``scale`` is the
+    strength of a merged or unmerged load: GS adapters orthogonal at every strength, LoRA ``s * B A``, ``full``
+    ``W + s (W_trained - W)``. On any error the model (every component of a pipeline) is left as it was, its
+    trainability included. Returns the adapted module names.
     """
-    if isinstance(model, nn.Module):
-        return _load_into_model(model, Path(directory), merge)
-    denoiser = pipeline_denoiser(model)
-    if denoiser is None:
-        raise TypeError(
-            f"load_adapter needs a torch model or a pipeline with a .unet or .transformer, got {type(model).__name__}"
-        )
     directory = Path(directory)
-    parts = [(denoiser, directory)]
-    for name in TEXT_ENCODER_FOLDERS:
-        if (directory / name / CONFIG_NAME).is_file():
-            encoder = getattr(model, name, None)
-            if not isinstance(encoder, nn.Module):
-                raise ValueError(f"{directory} holds a {name} adapter but the pipeline has no {name}")
-            parts.append((encoder, directory / name))
+    if adapter_name is not None or scale != 1:
+        from .named import load_named_adapter
+
+        if adapter_name is None and read_adapter_config(directory)["method"] == "full":
+            return _load_full_at(model, directory, scale)
+        components = load_named_adapter(model, directory, adapter_name or "default", scale, fuse=merge)
+        return [f"{type(c).__name__}.{n}" for c in components for n, _ in _named_layers(c)]
+    parts = adapter_parts(model, directory)
+    flags = [{n: p.requires_grad for n, p in c.named_parameters()} for c, _ in parts]
     names, done = [], []
     try:
         for component, folder in parts:
@@ -151,10 +177,33 @@ def load_adapter(model: nn.Module | Any, directory: str | os.PathLike, merge: bo
     except Exception:
         for component in done:
             remove_adapter(component)
+        for (component, _), saved in zip(parts, flags):  # injection froze them: give back every flag
+            for name, param in component.named_parameters():
+                param.requires_grad_(saved.get(name, param.requires_grad))
         raise
     if merge:
         for component, _ in parts:
             merge_adapter(component)
+    return names
+
+
+def _named_layers(component: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in component.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _load_full_at(model: nn.Module | Any, directory: Path, scale: float) -> list[str]:
+    """A ``full`` folder at strength ``scale``: each trained projection becomes ``W + s (W_trained - W)``."""
+    names = []
+    for component, folder in adapter_parts(model, directory):
+        config = FullConfig.from_dict(read_adapter_config(folder)["config"])
+        params = dict(full_parameters(component, config))
+        before = {name: param.detach().clone() for name, param in params.items()}
+        names += _load_into_model(component, folder, merge=True)
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(before[name] + scale * (param - before[name]))
     return names
 
 

@@ -1,0 +1,178 @@
+"""Adapters used as LoRA users use theirs, on the tiny SD pipeline with folders the trainer wrote
+(tests/data/release-0.1): a name, a strength, a GS subject adapter beside a LoRA style adapter, switched off and on,
+fused, unloaded; a failed load changes nothing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth_gs import load_adapter
+from dreambooth_gs.adapters import named
+
+RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1"
+
+
+@pytest.fixture
+def pipe(tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+
+
+def unet_out(pipe) -> torch.Tensor:
+    config = pipe.unet.config
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=g)
+    text = torch.randn(1, 3, config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return pipe.unet(sample, torch.tensor([10]), text).sample
+
+
+def text_out(pipe) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.text_encoder(torch.tensor([[1, 5, 9, 2]]))[0]
+
+
+def snapshot(pipe) -> dict:
+    return {
+        name: {k: (v.detach().clone(), v.requires_grad) for k, v in getattr(pipe, name).named_parameters()}
+        for name in ("unet", "text_encoder")
+    }
+
+
+def test_strength_zero_is_the_base_one_is_the_plain_load(pipe, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    base = unet_out(pipe)
+    plain = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    load_adapter(plain, RELEASE / "gsoft", merge=False)  # the trainer's own layers
+    load_adapter(pipe, RELEASE / "gsoft", adapter_name="dog", merge=False)
+    assert torch.allclose(unet_out(pipe), unet_out(plain), atol=1e-5)
+    assert torch.allclose(text_out(pipe), text_out(plain), atol=1e-5)  # its text-encoder adapter came too
+    named.set_adapters(pipe, "dog", 0.0)
+    assert torch.allclose(unet_out(pipe), base, atol=1e-6)
+    named.set_adapters(pipe, "dog", 0.5)
+    half = unet_out(pipe)
+    assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, unet_out(plain), atol=1e-4)
+
+
+def test_a_gs_subject_and_a_lora_style_switched_fused_and_unloaded(pipe):
+    base = unet_out(pipe)
+    load_adapter(pipe, RELEASE / "gsoft", adapter_name="dog", merge=False)
+    dog = unet_out(pipe)
+    load_adapter(pipe, RELEASE / "lora", adapter_name="style", merge=False)
+    assert named.adapter_names(pipe.unet) == ["dog", "style"]
+    both = unet_out(pipe)
+    assert not torch.allclose(both, dog, atol=1e-4)
+    named.set_adapters(pipe, ["dog", "style"], [1.0, 0.6])
+    mixed = unet_out(pipe)
+    assert not torch.allclose(mixed, both, atol=1e-5)
+    named.disable_adapters(pipe)
+    assert torch.allclose(unet_out(pipe), base, atol=1e-6)
+    named.enable_adapters(pipe)
+    assert torch.allclose(unet_out(pipe), mixed, atol=1e-6)
+    named.set_adapters(pipe, ["dog"], [1.0])
+    assert torch.allclose(unet_out(pipe), dog, atol=1e-6)
+    named.unload_adapter(pipe, "style")
+    assert named.adapter_names(pipe.unet) == ["dog"]
+    assert torch.allclose(unet_out(pipe), dog, atol=1e-6)
+    with pytest.raises(ValueError, match="no adapter named 'style'"):
+        named.set_adapters(pipe, ["style"])
+
+
+def test_fused_at_a_strength_equals_the_switchable_adapter_there(pipe, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    load_adapter(pipe, RELEASE / "gsoft", adapter_name="dog", merge=False, scale=0.7)
+    switchable = unet_out(pipe)
+    fused = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    load_adapter(fused, RELEASE / "gsoft", scale=0.7)  # merge=True: folded into the weights at 0.7
+    assert torch.allclose(unet_out(fused), switchable, atol=1e-5)
+    named.unfuse_adapters(fused)
+    named.set_adapters(fused, "default", 0.7)
+    assert torch.allclose(unet_out(fused), switchable, atol=1e-5)
+
+
+def test_full_at_a_strength_interpolates_the_weights(pipe, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    trained = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    load_adapter(trained, RELEASE / "full")
+    load_adapter(pipe, RELEASE / "full", scale=0.25)
+    changed = 0
+    for key, value in pipe.unet.state_dict().items():
+        expected = base[key] + 0.25 * (trained.unet.state_dict()[key] - base[key])
+        assert torch.allclose(value, expected, atol=1e-6), key
+        changed += not torch.equal(value, base[key])
+    assert changed > 0
+
+
+@pytest.mark.parametrize(
+    "folder, kwargs, message",
+    [
+        ("oft", {"adapter_name": "x", "scale": 0.5}, "PEFT's OFT has no strength"),
+        ("full", {"adapter_name": "x"}, "has no name or switch"),
+        ("gsoft", {"adapter_name": "a.b"}, "without dots"),
+    ],
+)
+def test_refusals_are_one_line_and_change_nothing(pipe, folder, kwargs, message):
+    before = snapshot(pipe)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(pipe, RELEASE / folder, **kwargs)
+    after = snapshot(pipe)
+    for component in before:
+        assert before[component].keys() == after[component].keys()
+        assert all(
+            torch.equal(a[0], b[0]) and a[1] == b[1]
+            for a, b in zip(before[component].values(), after[component].values())
+        )
+
+
+def test_the_same_name_twice_is_refused(pipe):
+    load_adapter(pipe, RELEASE / "gsoft", adapter_name="dog", merge=False)
+    with pytest.raises(ValueError, match="already loaded"):
+        load_adapter(pipe, RELEASE / "lora", adapter_name="dog", merge=False)
+
+
+@pytest.mark.parametrize("adapter_name", [None, "dog"])
+def test_a_load_that_fails_on_the_text_encoder_leaves_every_component_as_it_was(pipe, tmp_path, adapter_name):
+    """Issue 32: a truncated text_encoder adapter used to leave the UNet's trainability changed (84 -> 0)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(RELEASE / "gsoft", broken, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = broken / "text_encoder" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = snapshot(pipe)
+    base = unet_out(pipe)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_adapter(pipe, broken, adapter_name=adapter_name, merge=False)
+    after = snapshot(pipe)
+    for component in before:
+        assert before[component].keys() == after[component].keys(), component  # no adapter left in
+        for key, (value, trainable) in before[component].items():
+            assert torch.equal(after[component][key][0], value) and after[component][key][1] == trainable, key
+    assert torch.equal(unet_out(pipe), base)
+    assert not named.adapter_names(pipe.unet) and not named.adapter_names(pipe.text_encoder)
+
+
+def test_diffusers_own_pipeline_calls_drive_them_too(pipe):
+    """pipe.set_adapters / disable_lora / enable_lora / delete_adapters (diffusers' LoRA loader mixin) work on a GS
+    and a LoRA adapter loaded by name, with the same results as dreambooth_gs's own calls."""
+    base = unet_out(pipe)
+    load_adapter(pipe, RELEASE / "gsoft", adapter_name="dog", merge=False)
+    load_adapter(pipe, RELEASE / "lora", adapter_name="style", merge=False)
+    named.set_adapters(pipe, ["dog", "style"], [0.5, 0.7])
+    ours = unet_out(pipe)
+    named.set_adapters(pipe, ["dog", "style"], [1.0, 1.0])
+    pipe.set_adapters(["dog", "style"], adapter_weights=[0.5, 0.7])
+    assert torch.allclose(unet_out(pipe), ours, atol=1e-6)
+    pipe.disable_lora()
+    assert torch.allclose(unet_out(pipe), base, atol=1e-6)
+    pipe.enable_lora()
+    assert torch.allclose(unet_out(pipe), ours, atol=1e-6)
+    pipe.delete_adapters("style")
+    assert list(pipe.unet.peft_config) == ["dog"]
