@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DOCS, IMAGES, THREADS_HELP, load_line, machine_line, markdown_table, save_figure  # noqa: E402
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.measure import THREADS_HELP  # noqa: E402
+from benchmarks.report import DOCS, IMAGES, load_line, machine_line, markdown_table, replace_section, save_figure  # noqa: E402
 from dreambooth_gs.gs import functional as gsf  # noqa: E402
 
 # d -> GS block sizes b (budgets 2 d b): one GS shape with b < r (sparse Q) or b = r, one with b >= r (dense Q).

@@ -12,7 +12,6 @@ under ``torch.inference_mode``, interleaved rounds after a warm-up, medians of p
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,24 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     BOFT,
-    DOCS,
     DOUBLE,
     GSOFT,
     LORA,
     PEFT_OFT,
-    THREADS_HELP,
     Method,
     apply_method,
     build_unet,
-    interleaved,
-    load_line,
-    machine_line,
-    markdown_table,
     randomize_adapter,
     shared_copy,
     unshare_projections,
 )
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.measure import THREADS_HELP, interleaved, per_round_ratio  # noqa: E402
+from benchmarks.report import DOCS, load_line, machine_line, markdown_table, replace_section  # noqa: E402
 
 BASE = "base UNet (no adapter)"
 MERGED = [GSOFT[0], DOUBLE[0], LORA[0]]
@@ -112,7 +106,7 @@ def run_resolution(base: nn.Module, latent: int, batch: int, rounds: int) -> tup
     samples, loads = interleaved({k: forward_fn(m, inputs) for k, m in models.items()}, rounds=rounds, warmup=1)
     rows = []
     for label, s in samples.items():
-        ratio = statistics.median(a / b for a, b in zip(s.wall, samples[BASE].wall))
+        ratio = per_round_ratio(samples, label, BASE)
         note = ""
         if label.endswith(", merged"):
             note = f"max abs diff to unmerged / max abs output: {agreement[label.removesuffix(', merged')]:.1e}"

@@ -5,8 +5,8 @@ dense random gradient (as inside a UNet; ``sum()`` would hand every method an ex
 layer sees). Methods are timed interleaved in one process after warm-up; the table reports medians and ratios to
 PEFT LoRA r=4 and PEFT
 OFT (same block count; exact Cayley as the trainer's OFT baseline, and PEFT's default Neumann-series
-approximation, which is not exactly orthogonal, for reference). Writes its table into docs/benchmarks.md and
-README.md (between the layer_speed markers).
+approximation, which is not exactly orthogonal, for reference). Writes its table into docs/benchmarks.md (between
+the layer_speed markers).
 
 ``--shapes sdxl`` times SDXL's projections at 1024 px instead (one latent: 4096 tokens x 640, 1024 x 1280, and the
 cross-attention to_k / to_v from 77 text tokens x 2048 to 640 and 1280, whose input needs no gradient, as with
@@ -30,26 +30,22 @@ layer_speed_cuda_bf16 markers). ``--bf16`` on the CPU prints only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import os
-import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, OFTConfig, get_peft_model
+from peft import LoraConfig, OFTConfig
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import THREADS_HELP, load_line, machine_line  # noqa: E402
-from benchmarks.report import replace_section  # noqa: E402
-from dreambooth_gs import GSOFTConfig, inject_adapter  # noqa: E402
+from benchmarks.common import adapted_linear, peft_linear  # noqa: E402
+from benchmarks.measure import THREADS_HELP, layer_medians  # noqa: E402
+from benchmarks.report import DOCS, load_line, machine_line, markdown_table, replace_section  # noqa: E402
 from dreambooth_gs.gs.functional import gs_linear  # noqa: E402
 
 
@@ -101,17 +97,6 @@ GOAL = 1.10  # issue 2: GSOFT r=32 at most 1.10x PEFT LoRA r=4 and 1.10x PEFT OF
 GOAL_ROW = f"GSOFT r={NBLOCKS} (auto)"
 
 
-def peft_wrapped(linear: nn.Linear, peft_config) -> nn.Module:
-    model = get_peft_model(nn.Sequential(copy.deepcopy(linear)), peft_config)
-    return model
-
-
-def ours(linear: nn.Linear, forward_mode: str = "auto", **config) -> nn.Module:
-    model = nn.Sequential(copy.deepcopy(linear))
-    inject_adapter(model, GSOFTConfig(target_modules=("0",), forward_mode=forward_mode, **config))
-    return model
-
-
 class CayleyPart(nn.Module):
     """Part of a GSOFT layer's cost: its orthogonal blocks from its parameters (Cayley), forward + backward."""
 
@@ -145,13 +130,13 @@ def flux_methods(linear: nn.Linear) -> dict[str, nn.Module]:
         warnings.simplefilter("ignore")
         return {
             "frozen base (floor)": copy.deepcopy(linear).requires_grad_(False),
-            "PEFT LoRA r=16": peft_wrapped(linear, LoraConfig(r=16, lora_alpha=16, target_modules=["0"])),
-            f"PEFT OFT r={NBLOCKS}": peft_wrapped(
+            "PEFT LoRA r=16": peft_linear(linear, LoraConfig(r=16, lora_alpha=16, target_modules=["0"])),
+            f"PEFT OFT r={NBLOCKS}": peft_linear(
                 linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"], use_cayley_neumann=False)
             ),
-            f"GSOFT r={NBLOCKS} (auto)": ours(linear, nblocks=NBLOCKS),
-            f"GSOFT r={NBLOCKS} activation-side": ours(linear, "activation", nblocks=NBLOCKS),
-            f"GSOFT r={NBLOCKS} weight-side": ours(linear, "weight", nblocks=NBLOCKS),
+            f"GSOFT r={NBLOCKS} (auto)": adapted_linear(linear, nblocks=NBLOCKS),
+            f"GSOFT r={NBLOCKS} activation-side": adapted_linear(linear, "activation", nblocks=NBLOCKS),
+            f"GSOFT r={NBLOCKS} weight-side": adapted_linear(linear, "weight", nblocks=NBLOCKS),
         }
 
 
@@ -159,54 +144,31 @@ def methods_for(linear: nn.Linear, shapes: str = "sd") -> dict[str, nn.Module]:
     if shapes == "flux":
         return flux_methods(linear)
     frozen = copy.deepcopy(linear).requires_grad_(False)
-    activation = ours(linear, "activation", nblocks=NBLOCKS)
+    activation = adapted_linear(linear, "activation", nblocks=NBLOCKS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {
             "frozen base (floor)": frozen,
-            "PEFT LoRA r=4": peft_wrapped(linear, LoraConfig(r=4, target_modules=["0"])),
-            f"PEFT OFT r={NBLOCKS}": peft_wrapped(
+            "PEFT LoRA r=4": peft_linear(linear, LoraConfig(r=4, target_modules=["0"])),
+            f"PEFT OFT r={NBLOCKS}": peft_linear(
                 linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"], use_cayley_neumann=False)
             ),
-            f"PEFT OFT r={NBLOCKS}, Neumann approx. (PEFT default)": peft_wrapped(
+            f"PEFT OFT r={NBLOCKS}, Neumann approx. (PEFT default)": peft_linear(
                 linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"], use_cayley_neumann=True)
             ),
-            f"GSOFT r={NBLOCKS} (auto)": ours(linear, nblocks=NBLOCKS),
+            f"GSOFT r={NBLOCKS} (auto)": adapted_linear(linear, nblocks=NBLOCKS),
             f"GSOFT r={NBLOCKS} activation-side": activation,
-            f"GSOFT r={NBLOCKS} activation-side, no scale vector": ours(
+            f"GSOFT r={NBLOCKS} activation-side, no scale vector": adapted_linear(
                 linear, "activation", nblocks=NBLOCKS, scale=False
             ),
             f"part of GSOFT r={NBLOCKS}: Cayley of its {2 * NBLOCKS} blocks": CayleyPart(activation),
             f"part of GSOFT r={NBLOCKS}: frozen matmul of the rotated input, W Q x": RotatedMatmulPart(activation),
-            f"GSOFT r={NBLOCKS} weight-side": ours(linear, "weight", nblocks=NBLOCKS),
-            f"Double GSOFT r={NBLOCKS} (auto)": ours(linear, method="double_gsoft", nblocks=NBLOCKS),
-            f"BOFT ({NBLOCKS},4) on the GS core": ours(linear, method="boft", nblocks=NBLOCKS, n_butterfly_factor=4),
+            f"GSOFT r={NBLOCKS} weight-side": adapted_linear(linear, "weight", nblocks=NBLOCKS),
+            f"Double GSOFT r={NBLOCKS} (auto)": adapted_linear(linear, method="double_gsoft", nblocks=NBLOCKS),
+            f"BOFT ({NBLOCKS},4) on the GS core": adapted_linear(
+                linear, method="boft", nblocks=NBLOCKS, n_butterfly_factor=4
+            ),
         }
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued kernels: a CUDA call returns before its work is done, a timing must not."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_time(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, repeats: int, bf16: bool = False) -> float:
-    """Median seconds of forward + backward (output gradient ``grad_out``) over ``repeats`` calls, the forward under
-    bf16 autocast if ``bf16``."""
-    times = []
-    for _ in range(repeats):
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-        synchronize(x.device)
-        start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            out = module(x)
-        if out.requires_grad:  # the frozen floor on a frozen input has no backward at all
-            grad = grad_out if out.shape == grad_out.shape else torch.ones_like(out)
-            out.backward(grad.to(out.dtype))  # bf16 autocast: the output is bf16, so is the gradient it receives
-        synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_case(
@@ -223,21 +185,12 @@ def run_case(
     linear = nn.Linear(case.in_features, case.out_features).to(device)
     x = torch.randn(case.input_shape).to(device).requires_grad_(case.input_grad)  # drawn on the CPU: same values
     grad_out = torch.randn(*case.input_shape[:-1], case.out_features).to(device)
-    methods = methods_for(linear, shapes)
-    for module in methods.values():  # warm-up
-        step_time(module, x, grad_out, 2, bf16)
-    samples: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):  # interleaved rounds
-        for name, module in methods.items():
-            samples[name].append(step_time(module, x, grad_out, repeats, bf16))
-        if loads is not None:
-            loads.append(os.getloadavg())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return layer_medians(methods_for(linear, shapes), x, grad_out, rounds, repeats, bf16, loads)
 
 
 def auto_side(case: Case, device: str = "cpu") -> str:
     """The side ``forward_mode='auto'`` picks for this shape while training (on ``device``: its constant)."""
-    layer = ours(nn.Linear(case.in_features, case.out_features), nblocks=NBLOCKS)[0]
+    layer = adapted_linear(nn.Linear(case.in_features, case.out_features), nblocks=NBLOCKS)[0]
     return layer.forward_side(torch.empty(case.input_shape, device=device))
 
 
@@ -256,16 +209,14 @@ def table(
         )
         grad = "input requires grad" if case.input_grad else "input needs no grad (text), floor is forward only"
         batch = "" if case.batch is None else f"batch {case.batch} x "
+        rows = [[name, f"{t * 1e3:.1f}", f"{t / lora:.2f}", f"{t / oft:.2f}"] for name, t in medians.items()]
         lines += [
             f"**{batch}{case.tokens} tokens x {features}** (forward + backward, {grad}; auto side: "
             f"{auto_side(case, device)})",
             "",
-            f"| method | median ms | / {short} | / OFT r={NBLOCKS} |",
-            "|---|---:|---:|---:|",
+            markdown_table(["method", "median ms", f"/ {short}", f"/ OFT r={NBLOCKS}"], rows),
+            "",
         ]
-        for name, seconds in medians.items():
-            lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / lora:.2f} | {seconds / oft:.2f} |")
-        lines.append("")
         ours_s = medians[GOAL_ROW]
         for label, ref in ((reference, lora), (f"PEFT OFT r={NBLOCKS}", oft)):
             verdict = "met" if ours_s / ref <= GOAL else "MISSED"
@@ -281,15 +232,14 @@ def unet_sum(results: dict[Case, dict[str, float]]) -> str:
     sums = {name: sum(case.calls * medians[name] for case, medians in results.items()) for name in names}
     lora, oft = sums["PEFT LoRA r=4"], sums[f"PEFT OFT r={NBLOCKS}"]
     calls = sum(case.calls for case in results)
+    rows = [[name, f"{t:.2f}", f"{t / lora:.2f}", f"{t / oft:.2f}"] for name, t in sums.items()]
     lines = [
         f"**Summed over the UNet's {calls} projection calls** (one forward + backward of each, batch 1; "
         + ", ".join(f"{case.calls} x ({case.name})" for case in results)
         + "): what the projections alone would cost in one training step, at these medians",
         "",
-        f"| method | sum (s) | / LoRA r=4 | / OFT r={NBLOCKS} |",
-        "|---|---:|---:|---:|",
+        markdown_table(["method", "sum (s)", "/ LoRA r=4", f"/ OFT r={NBLOCKS}"], rows),
     ]
-    lines += [f"| {name} | {t:.2f} | {t / lora:.2f} | {t / oft:.2f} |" for name, t in sums.items()]
     return "\n".join(lines) + "\n\n"
 
 
@@ -327,25 +277,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case (median over rounds)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method per round")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ and README.md alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument(
         "--shapes",
         choices=sorted(SHAPE_SETS),
         default="sd",
-        help="sd: SD at 512 px (README's table); sdxl: SDXL base at 1024 px; flux: one FLUX.1-width projection "
-        "(the last two: their own sections in docs/benchmarks.md)",
+        help="sd: SD at 512 px (the first table of docs/benchmarks.md); sdxl: SDXL base at 1024 px; flux: one "
+        "FLUX.1-width projection (the last two: their own sections in docs/benchmarks.md)",
     )
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
-        help=f"{THREADS_HELP}; with --shapes sd the default is torch's own, as the README's table was measured",
+        help=f"{THREADS_HELP}; with --shapes sd the default is torch's own, as that table was measured",
     )
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="where modules and tensors live; cuda writes its own section of docs/benchmarks.md, never README.md's",
+        help="where modules and tensors live; cuda writes its own section of docs/benchmarks.md",
     )
     parser.add_argument(
         "--bf16", action="store_true", help="bf16 autocast around the forward (fp32 parameters); print-only on the CPU"
@@ -354,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     section = section_name(args.shapes, args.device, args.bf16)
-    paths = [ROOT / "docs" / "benchmarks.md"] + ([ROOT / "README.md"] if section == "layer_speed" else [])
+    paths = [DOCS]
     if not args.no_write:
         if args.bf16 and args.device == "cpu":
             parser.error("--bf16 on the CPU is print-only (the CPU sections are fp32): add --no-write")

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.measure import Samples, interleaved  # noqa: E402
+from benchmarks.report import DOCS, markdown_table, replace_section  # noqa: E402
 from dreambooth_gs.lipschitz import LipConvnet  # noqa: E402
 
 # (label, conv, groups, paper parameters in millions, paper speed-up over SOC): Gorbunov et al. 2024, Table 4.
@@ -51,59 +50,53 @@ def parameter_rows() -> tuple[list[tuple[str, int, float]], int]:
     return rows, second_biases
 
 
-def train_step_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one forward + backward in training mode."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    loss = torch.nn.functional.cross_entropy(model(images), labels)
-    loss.backward()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One forward + backward in training mode (the previous step's gradients dropped first)."""
     model.zero_grad(set_to_none=True)
-    return wall, cpu
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
 
 
-def time_rows(batch_size: int, rounds: int, warmup: int, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+def time_rows(batch_size: int, rounds: int, warmup: int, seed: int = 0) -> dict[str, Samples]:
     """Per-variant wall and CPU step times over ``rounds`` interleaved rounds (order rotated each round) after
-    ``warmup`` untimed ones."""
+    ``warmup`` untimed steps of each."""
     torch.manual_seed(seed)
     models = {label: LipConvnet(DEPTH, NUM_CLASSES, conv, groups).train() for label, conv, groups, _, _ in VARIANTS}
     images = torch.randn(batch_size, 3, INPUT_SIZE, INPUT_SIZE)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,))
-    order = list(models)
-    times = {label: {"wall": [], "cpu": []} for label in models}
-    for round_index in range(warmup + rounds):
-        shift = round_index % len(order)
-        for label in order[shift:] + order[:shift]:
-            wall, cpu = train_step_seconds(models[label], images, labels)
-            if round_index >= warmup:
-                times[label]["wall"].append(wall)
-                times[label]["cpu"].append(cpu)
-    return times
+    steps = {label: lambda model=model: train_step(model, images, labels) for label, model in models.items()}
+    return interleaved(steps, rounds, warmup, log=None)[0]
 
 
 def format_report(params, second_biases: int, times, batch_size: int, rounds: int, warmup: int) -> str:
     soc_params = params[0][1]
+    counts = [
+        [label, f"{n:,} ({n / 1e6:.2f}M)", f"{paper:.2f}M", f"{n / soc_params:.3f}", f"{paper / params[0][2]:.3f}"]
+        for label, n, paper in params
+    ]
     lines = [
         f"LipConvnet-{DEPTH}, CIFAR-100 shapes ({NUM_CLASSES} classes, {INPUT_SIZE}x{INPUT_SIZE} inputs, "
         "init_channels 32). Written by `benchmarks/bench_lipconvnet.py`.",
         "",
-        "| model | parameters (ours) | parameters (paper) | ours / SOC | paper / SOC |",
-        "|---|---:|---:|---:|---:|",
+        markdown_table(["model", "parameters (ours)", "parameters (paper)", "ours / SOC", "paper / SOC"], counts),
     ]
-    for label, count, paper in params:
-        lines.append(
-            f"| {label} | {count:,} ({count / 1e6:.2f}M) | {paper:.2f}M | {count / soc_params:.3f} | "
-            f"{paper / params[0][2]:.3f} |"
+    soc = times["SOC"]
+    rows = []
+    for label, _, _, _, paper_speedup in VARIANTS:
+        t = times[label]
+        rows.append(
+            [
+                label,
+                f"{t.wall_median:.3f}",
+                f"{t.wall_min:.3f} / {t.wall_max:.3f}",
+                f"{t.cpu_median:.3f}",
+                f"{t.wall_median / soc.wall_median:.2f}",
+                f"{t.wall_min / soc.wall_min:.2f}",
+                f"{t.cpu_median / soc.cpu_median:.2f}",
+                f"{paper_speedup:.2f}x (time / SOC {1 / paper_speedup:.2f})",
+            ]
         )
-    summary = {
-        label: {
-            "median": statistics.median(t["wall"]),
-            "min": min(t["wall"]),
-            "max": max(t["wall"]),
-            "cpu": statistics.median(t["cpu"]),
-        }
-        for label, t in times.items()
-    }
-    soc = summary["SOC"]
+    header = ["model", "wall median (s)", "wall min / max (s)", "CPU median (s)", "time / SOC: wall median"]
+    header += ["wall min", "CPU", "paper's speed-up (GPU)"]
     lines += [
         "",
         f"The GS authors' code counts {params[-1][1] + second_biases:,} for GS-SOC (4, 1), {second_biases:,} more: "
@@ -117,17 +110,8 @@ def format_report(params, second_biases: int, times, batch_size: int, rounds: in
         f"{os.getloadavg()[0]:.1f} at the end), so wall times spread widely: the fastest round (min) shows the "
         "unloaded machine best, the median of the process CPU time the work done.",
         "",
-        "| model | wall median (s) | wall min / max (s) | CPU median (s) | time / SOC: wall median | wall min | "
-        "CPU | paper's speed-up (GPU) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        markdown_table(header, rows),
     ]
-    for label, _, _, _, paper_speedup in VARIANTS:
-        row = summary[label]
-        lines.append(
-            f"| {label} | {row['median']:.3f} | {row['min']:.3f} / {row['max']:.3f} | {row['cpu']:.3f} | "
-            f"{row['median'] / soc['median']:.2f} | {row['min'] / soc['min']:.2f} | {row['cpu'] / soc['cpu']:.2f} | "
-            f"{paper_speedup:.2f}x (time / SOC {1 / paper_speedup:.2f}) |"
-        )
     return "\n".join(lines)
 
 
@@ -143,7 +127,7 @@ def main(argv: list[str] | None = None) -> str:
     report = format_report(params, second_biases, times, args.batch_size, args.rounds, args.warmup)
     print(report)
     if args.write:
-        replace_section(ROOT / "docs" / "benchmarks.md", "lipconvnet", report)
+        replace_section(DOCS, "lipconvnet", report)
     return report
 
 

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     BOFT,
-    DOCS,
     DOUBLE,
     FULL,
     GSOFT,
@@ -45,11 +44,9 @@ from benchmarks.common import (  # noqa: E402
     apply_method,
     build_transformer,
     build_unet,
-    markdown_table,
-    millions,
     projection_linears,
 )
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.report import DOCS, markdown_table, millions, replace_section  # noqa: E402
 
 PEFT_BOFT_AS_RUN = [
     Method(f"PEFT BOFT ({r},{m}) as run here", "peft_boft_fallback", {"nblocks": r, "n_butterfly_factor": m})

@@ -26,22 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     ALL_METHODS,
     BOFT,
-    DOCS,
     DOUBLE,
     GSOFT,
     LORA,
     PEFT_BOFT,
     PEFT_OFT,
-    THREADS_HELP,
     Method,
     apply_method,
     build_unet,
-    load_line,
-    machine_line,
-    markdown_table,
     shared_copy,
 )
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.measure import THREADS_HELP  # noqa: E402
+from benchmarks.report import DOCS, load_line, machine_line, markdown_table, replace_section  # noqa: E402
 
 QUICK_METHODS = [LORA[0], GSOFT[0], DOUBLE[0], BOFT[0], PEFT_OFT, PEFT_BOFT]
 BF16_STEPS = 3

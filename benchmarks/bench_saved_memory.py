@@ -24,8 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import BOFT, DOCS, DOUBLE, GSOFT, LORA, PEFT_OFT, Method, apply_method, machine_line  # noqa: E402
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.common import BOFT, DOUBLE, GSOFT, LORA, PEFT_OFT, Method, apply_method  # noqa: E402
+from benchmarks.measure import SavedTensors  # noqa: E402
+from benchmarks.report import DOCS, machine_line, markdown_table, replace_section  # noqa: E402
 
 SHAPES = [(16384, 320), (4096, 640), (1024, 1280), (256, 1280)]  # (tokens, width) at 512 px, batch 4
 GSOFT_SIDES = [
@@ -49,20 +50,10 @@ def kept_bytes(method: Method, tokens: int, width: int) -> tuple[int, int]:
     torch.manual_seed(0)
     model = Holder(width)
     apply_method(model, method, targets=("to_q",))
-    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     x = torch.randn(tokens, width, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedTensors(model) as saved:
         y = model.to_q(x)
-    total = sum(storages.values())
-    return total, total - storages.get(y.untyped_storage().data_ptr(), 0)
+    return saved.total, saved.total - saved.bytes_of(y)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,16 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     results = {m.label: [kept_bytes(m, tokens, width) for tokens, width in SHAPES] for m in METHODS}
     reference = results[LORA[0].label]
     mib = 2**20
-    header = "| method | " + " | ".join(f"{t} x {w}: MiB (/ LoRA)" for t, w in SHAPES) + " | summed / LoRA | "
-    header += "summed / LoRA, output not counted |"
-    lines = [header, "|---|" + "---:|" * (len(SHAPES) + 2)]
-    summary = []
+    header = ["method", *[f"{t} x {w}: MiB (/ LoRA)" for t, w in SHAPES], "summed / LoRA"]
+    header += ["summed / LoRA, output not counted"]
+    table, summary = [], []
     for method in METHODS:
         rows = results[method.label]
         cells = [f"{a / mib:.1f} ({a / r[0]:.2f})" for (a, _), r in zip(rows, reference)]
         total = sum(a for a, _ in rows) / sum(r[0] for r in reference)
         beyond = sum(b for _, b in rows) / sum(r[1] for r in reference)
-        lines.append(f"| {method.label} | " + " | ".join(cells) + f" | {total:.2f} | {beyond:.2f} |")
+        table.append([method.label, *cells, f"{total:.2f}", f"{beyond:.2f}"])
         if method.label in GOALS:
             goal = GOALS[method.label]
             summary.append(
@@ -98,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             "last column leaves out the layer's output, which the next op keeps anyway in a network (attention "
             "keeps q / k / v).",
             "",
-            *lines,
+            markdown_table(header, table),
             "",
             *summary,
         ]

@@ -1,24 +1,18 @@
-"""Shared by the benchmark scripts: UNet and transformer architectures, the adapter table, shared-weight copies,
-timing, reporting.
+"""Shared by the benchmark scripts: what the comparisons are made of. UNet and transformer architectures, shared-weight
+copies, the adapter table, single adapted Linears.
 
 Every configuration of the paper's Table 2 (plus the PEFT baselines as they run on this machine) is one
 :class:`Method`; :func:`apply_method` puts it into a model. Timed comparisons build ONE base UNet and give each
 method a structural copy that shares the frozen base parameters (:func:`shared_copy`), so fifteen adapters on the
-865M-parameter SD-2-base UNet cost one set of weights.
+865M-parameter SD-2-base UNet cost one set of weights. How things are timed and counted is :mod:`benchmarks.measure`'s,
+how they are written :mod:`benchmarks.report`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import os
-import platform
-import statistics
-import subprocess
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +25,6 @@ from dreambooth_gs import families
 ROOT = Path(__file__).resolve().parents[1]
 SD2_CONFIG_PATH = ROOT / "configs" / "sd2_base_unet.json"
 SDXL_CONFIG_PATH = ROOT / "configs" / "sdxl_base_unet.json"
-DOCS = ROOT / "docs" / "benchmarks.md"
-IMAGES = ROOT / "docs" / "images"
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # The real SD3.5 / Flux.1 transformers (meta device only: parameter counts), by the name bench_params.py takes.
 TRANSFORMER_CONFIG_PATHS = {
@@ -44,10 +36,6 @@ TRANSFORMER_CONFIG_PATHS = {
 # attention projections; in Flux they also match the single blocks' attn.to_q / to_k / to_v; SD3.5 Medium's attn2
 # is not matched).
 TRANSFORMER_TARGETS = families.get("sd3").default_targets
-THREADS_HELP = (
-    "torch CPU threads (default 1: on this shared 2-core machine, 2 OpenMP threads competing with other jobs "
-    "run 2-25x slower and erratically, while 1 thread stays steady)"
-)
 
 # A mid-size UNet with SD-2-base's widths (320 / 640, cross-attention from 1024) and one layer per block, so every
 # Table 2 configuration divides its projections; ~10x smaller than SD-2-base, for the bf16 check and --quick runs.
@@ -246,127 +234,21 @@ def randomize_adapter(params: list[nn.Parameter], std: float = 0.02, seed: int =
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Timing
+# One adapted Linear (the layer benchmarks)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Samples:
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
+def adapted_linear(linear: nn.Linear, forward_mode: str = "auto", **config) -> nn.Module:
+    """``nn.Sequential`` of a copy of ``linear`` with a GSOFT-family adapter (``GSOFTConfig(**config)``) on it."""
+    from dreambooth_gs import GSOFTConfig, inject_adapter
 
-    @property
-    def wall_median(self) -> float:
-        return statistics.median(self.wall)
-
-    @property
-    def wall_min(self) -> float:
-        return min(self.wall)
-
-    @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu)
+    model = nn.Sequential(copy.deepcopy(linear))
+    inject_adapter(model, GSOFTConfig(target_modules=("0",), forward_mode=forward_mode, **config))
+    return model
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+def peft_linear(linear: nn.Linear, peft_config) -> nn.Module:
+    """``nn.Sequential`` of a copy of ``linear`` with a PEFT adapter (``peft_config`` targets ``"0"``) on it."""
+    from peft import get_peft_model
 
-
-def interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, log: Callable[[str], None] | None = print
-) -> tuple[dict[str, Samples], list[tuple[float, float, float]]]:
-    """Run every function ``warmup`` times, then ``rounds`` rounds of one call each, methods interleaved.
-
-    The order rotates by one each round, so no method always follows the same neighbour. Returns the samples and
-    the load averages seen after each round.
-    """
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    samples = {name: Samples() for name in names}
-    loads = []
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            wall, cpu = timed(fns[name])
-            samples[name].wall.append(wall)
-            samples[name].cpu.append(cpu)
-        loads.append(os.getloadavg())
-        if log:
-            log(f"  round {round_index + 1}/{rounds} done, load average {loads[-1][0]:.1f}")
-    return samples, loads
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def library_version() -> str:
-    """The last commit touching dreambooth_gs/ (read-only git query), '+ local changes' if the tree differs.
-
-    Cached on first call; :func:`machine_line` calls it at import, so a run reports the library it imported.
-    """
-    try:
-        commit = subprocess.run(
-            ["git", "log", "-1", "--format=%h", "--", "dreambooth_gs"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "dreambooth_gs"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "library version unknown"
-    return f"dreambooth_gs at {commit}" + (" + local changes" if dirty else "")
-
-
-def machine_line() -> str:
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
-        f"torch {torch.__version__}, {library_version()}"
-    )
-
-
-def load_line(loads: list[tuple[float, float, float]] | None = None) -> str:
-    """The 1-minute load average now (and its range over ``loads``), for next to a timing table."""
-    now = os.getloadavg()
-    text = f"load average now {now[0]:.1f} / {now[1]:.1f} / {now[2]:.1f} (1 / 5 / 15 min)"
-    if loads:
-        ones = [load[0] for load in loads]
-        text += f"; 1-minute load during the rounds {min(ones):.1f} to {max(ones):.1f}"
-    return text + f" on {os.cpu_count()} cores"
-
-
-def millions(count: int) -> str:
-    return f"{count / 1e6:.2f}M"
-
-
-def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    """A Markdown table; ``align`` is one char per column, 'l' or 'r' (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    rule = ["---" if a == "l" else "---:" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def save_figure(fig, name: str, directory: Path = IMAGES) -> Path:
-    """Save a matplotlib figure as <directory>/<name> (docs/images by default; a small PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-library_version()  # pin the version string to the library this process imports
+    return get_peft_model(nn.Sequential(copy.deepcopy(linear)), peft_config)

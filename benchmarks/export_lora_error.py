@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import IMAGES, build_unet, machine_line, markdown_table, millions, save_figure  # noqa: E402
+from benchmarks.common import build_unet  # noqa: E402
+from benchmarks.report import IMAGES, machine_line, markdown_table, millions, save_figure  # noqa: E402
 from dreambooth_gs import GSOFTConfig, adapter_layers, inject_adapter, remove_adapter  # noqa: E402
 from dreambooth_gs.adapters.sampling import labeled_grid  # noqa: E402
 from dreambooth_gs.adapters.serialization import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402

@@ -37,7 +37,6 @@ import contextlib
 import copy
 import json
 import math
-import statistics
 import sys
 import warnings
 from collections.abc import Iterator
@@ -51,9 +50,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_layer_speed import ours, step_time  # noqa: E402
-from benchmarks.common import DOCS, load_line, machine_line  # noqa: E402
-from benchmarks.report import replace_section  # noqa: E402
+from benchmarks.common import adapted_linear  # noqa: E402
+from benchmarks.measure import layer_medians  # noqa: E402
+from benchmarks.report import DOCS, load_line, machine_line, markdown_table, replace_section  # noqa: E402
 from dreambooth_gs.gs import layers  # noqa: E402
 
 METHODS = {"gsoft": 32, "double_gsoft": 64}  # method -> block count: the paper's GSOFT r=32, Double GSOFT r=64
@@ -199,20 +198,14 @@ def measure_shape(
         warnings.simplefilter("ignore")  # GSOFT's note that b < r makes Q sparse (true of r=32 at 320 and 640)
         variants = {
             "floor": copy.deepcopy(linear).requires_grad_(False),
-            "activation": ours(linear, "activation", method=method, nblocks=METHODS[method]),
-            "weight": ours(linear, "weight", method=method, nblocks=METHODS[method]),
+            "activation": adapted_linear(linear, "activation", method=method, nblocks=METHODS[method]),
+            "weight": adapted_linear(linear, "weight", method=method, nblocks=METHODS[method]),
         }
     timings = []
     for n in tokens:
         x = torch.randn(n, d_in).to(device).requires_grad_()
         grad_out = torch.randn(n, d_in).to(device)
-        for module in variants.values():  # warm-up
-            step_time(module, x, grad_out, 2, bf16)
-        samples: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, module in variants.items():
-                samples[name].append(step_time(module, x, grad_out, repeats, bf16))
-        medians = {name: statistics.median(values) for name, values in samples.items()}
+        medians = layer_medians(variants, x, grad_out, rounds, repeats, bf16)
         timings.append(Timing(n, d_in, d_in, method == "double_gsoft", **medians))
         print(f"  {method} {n} x {d_in}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in medians.items()), flush=True)
     return timings
@@ -246,18 +239,16 @@ def fit_report(timings: list[Timing], device_type: str) -> tuple[str, Fit]:
         right, lost = agreement(timings, constant, device_type), time_lost(timings, constant, device_type)
         return f"in {right} / {len(timings)} cases, losing {lost * 1e3:.3f} ms summed over them"
 
-    lines = [
-        f"| method | tokens x in -> out | floor (ms) | activation side (ms) | weight side (ms) | faster | auto picks, "
-        f"C = {constant_text(current)} (now) | auto picks, C = {constant_text(fitted)} (fitted) |",
-        "|---|---|---:|---:|---:|---|---|---|",
-    ]
+    rows = []
     for t, now, new in zip(timings, now_picks, fit_picks):
         name = "Double GSOFT r=64" if t.double else "GSOFT r=32"
         mark = {side: side if side == t.faster else f"**{side}**" for side in ("activation", "weight", "—")}
-        lines.append(
-            f"| {name} | {t.tokens} x {t.in_features} -> {t.out_features} | {t.floor * 1e3:.3f} | "
-            f"{t.activation * 1e3:.3f} | {t.weight * 1e3:.3f} | {t.faster} | {mark[now]} | {mark[new]} |"
-        )
+        shape = f"{t.tokens} x {t.in_features} -> {t.out_features}"
+        ms = [f"{seconds * 1e3:.3f}" for seconds in (t.floor, t.activation, t.weight)]
+        rows.append([name, shape, *ms, t.faster, mark[now], mark[new]])
+    header = ["method", "tokens x in -> out", "floor (ms)", "activation side (ms)", "weight side (ms)", "faster"]
+    header += [f"auto picks, C = {constant_text(current)} (now)", f"auto picks, C = {constant_text(fitted)} (fitted)"]
+    lines = [markdown_table(header, rows, "llrrrlll")]
     best, runs = best_constants(timings, device_type)
     intercepts = ", ".join(
         f"{'Double ' if double else ''}{d_in} -> {d_out}: {c * 1e3:.3f} ms"

@@ -1,5 +1,8 @@
 """This process's memory, for the benchmarks: MiniBooth's progress lines and run records, the UNet step's peak-RSS
-child processes (Linux /proc; fallbacks elsewhere)."""
+child processes (Linux /proc; fallbacks elsewhere).
+
+Owns resident-set readings only, and imports no torch (a child process measuring its own peak stays small); what
+autograd keeps for backward is :mod:`benchmarks.measure`'s."""
 
 from __future__ import annotations
 
@@ -31,3 +34,9 @@ def peak_rss_mib() -> float:
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return peak / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start the peak (``VmHWM``) afresh at the current RSS, so a peak read later is that of what ran since (Linux
+    >= 4.0: writing 5 to ``/proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
