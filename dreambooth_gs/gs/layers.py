@@ -73,6 +73,47 @@ def choose_forward_side(
     return "weight" if weight_cost < activation_cost else "activation"
 
 
+def rotate_rows(
+    rows: torch.Tensor,
+    method: str,
+    blocks: dict[str, torch.Tensor],
+    gathers: list[torch.Tensor | None] | None,
+    side: str = "in",
+    transpose: bool = False,
+) -> torch.Tensor:
+    """``rows @ Q_side`` (``transpose``: ``rows @ Q_side^T``) for ``rows`` ``(n, d)``, in ``rows``' dtype; ``blocks``
+    are a method's orthogonal blocks by parameter name (``gsoft_L`` / ``gsoft_R``, Double GSOFT's ``gsoft_in_*`` /
+    ``gsoft_out_*``, BOFT's ``gsoft_butterfly`` with its ``gathers``)."""
+    if method == "boft":
+        apply = gsf.boft_apply_transposed if transpose else gsf.boft_apply
+        return apply(rows, blocks["gsoft_butterfly"].to(rows.dtype), gathers)
+    prefix = "gsoft_" if method == "gsoft" else f"gsoft_{side}_"
+    left, right = blocks[prefix + "L"].to(rows.dtype), blocks[prefix + "R"].to(rows.dtype)
+    return gsf.gs_apply(rows, left, right, transpose=transpose)
+
+
+def transform_weight(
+    weight: torch.Tensor,
+    method: str,
+    blocks: dict[str, torch.Tensor],
+    gathers: list[torch.Tensor | None] | None,
+    scale: torch.Tensor | None,
+    inverse: bool = False,
+) -> torch.Tensor:
+    """``diag(d) Q_out W Q_in`` (``inverse``: ``Q_out^T diag(1/d) W Q_in^T``) in float32 for ``W`` ``(out, in)``
+    (``Q_out = I`` but for Double GSOFT): the merged weight of one adapter, shared by this module's layer and the
+    PEFT layer of :mod:`dreambooth_gs.methods.peft_gs`."""
+    w = weight.float()
+    if inverse and scale is not None:
+        w = w / scale.float()[:, None]
+    w = rotate_rows(w, method, blocks, gathers, "in", transpose=not inverse)  # rows: W Q_in (or W Q_in^T)
+    if method == "double_gsoft":
+        w = rotate_rows(w.T, method, blocks, gathers, "out", transpose=inverse).T  # columns: Q_out W (or Q_out^T W)
+    if not inverse and scale is not None:
+        w = w * scale.float()[:, None]
+    return w
+
+
 class GSOFTLinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` with a GS orthogonal adapter; identity at initialisation."""
 
@@ -137,13 +178,6 @@ class GSOFTLinear(nn.Module):
                 out[names[i]] = chunk.view(params[i].shape)
         return out
 
-    def _rotate(self, x: torch.Tensor, factors: dict[str, torch.Tensor], side: str, transpose: bool) -> torch.Tensor:
-        """``Q_side x`` (or its transpose) on the last dimension of ``x``, in ``x``'s dtype."""
-        if self.method == "boft":
-            apply = gsf.boft_apply_transposed if transpose else gsf.boft_apply
-            return apply(x, factors["gsoft_butterfly"].to(x.dtype), self._boft_gathers())
-        return gsf.gs_apply(x, *self._gs_blocks(factors, side, x.dtype), transpose=transpose)
-
     def _gs_blocks(
         self, factors: dict[str, torch.Tensor], side: str, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,15 +196,8 @@ class GSOFTLinear(nn.Module):
         already computed); ``strength``: the adapter at that strength (blocks and scale vector alike)."""
         factors = self.orthogonal_factors(strength) if factors is None else factors
         scale = None if self.gsoft_s is None else gsf.scale_at_strength(self.gsoft_s, strength)
-        w = weight.float()
-        if inverse and scale is not None:
-            w = w / scale.float()[:, None]
-        w = self._rotate(w, factors, "in", transpose=not inverse)  # rows: W Q_in (or W Q_in^T)
-        if self.method == "double_gsoft":
-            w = self._rotate(w.T, factors, "out", transpose=inverse).T  # columns: Q_out W (or Q_out^T W)
-        if not inverse and scale is not None:
-            w = w * scale.float()[:, None]
-        return w
+        gathers = self._boft_gathers() if self.method == "boft" else None
+        return transform_weight(weight, self.method, factors, gathers, scale, inverse)
 
     def merged_weight(self, strength: float = 1.0) -> torch.Tensor:
         """The weight with the adapter folded in, in the base weight's dtype; at ``strength`` ``s`` each block is

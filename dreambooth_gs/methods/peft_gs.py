@@ -28,7 +28,7 @@ from torch import nn
 
 from ..gs import functional as gsf
 from ..gs.config import PEFT_TYPE, GSOFTConfig, gsoft_peft_type
-from ..gs.layers import dimension_error
+from ..gs.layers import dimension_error, transform_weight
 
 PREFIX = "gsoft_"
 # One ParameterDict per tensor kind; an adapter fills the ones its method has (by adapter name).
@@ -44,34 +44,6 @@ def rotation_blocks(params: dict[str, torch.Tensor], parametrization: str, stren
         ).view(param.shape)  # (..., b, b) -> (blocks, b, b) -> back
         for name, param in params.items()
     }
-
-
-def transform_weight(
-    weight: torch.Tensor,
-    method: str,
-    blocks: dict[str, torch.Tensor],
-    gathers: list[torch.Tensor | None] | None,
-    scale: torch.Tensor | None,
-    inverse: bool = False,
-) -> torch.Tensor:
-    """``diag(d) Q_out W Q_in`` (``inverse``: ``Q_out^T diag(1/d) W Q_in^T``) in float32, ``W`` ``(out, in)``."""
-    w = weight.float()
-
-    def rotate(rows: torch.Tensor, side: str, transpose: bool) -> torch.Tensor:  # rows (n, d) -> rows Q_side(^T)
-        if method == "boft":
-            apply = gsf.boft_apply_transposed if transpose else gsf.boft_apply
-            return apply(rows, blocks["gsoft_butterfly"], gathers)
-        prefix = "gsoft_" if method == "gsoft" else f"gsoft_{side}_"
-        return gsf.gs_apply(rows, blocks[prefix + "L"], blocks[prefix + "R"], transpose=transpose)
-
-    if inverse and scale is not None:
-        w = w / scale.float()[:, None]
-    w = rotate(w, "in", transpose=not inverse)  # W Q_in (rows of W times Q_in)
-    if method == "double_gsoft":
-        w = rotate(w.T, "out", transpose=inverse).T  # Q_out W
-    if not inverse and scale is not None:
-        w = w * scale.float()[:, None]
-    return w
 
 
 class GSOFTLayer(BaseTunerLayer):
