@@ -516,7 +516,7 @@ def test_scale_zero_is_the_base_and_one_the_plain_merge(tiny_dir, adapters, meth
     assert at_zero.strength == 0.0
     assert all(not d.weight.any() and (d.bias is None or not d.bias.any()) for d in module_deltas(at_zero))
     pipe = export_module.load_pipeline_for_export(tiny_dir)
-    load_at_strength(pipe, folder, 1.0, adapter_documents(merged.document, folder), merged.base)
+    load_at_strength(pipe, folder, 1.0, adapter_documents(merged.document, folder))
     actual, expected = _unet_weights(pipe), _unet_weights(merged.pipeline)
     if method in ("lora", "full"):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)

@@ -86,15 +86,25 @@ def test_a_gs_subject_and_a_lora_style_switched_fused_and_unloaded(pipe):
 
 def test_fused_at_a_strength_equals_the_switchable_adapter_there(pipe, tiny_dir):
     from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     load_adapter(pipe, RELEASE / "gsoft", adapter_name="dog", merge=False, scale=0.7)
     switchable = unet_out(pipe)
-    fused = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
-    load_adapter(fused, RELEASE / "gsoft", scale=0.7)  # merge=True: folded into the weights at 0.7
+
+    def fresh():
+        return StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+
+    plain = fresh()
+    load_adapter(plain, RELEASE / "gsoft", scale=0.7)  # no name, merge=True: folded in at 0.7, plain layers
+    assert torch.allclose(unet_out(plain), switchable, atol=1e-5)
+    assert not any(isinstance(m, BaseTunerLayer) for m in plain.unet.modules()) and not named.adapter_names(plain.unet)
+    fused = fresh()
+    load_adapter(fused, RELEASE / "gsoft", adapter_name="dog", scale=0.7)  # named, merge=True: fused, still named
     assert torch.allclose(unet_out(fused), switchable, atol=1e-5)
     named.unfuse_adapters(fused)
-    named.set_adapters(fused, "default", 0.7)
     assert torch.allclose(unet_out(fused), switchable, atol=1e-5)
+    named.set_adapters(fused, "dog", 0.0)
+    assert torch.allclose(unet_out(fused), unet_out(fresh()), atol=1e-5)
 
 
 def test_full_at_a_strength_interpolates_the_weights(pipe, tiny_dir):
@@ -115,7 +125,7 @@ def test_full_at_a_strength_interpolates_the_weights(pipe, tiny_dir):
 @pytest.mark.parametrize(
     "folder, kwargs, message",
     [
-        ("oft", {"adapter_name": "x", "scale": 0.5}, "PEFT's OFT has no strength"),
+        ("boft", {"adapter_name": "x", "scale": float("nan")}, "finite"),
         ("full", {"adapter_name": "x"}, "has no name or switch"),
         ("gsoft", {"adapter_name": "a.b"}, "without dots"),
     ],
@@ -176,3 +186,13 @@ def test_diffusers_own_pipeline_calls_drive_them_too(pipe):
     assert torch.allclose(unet_out(pipe), ours, atol=1e-6)
     pipe.delete_adapters("style")
     assert list(pipe.unet.peft_config) == ["dog"]
+
+
+def test_oft_takes_its_strength_when_it_loads(pipe, tiny_dir):
+    """PEFT's OFT layers have no strength to set: it is fixed at load (the stored generators scaled: Cayley(s K)),
+    and set_adapters refuses another weight for it in one line."""
+    base = unet_out(pipe)
+    load_adapter(pipe, RELEASE / "oft", adapter_name="rot", merge=False, scale=0.0)
+    assert torch.allclose(unet_out(pipe), base, atol=1e-5)  # s = 0: the identity rotation
+    with pytest.raises(ValueError, match="fixed when it loads"):
+        named.set_adapters(pipe, "rot", 0.5)

@@ -5,13 +5,16 @@ Every folder the trainer writes loads this way through PEFT's layers (the GS met
 :mod:`dreambooth_gs.methods.peft_gs`; LoRA and OFT are PEFT's own), so diffusers' and PEFT's own adapter calls
 (``unet.set_adapters``, ``disable_adapters``, ``delete_adapters``) drive them too. Strength: GS adapters stay
 orthogonal at every strength (``Cayley(s K)``, see :mod:`~dreambooth_gs.methods.peft_gs`); LoRA's is PEFT's
-(``s * B A``); PEFT's OFT has none (refused at ``s != 1``); a ``full`` folder has no name (use
-:func:`~dreambooth_gs.adapters.serialization.load_adapter`, whose ``scale`` gives ``W + s (W_trained - W)``).
+(``s * B A``); PEFT's OFT layers have none, so its strength is fixed when it loads (its stored generators scaled:
+``Cayley(s K)`` as well) and ``set_adapters`` refuses another weight for it; PEFT's BOFT and a constrained OFT load
+at 1.0 only; a ``full`` folder has no name (use :func:`~dreambooth_gs.adapters.serialization.load_adapter`, whose
+``scale`` gives ``W + s (W_trained - W)``).
 Loading is all or nothing: a failure leaves every component as it was, adapters and trainability included.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -53,10 +56,12 @@ def _add_named(component: nn.Module, folder: Path, name: str, scale: float) -> N
             f"{folder} holds full fine-tuning (the projections' own weights), which has no name or switch: load it "
             "with load_adapter(pipe, folder, scale=...) without adapter_name"
         )
-    if method.name == "oft" and scale != 1:
+    if method.name == "peft_boft" and scale != 1:
+        raise ValueError(f"{folder} is PEFT's BOFT, which loads at scale 1.0 only (got {scale:g})")
+    if method.name == "oft" and scale != 1 and document["config"].get("coft"):
         raise ValueError(
-            f"PEFT's OFT has no strength (scale={scale}); load {folder} at scale 1.0, or train a GS method, whose "
-            "strength stays orthogonal"
+            f"{folder} is a constrained OFT (coft), whose rotation is projected at every use: it loads at scale 1.0 "
+            f"only (got {scale:g})"
         )
     if name in adapter_names(component):
         raise ValueError(f"an adapter named {name!r} is already loaded; unload_adapter() it first or pick another")
@@ -67,6 +72,9 @@ def _add_named(component: nn.Module, folder: Path, name: str, scale: float) -> N
         )
     config = method.config_from_dict(document["config"])
     tensors = _read_tensors(folder / WEIGHTS_NAME)
+    if method.name == "oft" and scale != 1:  # PEFT's OFT stores the upper triangle of K: scaled, it is Cayley(s K)
+        tensors = {k: v * scale if ".oft_R." in f".{k}." else v for k, v in tensors.items()}
+        scale = 1.0  # fixed at load: PEFT's OFT layers have no strength to set later
     layers = tuner_layers(component)
     active = list(layers[0].active_adapters) if layers else []  # every layer of a component has the same ones
     with warnings.catch_warnings():  # PEFT warns that several adapters share the model: that is the point here
@@ -84,7 +92,7 @@ def _add_named(component: nn.Module, folder: Path, name: str, scale: float) -> N
         component._hf_peft_config_loaded = True  # diffusers' own set_adapters / disable_adapters then see it
     for layer in tuner_layers(component):
         layer.set_adapter([*dict.fromkeys([*active, name])])  # the adapters that were on stay on
-        if name in _layer_adapters(layer):
+        if name in _layer_adapters(layer) and _has_strength(layer):
             layer.set_scale(name, scale)
     for param_name, param in component.named_parameters():
         if f".{name}." in f"{param_name}." or param_name.endswith(f".{name}"):
@@ -108,6 +116,8 @@ def load_named_adapter(
     :func:`unfuse_adapters`). All or nothing; returns the components it went into."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty name without dots, got {adapter_name!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
     parts = adapter_parts(model, Path(directory))
     flags = [{n: p.requires_grad for n, p in c.named_parameters()} for c, _ in parts]
     done = []
@@ -147,7 +157,10 @@ def set_adapters(model: nn.Module | Any, names: str | Sequence[str], weights: fl
         for layer in tuner_layers(component):
             for name, weight in zip(names, weights):
                 if name in _layer_adapters(layer) and weight != 1 and not _has_strength(layer):
-                    raise ValueError(f"adapter {name!r} is PEFT's OFT, which has no strength; give it weight 1.0")
+                    raise ValueError(
+                        f"adapter {name!r} is PEFT's OFT, whose strength is fixed when it loads "
+                        "(load_adapter(..., scale=...)); give it weight 1.0 here"
+                    )
     for component in components:
         for layer in tuner_layers(component):
             layer.set_adapter(names)
@@ -176,6 +189,18 @@ def unfuse_adapters(model: nn.Module | Any) -> None:
         for layer in tuner_layers(component):
             if layer.merged:
                 layer.unmerge()
+
+
+def fuse_and_unload(model: nn.Module | Any, name: str) -> None:
+    """Fold adapter ``name`` into the weights at its strength and drop it: layers left with no adapter become plain
+    layers again (what an unnamed ``load_adapter(..., merge=True)`` leaves, at any strength)."""
+    for component in [c for c in _components(model) if name in adapter_names(c)]:
+        for layer in tuner_layers(component):
+            if name in _layer_adapters(layer) and name not in layer.merged_adapters:
+                layer.merge(adapter_names=[name])
+            if name in layer.merged_adapters:
+                layer.merged_adapters.remove(name)  # folded for good: deleting it must not unmerge it
+        _delete(component, name)
 
 
 def _delete(component: nn.Module, name: str) -> None:
@@ -212,6 +237,7 @@ __all__ = [
     "adapter_names",
     "disable_adapters",
     "enable_adapters",
+    "fuse_and_unload",
     "load_named_adapter",
     "set_adapters",
     "unfuse_adapters",

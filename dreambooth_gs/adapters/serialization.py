@@ -26,6 +26,7 @@ from ..methods import registry as methods
 from ..methods.full import FullConfig, full_parameters
 from ..methods.injection import merge_adapter, remove_adapter, require_targets
 
+STRENGTH_LOAD = "dreambooth_gs_strength"  # the passing name of an unnamed load at a strength, fused and dropped
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LIBRARY_NAME = "dreambooth_gs"
@@ -161,12 +162,16 @@ def load_adapter(
     """
     directory = Path(directory)
     if adapter_name is not None or scale != 1:
-        from .named import load_named_adapter
+        from .named import fuse_and_unload, load_named_adapter
 
         if adapter_name is None and read_adapter_config(directory)["method"] == "full":
             return _load_full_at(model, directory, scale)
-        components = load_named_adapter(model, directory, adapter_name or "default", scale, fuse=merge)
-        return [f"{type(c).__name__}.{n}" for c in components for n, _ in _named_layers(c)]
+        name = adapter_name or ("default" if not merge else STRENGTH_LOAD)
+        components = load_named_adapter(model, directory, name, scale, fuse=merge)
+        names = [n for c in components for n, layer in _named_layers(c) if name in layer._get_available_adapters()]
+        if adapter_name is None and merge:
+            fuse_and_unload(model, name)  # plain layers with the adapter folded in at that strength
+        return names
     parts = adapter_parts(model, directory)
     flags = [{n: p.requires_grad for n, p in c.named_parameters()} for c, _ in parts]
     names, done = [], []

@@ -141,7 +141,7 @@ def load_merged(adapter_dir: str | os.PathLike, base_model: str | None = None, s
         load_adapter(pipeline, adapter_dir, merge=True)
     else:
         documents = adapter_documents(document, adapter_dir, denoiser_name(pipeline))
-        load_at_strength(pipeline, adapter_dir, strength, documents, base)
+        load_at_strength(pipeline, adapter_dir, strength, documents)
     return MergedPipeline(pipeline, document, str(base_model), base, strength)
 
 

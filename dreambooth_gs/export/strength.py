@@ -8,8 +8,9 @@
 * Additive methods (lora, full): the change itself is scaled, ``W + s (W_trained - W)`` (the bias likewise).
 * PEFT's BOFT (peft_boft) is exported at ``s = 1`` only.
 
-``s = 1`` is never computed here: :func:`dreambooth_gs.export.formats.load_merged` takes the plain merge then, so
-the export is the one it always was, bit for bit.
+The strength itself is the loader's (``load_adapter(pipe, dir, scale=s)``, one home for every method); this module
+says which adapters an export can take at which strength. ``s = 1`` is the plain merge, so the export is the one it
+always was, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,12 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from ..adapters.serialization import CONFIG_NAME, TEXT_ENCODER_FOLDERS, load_adapter, read_adapter_config
-from ..methods.baselines import peft_layers
-from ..methods.injection import adapter_layers, merge_adapter
 
 ROTATION_METHODS = ("gsoft", "double_gsoft", "boft", "oft")
 ADDITIVE_METHODS = ("lora", "full")
@@ -61,39 +57,11 @@ def check_strength(strength: float, documents: dict[str, dict[str, Any]]) -> Non
             )
 
 
-def _rotations_at_strength(model: nn.Module, strength: float) -> None:
-    """Set every rotation adapter of ``model`` (injected, unmerged) to ``strength`` before it is merged: GS layers
-    fold their weight at that strength now; PEFT's OFT generators are scaled (its merge then uses ``Cayley(s K)``)."""
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            layer.base_layer.weight.copy_(layer.merged_weight(strength))
-            layer.merged = True  # merge_adapter then only puts the plain layer back
-        for _, layer in peft_layers(model):
-            for rotation in getattr(layer, "oft_R", {}).values():
-                rotation.weight.mul_(strength)  # the upper triangle of K: Cayley(s K)
-
-
 def load_at_strength(
-    pipeline: Any,
-    adapter_dir: str | os.PathLike,
-    strength: float,
-    documents: dict[str, dict[str, Any]],
-    base: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]],
+    pipeline: Any, adapter_dir: str | os.PathLike, strength: float, documents: dict[str, dict[str, Any]]
 ) -> None:
     """Merge the adapter of ``adapter_dir`` into ``pipeline`` at ``strength`` (``documents``: see
-    :func:`adapter_documents`; ``base``: the adapted modules' base weight and bias, by ``(component, module)``)."""
+    :func:`adapter_documents`), through the loader's own strength (:func:`dreambooth_gs.load_adapter`'s ``scale``):
+    plain layers with the adapter folded in, as the exporter needs them."""
     check_strength(strength, documents)
-    load_adapter(pipeline, adapter_dir, merge=False)
-    for component, document in documents.items():
-        model = getattr(pipeline, component)
-        if document["method"] in ROTATION_METHODS:
-            _rotations_at_strength(model, strength)
-        merge_adapter(model)
-    with torch.no_grad():
-        for (component, module), (weight, bias) in base.items():
-            if documents[component]["method"] not in ADDITIVE_METHODS:
-                continue
-            layer = getattr(pipeline, component).get_submodule(module)
-            layer.weight.copy_(weight + strength * (layer.weight - weight))
-            if bias is not None and layer.bias is not None:
-                layer.bias.copy_(bias + strength * (layer.bias - bias))
+    load_adapter(pipeline, adapter_dir, scale=strength)
