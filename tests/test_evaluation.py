@@ -148,9 +148,9 @@ def test_split_label(entry, label, path):
     assert split_label(entry) == (label, Path(path))
 
 
-def _row(subject, kind, n, clip_i, clip_t, dino=None, family="sd"):
+def _row(subject, kind, n, clip_i, clip_t, dino=None, family="sd", scale=1.0):
     return {"method": "m", "subject": subject, "prompt": f"{kind}{n}", "clip_i": clip_i, "clip_t": clip_t,
-            "dino": dino, "n": n, "kind": kind, "run": f"r-{family}", "family": family}  # fmt: skip
+            "dino": dino, "n": n, "kind": kind, "run": f"r-{family}", "family": family, "scale": scale}  # fmt: skip
 
 
 def test_summary_aggregates_the_protocol_way():
@@ -161,7 +161,7 @@ def test_summary_aggregates_the_protocol_way():
 
     rows = [_row("a", "base", 2, 0.8, 0.9), _row("a", "prompt", 1, 0.5, 0.3), _row("a", "prompt", 3, 0.7, 0.1),
             _row("b", "base", 2, 0.6, 0.9), _row("b", "prompt", 1, 0.4, 0.35)]  # fmt: skip
-    scores = subject_scores(rows)[("m", "sd")]
+    scores = subject_scores(rows)[("m", "sd", 1.0)]
     assert scores["a"]["CLIP-I"] == pytest.approx(0.8) and scores["a"]["CLIP-T"] == pytest.approx(0.15)
     assert scores["a"]["CLIP-I ctx"] == pytest.approx(0.65) and scores["a"]["DINO"] is None
     assert mean_std([0.8, 0.6]) == (pytest.approx(0.7), pytest.approx(0.1414, abs=1e-4))
@@ -180,7 +180,7 @@ def test_summary_keeps_model_families_apart():
 
     rows = [_row("a", "base", 2, 0.8, 0.9), _row("a", "prompt", 1, 0.5, 0.3),
             _row("a", "base", 2, 0.4, 0.9, family="flux"), _row("a", "prompt", 1, 0.5, 0.1, family="flux")]  # fmt: skip
-    assert set(subject_scores(rows)) == {("m", "sd"), ("m", "flux")}
+    assert set(subject_scores(rows)) == {("m", "sd", 1.0), ("m", "flux", 1.0)}
     runs = [
         SimpleNamespace(label="m", family="sd", num_parameters=10),
         SimpleNamespace(label="m", family="flux", num_parameters=20),
@@ -189,6 +189,39 @@ def test_summary_keeps_model_families_apart():
     assert "| m | sd | 10 | 1 | 0.8000 | 0.3000 | – |" in summary
     assert "| m | flux | 20 | 1 | 0.4000 | 0.1000 | – |" in summary
     assert "## m, sd (10 trainable parameters)" in summary and "## m, flux (20 trainable parameters)" in summary
+
+
+def test_summary_has_a_row_per_strength():
+    """A sweep: one line (and one table) per method and strength, the strength named; the curve in strength order."""
+    from types import SimpleNamespace
+
+    from dreambooth_gs.evaluate.report import strength_curves, summary_markdown
+
+    rows = [_row("a", "base", 2, 0.8 - s / 10, 0.9, scale=s) for s in (1.0, 0.0, 0.5)]
+    rows += [_row("a", "prompt", 1, 0.5, 0.3 - s / 10, scale=s) for s in (1.0, 0.0, 0.5)]
+    summary = summary_markdown(rows, [SimpleNamespace(label="m", family="sd", num_parameters=10)], {}, [], {})
+    assert "| method | family | strength | trainable params | subjects |" in summary
+    for strength, clip_i, clip_t in [("0", "0.8000", "0.3000"), ("0.5", "0.7500", "0.2500"), ("1", "0.7000", "0.2000")]:
+        assert f"| m | sd | {strength} | 10 | 1 | {clip_i} | {clip_t} | – |" in summary
+        assert f"## m, sd, strength {strength} (10 trainable parameters)" in summary
+    assert strength_curves(rows) == {("m", "sd"): [pytest.approx((s, 0.3 - s / 10, 0.8 - s / 10)) for s in (0, 0.5, 1)]}
+    plain = summary_markdown([r for r in rows if r["scale"] == 1], [], {}, [], {})
+    assert "strength" not in plain  # strength 1 alone: the tables of before
+
+
+@pytest.mark.parametrize("scale, suffix", [(1.0, ""), (1, ""), (0.0, "@s0"), (0.5, "@s0.5"), (1.25, "@s1.25"),
+                                           (-0.5, "@s-0.5"), (1 / 3, "@s0.3333333333333333")])  # fmt: skip
+def test_a_run_at_a_strength_has_its_own_folder_and_the_same_seeds(tmp_path, scale, suffix):
+    from dreambooth_gs.evaluate.plan import RunSpec, at_strength
+
+    run = RunSpec("out/dog", Path("out/dog"), "dog-abc123", "gsoft", "gsoft", 10, "base", "dog", "dog", "sks", (),
+                  "objects", "0" * 64)  # fmt: skip
+    strength_run = at_strength(run, scale)
+    assert strength_run.run_id == f"dog-abc123{suffix}" and strength_run.scale == scale
+    assert strength_run.name == ("out/dog" if scale == 1 else f"out/dog at strength {suffix[2:]}")
+    plain, at_scale = (plan_jobs(r, tmp_path, 2, 3, max_prompts=2) for r in (run, strength_run))
+    assert [j.seed for j in at_scale] == [j.seed for j in plain]  # a paired sweep
+    assert all(j.path.relative_to(tmp_path).parts[0] == strength_run.run_id for j in at_scale)
 
 
 # -- end to end on the tiny pipeline --------------------------------------------------------------------------------
@@ -232,8 +265,10 @@ def _rows(out: Path) -> list[dict]:
 
 def test_results_csv_has_a_row_per_run_and_prompt(evaluated):
     rows = _rows(evaluated[0])
-    assert list(rows[0]) == ["method", "subject", "prompt", "clip_i", "clip_t", "dino", "n", "kind", "run", "family"]
-    assert {r["family"] for r in rows} == {"sd"}
+    assert list(rows[0]) == [
+        "method", "subject", "prompt", "clip_i", "clip_t", "dino", "n", "kind", "run", "family", "scale"
+    ]  # fmt: skip
+    assert {r["family"] for r in rows} == {"sd"} and {r["scale"] for r in rows} == {"1.0"}
     assert sorted((r["method"], r["prompt"], r["n"]) for r in rows) == sorted(
         (m, p, n)
         for m in ("gsoft", "lora")
@@ -371,12 +406,92 @@ def test_cli_bad_input_is_one_line(tmp_path, trained, capsys, flags, message):
 @pytest.mark.parametrize(
     "flags, message",
     [(["--images_per_prompt", "0"], "images_per_prompt must be at least 1"),
-     (["--resolution", "60"], "multiple of 8"), (["--dtype", "fp8"], "invalid choice")],
+     (["--resolution", "60"], "multiple of 8"), (["--dtype", "fp8"], "invalid choice"),
+     (["--adapter_scale", "0", "nan"], "finite numbers"), (["--adapter_scale"], "expected at least one argument")],
 )  # fmt: skip
 def test_cli_rejects_bad_numbers(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         evaluate_clip.parse_args(["--runs", "out/run", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_adapter_scale_defaults_to_one_and_keeps_each_strength_once():
+    assert evaluate_clip.parse_args(["--runs", "out/run"]).adapter_scale == [1.0]
+    args = evaluate_clip.parse_args(["--runs", "out/run", "--adapter_scale", "0", "1", "-0", "0.5", "1.0"])
+    assert args.adapter_scale == [0.0, 1.0, 0.5] and str(args.adapter_scale[0]) == "0.0"
+
+
+# -- a strength sweep: --adapter_scale 0 0.5 1 ----------------------------------------------------------------------
+
+SWEEP = ["--adapter_scale", "0", "0.5", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def swept(evaluated, trained, tmp_path_factory):
+    """The gsoft run and a constrained PEFT OFT run (1 step; coft loads at strength 1 only) swept over strengths 0,
+    0.5 and 1, in a copy of the plain evaluation's output folder (its strength-1 images are there already)."""
+    from train_dreambooth_gsoft import main, parse_args
+
+    oft = tmp_path_factory.mktemp("runs") / "coft"
+    flags = ["--output_dir", str(oft), "--adapter", "oft", "--max_train_steps", "1", "--train_batch_size", "2"]
+    main(parse_args([*flags, "--report_to", "none", "--validation_prompt="]))
+    document = json.loads((oft / "adapter_config.json").read_text())
+    document["config"]["coft"] = True  # the trainer has no flag for it: what a coft folder from elsewhere holds
+    (oft / "adapter_config.json").write_text(json.dumps(document))
+    out = tmp_path_factory.mktemp("sweep") / "eval"
+    shutil.copytree(evaluated[0], out)  # copy2: modification times kept
+    before = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    evaluate(out, [trained["gsoft"]])  # the plain evaluation (its images are there: it only scores)
+    plain = _rows(out)
+    evaluate(out, [trained["gsoft"], oft], *SWEEP)
+    return out, oft, before, plain
+
+
+def test_a_sweep_scores_each_run_at_each_strength(swept, trained):
+    out, oft, _, _ = swept
+    rows = _rows(out)
+    keys = [(r["method"], r["scale"]) for r in rows]  # three prompts (base + two) per run and strength
+    assert sorted(keys) == sorted([("gsoft", "0.0"), ("gsoft", "0.5"), ("gsoft", "1.0"), ("oft", "1.0")] * 3)
+    assert {r["run"].partition("@")[2] for r in rows if r["method"] == "gsoft"} == {"s0", "s0.5", ""}
+    summary = (out / "summary.md").read_text()
+    params = json.loads((trained["gsoft"] / "adapter_config.json").read_text())["num_parameters"]
+    for strength in ("0", "0.5", "1"):
+        assert f"| gsoft | sd | {strength} | {params:,} | 1 |" in summary
+    failures = summary.split("## Failures")[1].split("## Settings")[0].strip().splitlines()
+    assert failures == [
+        f"- `{oft} at strength {s}`: generation failed: {oft} is a constrained OFT (coft), whose rotation is "
+        f"projected at every use: it loads at scale 1.0 only (got {s})"
+        for s in ("0", "0.5")
+    ]
+    assert (out / "plots" / "clip_strength.png").is_file()
+    assert Image.open(out / "grids" / "demo_subject.png").height > 4 * 64  # a row per run and strength
+    record = json.loads(next((out / "images").glob("*@s0.5/generation.json")).read_text())
+    assert record["adapter_scale"] == 0.5
+
+
+def test_strength_one_of_a_sweep_is_the_plain_evaluation_reused(swept):
+    out, _, before, plain = swept
+    assert len(plain) == 3 and [r for r in _rows(out) if r["method"] == "gsoft" and r["scale"] == "1.0"] == plain
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # no image of the plain evaluation drawn again
+
+
+def test_strength_zero_of_a_gs_adapter_draws_the_base_models_images(swept, trained):
+    """s = 0: Cayley(0) = I and the scale vector 1 + 0 (d - 1) = 1, so the images are the base model's, pixel for
+    pixel (the same seeds, prompts and batch as the evaluator)."""
+    from dreambooth_gs.adapters.sampling import generate_images, load_pipeline
+    from dreambooth_gs.evaluate.plan import at_strength
+
+    out = swept[0]
+    run = resolve_run(str(trained["gsoft"]), load_subjects(SUBJECTS_FILE))
+    zero, one = (plan_jobs(at_strength(run, s), out / "images", 1, 2, max_prompts=2) for s in (0.0, 1.0))
+    base = load_pipeline(run.base_model)  # no adapter
+    images = generate_images(base, [j.prompt for j in zero], [j.seed for j in zero], 2, 7.0, height=64, width=64)
+    for job, image in zip(zero, images, strict=True):
+        assert np.array_equal(np.asarray(Image.open(job.path)), np.asarray(image))
+    assert any(  # the comparison can fail: the trained adapter (s = 1) draws other images from the same seeds
+        not np.array_equal(np.asarray(Image.open(a.path)), np.asarray(Image.open(b.path)))
+        for a, b in zip(zero, one, strict=True)
+    )
 
 
 # -- load_adapter into a pipeline: the same images as the in-memory adapter ------------------------------------------

@@ -35,10 +35,12 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype = torch.float32,
     model_family: str | None = None,
+    adapter_scale: float = 1.0,
 ):
     """The family's pipeline (its sampler: DDIM for the UNet families, flow-matching Euler for SD3 / Flux; no
     safety checker) from a hub id, a local diffusers folder or a single-file checkpoint, with the adapter of
-    ``adapter_dir`` loaded (merged into the weights by default)."""
+    ``adapter_dir`` loaded (merged into the weights by default) at strength ``adapter_scale`` (``load_adapter``'s
+    ``scale``: 1 is the trained adapter, 0 the base model; PEFT's BOFT and a constrained OFT take 1 only)."""
     from .. import families
     from ..families.base import null_components
     from .serialization import load_adapter
@@ -60,7 +62,8 @@ def load_pipeline(
     pipeline.scheduler = family.make_sampler(pipeline.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     if adapter_dir is not None:
-        load_adapter(pipeline, adapter_dir, merge=merge)  # merging computes in float32 and casts to the weights' dtype
+        # merging computes in float32 and casts to the weights' dtype; scale 1 takes load_adapter's plain path
+        load_adapter(pipeline, adapter_dir, merge=merge, scale=adapter_scale)
     return pipeline.to(device)
 
 

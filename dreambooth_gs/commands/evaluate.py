@@ -6,8 +6,9 @@
         --images_per_prompt 1 --base_images 2 --max_prompts 2 --num_inference_steps 2     # offline smoke run
 
 Writes into --output_dir: images/ (resumable: existing PNGs are kept), results.csv (one row per run x prompt),
-summary.md (a table per method, mean and std over subjects; failures), plots/ (CLIP-I vs CLIP-T per method) and
-grids/ (one image grid per subject, a row per method). See docs/evaluation.md.
+summary.md (a table per method, mean and std over subjects; failures), plots/ (CLIP-I vs CLIP-T per method; with
+--adapter_scale 0 0.5 1 ..., clip_strength.png: each method's curve along the strength) and grids/ (one image grid
+per subject, a row per method). See docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ removed, with its images. The bookkeeping (runs, prompts, seeds, paths) is in :m
 
 Generation is resumable (PNGs already on disk are not generated again) and sharded over processes under
 ``accelerate launch``; the main process scores and writes the reports. A run that cannot be evaluated is recorded as
-a failure and the other runs go on; :func:`evaluate` raises only when every run failed.
+a failure and the other runs go on; :func:`evaluate` raises only when every run failed. ``adapter_scale`` evaluates
+each run at each strength as a run of its own (:func:`.plan.at_strength`: same seeds, its own image folder); a
+strength a method refuses (PEFT's BOFT and a constrained OFT load at 1 only) fails that strength only.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .options import EvaluationOptions
 from .plan import (
     ImageJob,
     RunSpec,
+    at_strength,
     check_record,
     load_prompt_set,
     load_subjects,
@@ -92,7 +95,9 @@ def generate_missing(
         for run_id, run_jobs in by_run.items():
             run = runs[run_id]
             try:
-                pipeline = load_pipeline(run.base_model, run.path, merge=True, device=device, torch_dtype=dtype)
+                pipeline = load_pipeline(
+                    run.base_model, run.path, merge=True, device=device, torch_dtype=dtype, adapter_scale=run.scale
+                )
                 sampling, resolution = sampling_kwargs(run), drawn_resolution(run, options.resolution)
                 for start in range(0, len(run_jobs), options.batch_size):
                     batch = run_jobs[start : start + options.batch_size]
@@ -111,9 +116,9 @@ def generate_missing(
                         save_png(image, job.path)
                     bar.update(len(batch))
             except Exception as err:  # one bad run (corrupt adapter, out of memory, ...) must not stop the others
-                _stop_on_write_failure(err, f"the images of {run.entry}", Path(options.output_dir))
+                _stop_on_write_failure(err, f"the images of {run.name}", Path(options.output_dir))
                 failures[run_id] = f"generation failed: {first_line(err)}"
-                print(f"run {run.entry}: generation failed: {first_line(err)}", file=sys.stderr)
+                print(f"run {run.name}: generation failed: {first_line(err)}", file=sys.stderr)
             pipeline = None  # free the model before the next run's
     return failures
 
@@ -151,6 +156,7 @@ def score_run(run: RunSpec, jobs: Sequence[ImageJob], clip, dino, references: Re
                 "kind": kind,
                 "run": run.run_id,
                 "family": run.family,
+                "scale": run.scale,
             }
         )
         if bar is not None:
@@ -184,11 +190,13 @@ def _load_clip_everywhere(options: EvaluationOptions, state):
 
 
 def _plan(options: EvaluationOptions, images_dir: Path, dtype: torch.dtype, write_records: bool):
-    """Resolve and plan every run: ``(runs by id, jobs by id, failures by entry)``."""
+    """Resolve and plan every run at every strength: ``(runs by id, jobs by id, failures by entry)``; a run at
+    another strength than 1 has its own id (and failure line)."""
     subjects = load_subjects(options.subjects_file)
     runs: dict[str, RunSpec] = {}
     jobs: dict[str, list[ImageJob]] = {}
     failures: dict[str, str] = {}
+    resolved: set[str] = set()
     for entry in dict.fromkeys(options.runs):
         try:
             run = resolve_run(
@@ -200,15 +208,21 @@ def _plan(options: EvaluationOptions, images_dir: Path, dtype: torch.dtype, writ
                 token=options.token,
                 base_model=options.pretrained_model_name_or_path,
             )
-            if run.run_id in runs:
+            if run.run_id in resolved:
                 continue
             resolution = drawn_resolution(run, options.resolution)  # refuses a size the model cannot draw
-            if resolution != options.resolution and write_records:
-                print(
-                    f"run {run.entry}: {run.family} draws --resolution {options.resolution} as {resolution} x "
-                    f"{resolution} (a multiple of its latent patches); recorded as {resolution}",
-                    file=sys.stderr,
-                )
+        except (ValueError, FileNotFoundError, OSError) as err:
+            failures[entry] = first_line(err)
+            continue
+        resolved.add(run.run_id)
+        if resolution != options.resolution and write_records:
+            print(
+                f"run {run.entry}: {run.family} draws --resolution {options.resolution} as {resolution} x "
+                f"{resolution} (a multiple of its latent patches); recorded as {resolution}",
+                file=sys.stderr,
+            )
+        for scale in options.adapter_scale:
+            strength_run = at_strength(run, scale)
             record = {
                 "base_model": run.base_model,
                 "adapter_sha256": run.adapter_sha256,
@@ -219,21 +233,24 @@ def _plan(options: EvaluationOptions, images_dir: Path, dtype: torch.dtype, writ
                 "seed": options.seed,
                 "seed_scope": seed_scope(run, options.paired_seeds),
             } | sampling_kwargs(run)
-            check_record(images_dir / run.run_id, record, write=write_records)
-        except (ValueError, FileNotFoundError, OSError) as err:
-            failures[entry] = first_line(err)
-            continue
-        runs[run.run_id] = run
-        jobs[run.run_id] = plan_jobs(
-            run,
-            images_dir,
-            options.images_per_prompt,
-            options.base_images,
-            options.base_prompt,
-            options.max_prompts,
-            options.seed,
-            options.paired_seeds,
-        )
+            if scale != 1:  # strength-1 records stay as they were: folders of earlier evaluations are reused
+                record["adapter_scale"] = scale
+            try:
+                check_record(images_dir / strength_run.run_id, record, write=write_records)
+            except (ValueError, OSError) as err:
+                failures[strength_run.name] = first_line(err)
+                continue
+            runs[strength_run.run_id] = strength_run
+            jobs[strength_run.run_id] = plan_jobs(
+                strength_run,
+                images_dir,
+                options.images_per_prompt,
+                options.base_images,
+                options.base_prompt,
+                options.max_prompts,
+                options.seed,
+                options.paired_seeds,
+            )
     return runs, jobs, failures
 
 
@@ -256,11 +273,11 @@ def _drop_incomplete(runs, jobs, failures: dict[str, str], generation_failures: 
     for found in generation_failures:
         for run_id, message in found.items():
             if run_id in runs:  # a run can fail in several processes: keep the first message
-                failures[runs.pop(run_id).entry] = message
+                failures[runs.pop(run_id).name] = message
     for run_id in list(runs):
         absent = sum(not job.path.is_file() for job in jobs[run_id])
         if absent:
-            failures[runs.pop(run_id).entry] = f"{absent} of {len(jobs[run_id])} images missing after generation"
+            failures[runs.pop(run_id).name] = f"{absent} of {len(jobs[run_id])} images missing after generation"
 
 
 def _score(runs, jobs, clip, options: EvaluationOptions, device, failures: dict[str, str]) -> tuple[list, list]:
@@ -277,9 +294,9 @@ def _score(runs, jobs, clip, options: EvaluationOptions, device, failures: dict[
             try:
                 rows.extend(score_run(run, jobs[run_id], clip, dino, references, bar))
             except Exception as err:  # e.g. an unreadable generated image: report it, score the others
-                _stop_on_write_failure(err, f"the scores of {run.entry}", Path(options.output_dir))
-                failures[runs.pop(run_id).entry] = f"scoring failed: {first_line(err)}"
-                print(f"run {run.entry}: scoring failed: {first_line(err)}", file=sys.stderr)
+                _stop_on_write_failure(err, f"the scores of {run.name}", Path(options.output_dir))
+                failures[runs.pop(run_id).name] = f"scoring failed: {first_line(err)}"
+                print(f"run {run.name}: scoring failed: {first_line(err)}", file=sys.stderr)
     return rows, notes
 
 
@@ -327,5 +344,8 @@ def evaluate(options: EvaluationOptions) -> Path:
     if not runs:
         first_entry, first_message = next(iter(failures.items()))
         raise ValueError(f"every run failed ({first_entry}: {first_message}); see {paths['summary']}")
-    print(printable(f"evaluated {len(runs)} run(s), {len(failures)} failed: {paths['results']}, {paths['summary']}"))
+    evaluated = f"{len(runs)} run(s)"
+    if options.adapter_scale != [1.0]:
+        evaluated = f"{len(runs)} (run, strength) pair(s)"
+    print(printable(f"evaluated {evaluated}, {len(failures)} failed: {paths['results']}, {paths['summary']}"))
     return output_dir

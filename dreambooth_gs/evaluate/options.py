@@ -6,6 +6,7 @@ guidance 7.0, CLIP ViT-B/32 with the OpenAI weights, DINO ViT-S/16.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,6 +76,13 @@ class EvaluationOptions:
     )
     score_batch_size: int = field(default=32, metadata=_help("Images per CLIP / DINO forward pass."))
     grid_prompts: int = field(default=6, metadata=_help("Prompts per subject grid (one row per method)."))
+    adapter_scale: list[float] = field(
+        default_factory=lambda: [1.0],
+        metadata=_help(
+            "Adapter strengths: each run is drawn and scored at each (e.g. 0 0.25 0.5 0.75 1 1.25, the same seeds at "
+            "every strength), with a CLIP-I vs CLIP-T curve along strength. 1: the trained adapter, 0: the base model."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -86,5 +94,8 @@ class EvaluationOptions:
             raise ValueError(f"--base_images must be 0 or more, got {self.base_images}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"--max_prompts must be at least 1, got {self.max_prompts}")
+        if not self.adapter_scale or not all(math.isfinite(s) for s in self.adapter_scale):
+            raise ValueError(f"--adapter_scale takes one or more finite numbers, got {self.adapter_scale}")
+        self.adapter_scale = list(dict.fromkeys(float(s) + 0.0 for s in self.adapter_scale))  # -0.0 is 0.0, once
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")

@@ -2,7 +2,8 @@
 
 Every image has its own seed, a stable hash of (seed, run, prompt, index) (or, with paired seeds, of the subject
 instead of the run, so that every method starts from the same noise): reruns and shards draw the same pictures.
-Nothing here loads a model.
+A run evaluated at another adapter strength than 1 is a run of its own (its image folder ``<run_id>@s<strength>``)
+with the same seeds, so a strength sweep is paired. Nothing here loads a model.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import families
@@ -48,6 +49,12 @@ class RunSpec:
     adapter_sha256: str
     max_sequence_length: int | None = None  # the run's --max_sequence_length (flow families): sampled the same way
     family: str = ""  # the base model's family (sd, sdxl, sd3, flux): methods of different families are kept apart
+    scale: float = 1.0  # the adapter's strength (load_adapter's scale); not 1: run_id ends in @s<strength>
+
+    @property
+    def name(self) -> str:
+        """The run as messages and failures name it: its entry, and its strength when that is not 1."""
+        return self.entry if self.scale == 1 else f"{self.entry} at strength {strength_text(self.scale)}"
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,22 @@ def resolve_run(
         max_sequence_length=(info.get("options") or {}).get("max_sequence_length"),
         family=families.detect(str(base_model)).name,
     )
+
+
+def strength_text(scale: float) -> str:
+    """A strength as folders and labels show it: ``0``, ``0.25``, ``1.25`` (the shortest text that reads back)."""
+    text = f"{scale:g}"
+    return text if float(text) == scale else repr(float(scale))
+
+
+def at_strength(run: RunSpec, scale: float) -> RunSpec:
+    """``run`` evaluated with its adapter at strength ``scale``: at 1 the run itself (its image folder unchanged, so
+    earlier evaluations are reused), otherwise a run of its own, image folder ``<run_id>@s<strength>``. Seeds derive
+    from the run folder's name (or the subject), not the strength: every strength draws from the same noise."""
+    assert run.scale == 1, "at_strength takes a run as resolve_run gives it"
+    if scale == 1:
+        return run
+    return replace(run, run_id=f"{run.run_id}@s{strength_text(scale)}", scale=float(scale))
 
 
 def run_prompts(
