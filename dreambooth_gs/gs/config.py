@@ -201,11 +201,9 @@ class GSOFTConfig(PeftConfig):
         return cls(**data)
 
 
-# The fields of an adapter folder's config section: GSOFTConfig's own, not those it inherits from PEFT's config.
+# The fields of an adapter folder's config section (format 1): the GS fields, not PEFT's own or those PEFT's tuner
+# reads (PEFT_TUNER_FIELDS, declared last in the class).
+PEFT_TUNER_FIELDS = ("exclude_modules", "target_parameters", "modules_to_save", "layers_to_transform", "layers_pattern")
 ADAPTER_FIELDS = tuple(
-    f.name
-    for f in fields(GSOFTConfig)
-    if f.name
-    not in {g.name for g in fields(PeftConfig)}
-    | {"exclude_modules", "target_parameters", "modules_to_save", "layers_to_transform", "layers_pattern"}
+    f.name for f in fields(GSOFTConfig) if f.name not in {g.name for g in fields(PeftConfig)} | set(PEFT_TUNER_FIELDS)
 )
