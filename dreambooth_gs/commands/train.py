@@ -5,6 +5,7 @@ PEFT's LoRA / OFT, GS-core BOFT, and full fine-tuning of the projections with --
     python train_dreambooth_gsoft.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-base \\
         --instance_data_dir photos/ --class_name dog --output_dir out      # a real run (GSOFT r=32, lr 2e-5)
     accelerate launch train_dreambooth_gsoft.py ...                         # several GPUs / nodes (DDP)
+    python train_dreambooth_gsoft.py --pretrained_model_name_or_path <folder> --estimate_memory  # GPU memory plan
 
 The output folder holds adapter_config.json + adapter_model.safetensors for every --adapter; load it with
 dreambooth_gs.load_adapter(pipeline, folder) (into pipe.unet or pipe.transformer, merged).
@@ -16,6 +17,7 @@ import sys
 
 from dreambooth_gs.cli import parse_options, run_cli
 from dreambooth_gs.train.loop import train
+from dreambooth_gs.train.memory_plan import print_memory_plan
 from dreambooth_gs.train.options import TrainingOptions
 
 
@@ -24,6 +26,8 @@ def parse_args(input_args: list[str] | None = None) -> TrainingOptions:
 
 
 def main(args: TrainingOptions):
+    if args.estimate_memory:  # before anything loads or is written
+        return print_memory_plan(args)
     return train(args)
 
 

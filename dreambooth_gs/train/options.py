@@ -230,6 +230,14 @@ class TrainingOptions:
             "validation): the GPU holds the denoiser alone between those calls."
         ),
     )
+    estimate_memory: bool = field(
+        default=False,
+        metadata=_help(
+            "Print what this run would hold on the GPU, per component (weights, adapter, optimizer states, text "
+            "encoders, VAE, an estimate of the activations), and which GPU sizes it fits, from the model folder's "
+            "configs without loading any weight; then exit, writing nothing."
+        ),
+    )
     learning_rate: float | None = field(
         default=None,
         metadata=_help(
