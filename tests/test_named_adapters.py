@@ -196,3 +196,23 @@ def test_oft_takes_its_strength_when_it_loads(pipe, tiny_dir):
     assert torch.allclose(unet_out(pipe), base, atol=1e-5)  # s = 0: the identity rotation
     with pytest.raises(ValueError, match="fixed when it loads"):
         named.set_adapters(pipe, "rot", 0.5)
+
+
+def test_a_load_that_fails_inside_peft_leaves_no_wrapped_layer(make_mlp, tmp_path):
+    """PEFT wraps layers one by one: when a later layer refuses (here fc2's 30 inputs do not divide into 4 blocks),
+    the layers it wrapped before go back too, though PEFT left no peft_config to say so."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from dreambooth_gs import GSOFTConfig, inject_adapter, save_adapter
+
+    trained = make_mlp()
+    inject_adapter(trained, GSOFTConfig(target_modules=["fc1", "fc2"], nblocks=4))
+    save_adapter(trained, tmp_path / "mlp-gsoft")
+    other = make_mlp(dims=(16, 30, 24))
+    before = {k: (v.clone(), v.requires_grad) for k, v in other.named_parameters()}
+    with pytest.raises(ValueError, match="does not divide in_features=30 of fc2"):
+        load_adapter(other, tmp_path / "mlp-gsoft", adapter_name="dog")
+    assert not any(isinstance(m, BaseTunerLayer) for m in other.modules()) and not named.adapter_names(other)
+    after = dict(other.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) and after[k].requires_grad == g for k, (v, g) in before.items())

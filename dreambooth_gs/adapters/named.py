@@ -127,7 +127,7 @@ def load_named_adapter(
             _add_named(component, folder, adapter_name, scale)
     except Exception:
         for component, saved in zip([c for c, _ in parts], flags):
-            if component in done and adapter_name in adapter_names(component):
+            if component in done:  # PEFT may have wrapped some layers before it failed, even without a peft_config
                 _delete(component, adapter_name)
             for param_name, param in component.named_parameters():
                 param.requires_grad_(saved.get(param_name, param.requires_grad))
@@ -211,13 +211,13 @@ def _delete(component: nn.Module, name: str) -> None:
             if name in layer.merged_adapters:
                 layer.unmerge()
             layer.delete_adapter(name)
-    component.peft_config.pop(name, None)
+    getattr(component, "peft_config", {}).pop(name, None)
     for module_name, layer in list(component.named_modules()):
         if isinstance(layer, BaseTunerLayer) and not _layer_adapters(layer):
             parent_name, _, child = module_name.rpartition(".")
             parent = component.get_submodule(parent_name) if parent_name else component
             setattr(parent, child, layer.base_layer)  # one level: a LoRA may wrap a GS layer that stays
-    if not component.peft_config:
+    if hasattr(component, "peft_config") and not component.peft_config:
         del component.peft_config
         if getattr(component, "_hf_peft_config_loaded", None):
             component._hf_peft_config_loaded = False
