@@ -75,14 +75,19 @@ def clip_tokenize(tokenizer, prompts: list[str], max_length: int | None) -> tupl
     return tokens.input_ids, tokens.attention_mask
 
 
-def load_unet_vae_scheduler(model_id: str, revision: str | None, variant: str | None, vae_path: str | None):
+def load_unet_vae_scheduler(
+    model_id: str, revision: str | None, variant: str | None, vae_path: str | None, denoiser_kwargs: dict | None = None
+):
     """``(vae, denoiser, noise_scheduler)`` of a diffusers folder or hub id (the UNet families share this layout);
-    ``vae_path`` swaps in another VAE (a hub id or folder of its own)."""
+    ``vae_path`` swaps in another VAE (a hub id or folder of its own); ``denoiser_kwargs`` go to the UNet's
+    ``from_pretrained`` (``--base_model_precision``'s ``quantization_config`` and ``torch_dtype``)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     kwargs = {"revision": revision}
     vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
-    denoiser = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", variant=variant, **kwargs)
+    denoiser = UNet2DConditionModel.from_pretrained(
+        model_id, subfolder="unet", variant=variant, **kwargs, **(denoiser_kwargs or {})
+    )
     scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler", **kwargs)
     return load_vae(vae_path, revision) if vae_path else vae, denoiser, scheduler
 
@@ -174,7 +179,15 @@ class Family:
     pipeline_load_kwargs: dict = {}  # from_pretrained arguments for sampling pipelines (e.g. no safety checker)
     vae_in_fp32: bool = False  # keep the VAE in float32 under mixed precision (SDXL's VAE overflows in fp16)
 
-    def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
+    def load(
+        self,
+        model_id: str,
+        revision: str | None,
+        variant: str | None,
+        vae_path: str | None,
+        denoiser_kwargs: dict | None = None,
+    ) -> LoadedParts:
+        """The pipeline's parts; ``denoiser_kwargs`` go to the denoiser's ``from_pretrained`` (a folder or hub id)."""
         raise NotImplementedError
 
     def encode(self, tokenizers, text_encoders, prompts: list[str], settings: TextSettings) -> Conditioning:

@@ -44,7 +44,14 @@ class FlowFamily(Family):
         "attn.to_add_out",
     )
 
-    def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
+    def load(
+        self,
+        model_id: str,
+        revision: str | None,
+        variant: str | None,
+        vae_path: str | None,
+        denoiser_kwargs: dict | None = None,
+    ) -> LoadedParts:
         import diffusers
         import transformers
 
@@ -73,7 +80,7 @@ class FlowFamily(Family):
                     encoders.append(encoder_class.from_pretrained(model_id, subfolder=name, variant=variant, **kwargs))
                 vae = diffusers.AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
                 transformer = getattr(diffusers, self.transformer_class).from_pretrained(
-                    model_id, subfolder="transformer", variant=variant, **kwargs
+                    model_id, subfolder="transformer", variant=variant, **kwargs, **(denoiser_kwargs or {})
                 )
                 scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
                     model_id, subfolder="scheduler", **kwargs

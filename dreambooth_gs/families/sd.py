@@ -25,7 +25,14 @@ class StableDiffusion(Family):
     text_encoder_names = ("text_encoder",)
     pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
-    def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
+    def load(
+        self,
+        model_id: str,
+        revision: str | None,
+        variant: str | None,
+        vae_path: str | None,
+        denoiser_kwargs: dict | None = None,
+    ) -> LoadedParts:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -40,7 +47,9 @@ class StableDiffusion(Family):
                 kwargs = {"revision": revision}
                 tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs)
                 encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs)
-                vae, denoiser, scheduler = load_unet_vae_scheduler(model_id, revision, variant, vae_path)
+                vae, denoiser, scheduler = load_unet_vae_scheduler(
+                    model_id, revision, variant, vae_path, denoiser_kwargs
+                )
         except (OSError, ValueError) as err:
             raise self.load_error(model_id, err) from err
         return LoadedParts([tokenizer], [encoder], vae, denoiser, scheduler)

@@ -28,7 +28,14 @@ class StableDiffusionXL(Family):
     trainable_text_encoders = text_encoder_names
     vae_in_fp32 = True  # SDXL's own VAE overflows in fp16; users swap in an fp16-safe one with --pretrained_vae_...
 
-    def load(self, model_id: str, revision: str | None, variant: str | None, vae_path: str | None) -> LoadedParts:
+    def load(
+        self,
+        model_id: str,
+        revision: str | None,
+        variant: str | None,
+        vae_path: str | None,
+        denoiser_kwargs: dict | None = None,
+    ) -> LoadedParts:
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -48,7 +55,9 @@ class StableDiffusionXL(Family):
                         model_id, subfolder="text_encoder_2", variant=variant, **kwargs
                     ),
                 ]
-                vae, denoiser, scheduler = load_unet_vae_scheduler(model_id, revision, variant, vae_path)
+                vae, denoiser, scheduler = load_unet_vae_scheduler(
+                    model_id, revision, variant, vae_path, denoiser_kwargs
+                )
         except (OSError, ValueError) as err:
             raise self.load_error(model_id, err) from err
         return LoadedParts(tokenizers, encoders, vae, denoiser, scheduler, extra={"custom_vae": vae_path is not None})

@@ -21,6 +21,7 @@ from ..methods.injection import remove_adapter
 from ..resources import DEMO_SUBJECT_DIR
 from .data import find_images
 from .options import TrainingOptions
+from .quantization import GS_ADAPTERS, denoiser_kwargs, expose_dequantized_weights
 
 SUBJECT_FILE = "subject.json"  # optional, beside instance images: {"class_name": "dog"}
 
@@ -127,7 +128,9 @@ def load_components(
     """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) for the checked ``subject``."""
     model_id, is_demo = _resolve_model(options, accelerator)
     family = families.detect(model_id, options.revision, options.model_family)
-    loaded = family.load(model_id, options.revision, options.variant, options.pretrained_vae_model_name_or_path)
+    quantization = denoiser_kwargs(options.base_model_precision, weight_dtype)  # --base_model_precision
+    vae_path = options.pretrained_vae_model_name_or_path
+    loaded = family.load(model_id, options.revision, options.variant, vae_path, quantization)
     vae, denoiser = loaded.vae, loaded.denoiser
     if options.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
@@ -147,7 +150,11 @@ def load_components(
         model.requires_grad_(False)
         if model is denoiser or not options.offload:
             model.to(accelerator.device)
-        if weight_dtype != torch.float32 and not (model is vae and keep_vae_fp32):
+        if (
+            weight_dtype != torch.float32
+            and not (model is vae and keep_vae_fp32)
+            and not (model is denoiser and quantization)
+        ):
             model.to(dtype=weight_dtype)
     resolution = options.resolution or family.default_resolution(denoiser, vae)
     family.check_resolution(resolution, denoiser, vae)  # a multiple of the latent patches, within SD3's positions
@@ -220,6 +227,8 @@ def add_adapter(denoiser: torch.nn.Module, options: TrainingOptions) -> tuple[to
 
     ``full`` injects nothing: the targeted projections' own weights and biases become the trainable parameters.
     """
+    if options.base_model_precision != "no_change" and options.adapter in GS_ADAPTERS:
+        options = replace(options, gsoft_forward_mode="activation")  # the weight side is refused on quantized bases
     method, config = methods.for_options(options)
     with warnings.catch_warnings():  # PEFT's rounding of an OFT block size is refused below, in one line
         warnings.filterwarnings("ignore", message="Invalid `oft_block_size`")
@@ -230,6 +239,7 @@ def add_adapter(denoiser: torch.nn.Module, options: TrainingOptions) -> tuple[to
         except ValueError:
             remove_adapter(denoiser)
             raise
+    expose_dequantized_weights(denoiser)  # quantized base layers: the GS kernels read a dequantized weight
     for param in denoiser.parameters():
         if param.requires_grad:
             param.data = param.data.float()

@@ -10,6 +10,7 @@ from typing import Literal
 
 from ..families import FAMILIES
 from ..methods.registry import DEFAULT_LEARNING_RATES, TRAINER_ADAPTERS
+from .quantization import PRECISIONS, check_precision
 
 FAMILY_NAMES = tuple(FAMILIES)
 
@@ -61,6 +62,16 @@ class TrainingOptions:
     )
     revision: str | None = field(default=None, metadata=_help("Model revision on the hub."))
     variant: str | None = field(default=None, metadata=_help("Weights variant, e.g. fp16."))
+    base_model_precision: str = field(
+        default="no_change",
+        metadata=_choices(
+            PRECISIONS,
+            "Quantize the frozen denoiser at load time (SimpleTuner's flag). no_change: as saved, in the training "
+            "dtype; int8-torchao: int8 weights through torchao (CPU or GPU; not --adapter full, GS methods on the "
+            "activation side); fp8-torchao: CUDA compute capability 8.9+; nf4-bnb / int8-bnb: not yet. The saved "
+            "adapter is the usual folder and loads into the full-precision pipeline.",
+        ),
+    )
     instance_data_dir: str | None = field(
         default=None, metadata=_help("Folder with the 3-5 subject photos. Default: the generated demo subject.")
     )
@@ -313,6 +324,7 @@ class TrainingOptions:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        check_precision(self)  # --base_model_precision: what this machine and these options can train with
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.gsoft_nblocks is not None and self.gsoft_block_size is not None:

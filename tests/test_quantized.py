@@ -1,0 +1,140 @@
+"""``--base_model_precision int8-torchao`` on tiny SD and Flux pipelines: the denoiser is loaded quantized (torchao's
+int8 weights through diffusers' TorchAoConfig), GSOFT and LoRA train on it and save the usual adapter folder, which
+loads into the full-precision pipeline and changes its output; resume is exact; what cannot train on a quantized
+base is refused in one line before anything is written."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("torchao")
+
+from accelerate import Accelerator  # noqa: E402
+
+from dreambooth_gs import load_adapter  # noqa: E402
+from dreambooth_gs.adapters.sampling import generate_images  # noqa: E402
+from dreambooth_gs.resources import TINY_FLUX_CONFIG_DIR  # noqa: E402
+from dreambooth_gs.tiny.pipelines import build_tiny_pipeline  # noqa: E402
+from dreambooth_gs.train import models  # noqa: E402
+from dreambooth_gs.train.quantization import DequantizedLinear, is_quantized  # noqa: E402
+from train_dreambooth_gsoft import main, parse_args  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("tiny_cache")
+FAST = ["--train_batch_size", "2", "--report_to", "none", "--validation_prompt=", "--center_crop"]
+FAST += ["--class_name", "toy", "--learning_rate", "1e-2", "--gsoft_nblocks", "4", "--boft_block_num", "8"]
+FAST += ["--oft_block_size", "8"]
+FLOW = ["--max_sequence_length", "16"]
+INT8 = ["--base_model_precision", "int8-torchao"]
+FAMILIES = ("sd", "flux")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quantized-models")
+    return {
+        "sd": build_tiny_pipeline(root / "sd"),
+        "flux": build_tiny_pipeline(root / "flux", config_dir=TINY_FLUX_CONFIG_DIR),
+    }
+
+
+def train(tiny: dict[str, Path], family: str, output_dir: Path, *extra: str) -> Path:
+    flags = ["--pretrained_model_name_or_path", str(tiny[family]), "--output_dir", str(output_dir), *FAST]
+    return main(parse_args([*flags, *(FLOW if family == "flux" else []), *extra]))
+
+
+def pipeline(path: Path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe) -> torch.Tensor:
+    kwargs = {"height": 32, "width": 32, "output_type": "latent"}
+    return torch.stack(generate_images(pipe, ["a sks toy"], [3], 2, 5.0, **kwargs))
+
+
+@pytest.mark.parametrize("adapter", ["gsoft", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_denoiser_is_quantized_and_the_adapter_reads_it(tiny, family, adapter):
+    options = parse_args(["--pretrained_model_name_or_path", str(tiny[family]), "--adapter", adapter, *FAST, *INT8])
+    subject = models.check_subject_data(options, Accelerator(cpu=True))
+    parts = models.load_components(options, Accelerator(cpu=True), torch.float32, subject)
+    options = models.family_options(options, parts.family)
+    denoiser, _ = models.add_adapter(parts.denoiser, options)
+    linears = [m for m in denoiser.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    assert linears and all(is_quantized(m.weight) for m in linears)  # every frozen Linear, the targeted ones included
+    wrapped = [m for m in denoiser.modules() if isinstance(m, DequantizedLinear)]
+    assert bool(wrapped) == (adapter == "gsoft")  # the GS kernels read a dequantized copy; PEFT calls the layer
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 and not is_quantized(p) for p in trainable)
+
+
+# GSOFT and LoRA on both families; the other methods (GS kernels: Double GSOFT, BOFT; PEFT: OFT) on Flux.
+TRAINED = [(f, a) for f in FAMILIES for a in ("gsoft", "lora")] + [("flux", a) for a in ("double_gsoft", "boft", "oft")]
+
+
+@pytest.mark.parametrize(("family", "adapter"), TRAINED)
+def test_an_adapter_trained_on_int8_loads_into_the_full_precision_pipeline(tiny, tmp_path, family, adapter):
+    out = train(tiny, family, tmp_path / "int8", "--adapter", adapter, "--max_train_steps", "2", *INT8)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_args.json",
+    ]
+    full = train(tiny, family, tmp_path / "full", "--adapter", adapter, "--max_train_steps", "2")
+    tensors, reference = load_file(out / "adapter_model.safetensors"), load_file(full / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in reference.items()}  # the same layout
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    base = sample(pipeline(tiny[family]))
+    adapted = pipeline(tiny[family])
+    load_adapter(adapted, out)
+    # Both methods start as the identity: a changed output means the trained tensors moved from their init.
+    assert (sample(adapted) - base).abs().max() > 1e-4
+
+
+def test_resume_of_a_quantized_run_is_exact(tiny, tmp_path):
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", *INT8]
+    straight = load_file(train(tiny, "flux", tmp_path / "a", *common) / "adapter_model.safetensors")
+    train(tiny, "flux", tmp_path / "b", "--max_train_steps", "2", "--checkpointing_steps", "2", *INT8)
+    resumed = train(tiny, "flux", tmp_path / "b", *common, "--resume_from_checkpoint", "latest")
+    again = load_file(resumed / "adapter_model.safetensors")
+    assert straight.keys() == again.keys()
+    assert max((straight[k] - again[k]).abs().max().item() for k in straight) == 0.0
+
+
+FP8_RUNS = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+REFUSALS = [
+    (["--gsoft_forward_mode", "weight"], "GS methods on the activation side only"),
+    (["--gsoft_weight_side_modules", "to_out.0"], "GS methods on the activation side only"),
+    (["--adapter", "full"], "--adapter full trains them"),
+    (["--adapter", "boft", "--boft_backend", "peft"], "PEFT's BOFT rotates the frozen weight"),
+    (["--base_model_precision", "fp8-torchao"], "compute capability 8.9"),
+    (["--base_model_precision", "nf4-bnb"], "nf4-bnb"),
+    (["--base_model_precision", "int8-bnb"], "int8-bnb"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), REFUSALS, ids=[" ".join(f) for f, _ in REFUSALS])
+def test_what_cannot_train_on_a_quantized_base_is_refused_in_one_line(tiny, tmp_path, capsys, flags, message):
+    if "fp8-torchao" in flags and FP8_RUNS:
+        pytest.skip("this GPU runs fp8")
+    with pytest.raises(SystemExit) as exit_info:
+        train(tiny, "sd", tmp_path / "out", *INT8, *flags, "--max_train_steps", "1")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage line, then the one-line reason
+    assert message in error and "--base_model_precision" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_change_is_the_default():
+    assert parse_args([]).base_model_precision == "no_change"
