@@ -48,15 +48,24 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {name: build_tiny_pipeline(root / name, config_dir=config_dir) for name, config_dir in CONFIG_DIRS.items()}
 
 
-def options_for(model: Path, adapter: str, precision: str, text: bool, eight_bit: bool = False) -> TrainingOptions:
+def options_for(
+    model: Path, adapter: str, precision: str, text: bool, eight_bit: bool = False, base: str = "no_change"
+) -> TrainingOptions:
     return TrainingOptions(
         pretrained_model_name_or_path=str(model),
         adapter=adapter,
         mixed_precision=precision,
         train_text_encoder=text,
         use_8bit_adam=eight_bit,
+        base_model_precision=base,
         **TINY,
     )
+
+
+def storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor really holds: a torchao quantized weight is its int8 data plus its scales."""
+    parts = [getattr(tensor, name) for name in getattr(tensor, "tensor_data_names", ())] or [tensor]
+    return sum(part.numel() * part.element_size() for part in parts)
 
 
 def real_counts(options: TrainingOptions) -> tuple[dict[str, tuple[int, int, int]], list[torch.nn.Parameter]]:
@@ -74,7 +83,7 @@ def real_counts(options: TrainingOptions) -> tuple[dict[str, tuple[int, int, int
     counts, trainable = {}, []
     for name, model in named.items():
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        weight_bytes = sum(t.numel() * t.element_size() for t in [*frozen, *model.buffers()])
+        weight_bytes = sum(storage_bytes(t) for t in [*frozen, *model.buffers()])
         mine = [p for p in model.parameters() if p.requires_grad]
         counts[name] = (sum(p.numel() for p in frozen), weight_bytes, sum(p.numel() for p in mine))
         trainable += mine
@@ -266,3 +275,17 @@ def test_flux_dev_from_configs(adapter, flags, trainable):
     assert plan.adapter_bytes["optimizer states"] == 8 * trainable
     before = plan.phases["before the first step"][0]  # T5-XXL sits on the GPU until the prompts are encoded
     assert before >= sum(m.weight_bytes for m in plan.components) + 4 * trainable
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+@pytest.mark.parametrize("adapter", ["gsoft", "lora"])
+def test_an_int8_base_is_planned_as_loaded(tiny, family, adapter):
+    """--base_model_precision int8-torchao: the denoiser's Linear weights one byte per element plus a scale per row,
+    everything else at the training dtype: equal to the quantized model really loaded."""
+    options = options_for(tiny[family], adapter, "no", False, base="int8-torchao")
+    plan = memory_plan.plan_memory(options)
+    counts, _ = real_counts(options)
+    denoiser = plan.components[0]
+    assert (denoiser.parameters, denoiser.weight_bytes, denoiser.adapter_parameters) == counts[denoiser.name]
+    full = memory_plan.plan_memory(options_for(tiny[family], adapter, "no", False)).components[0]
+    assert denoiser.weight_bytes < full.weight_bytes and denoiser.precision.startswith("int8-torchao")

@@ -53,9 +53,12 @@ from .options import TrainingOptions, with_demo_defaults
 
 GIB = 2**30
 NEEDS = "pass a local diffusers folder: model_index.json and each component's config.json are enough, no weights"
-# Bytes per frozen parameter by precision. A quantized base (nf4, int8) is one more entry here plus a meta build
-# that knows its packing; not supported yet.
+# Bytes per frozen parameter by precision.
 BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "fp16": 2}
+# --base_model_precision: bytes per element of a quantized nn.Linear weight of the denoiser. torchao's weight-only
+# int8 / fp8 keep one byte per element plus one scale per output row in the training dtype (checked against a
+# quantized tiny UNet and Flux transformer); biases and every other tensor stay in the training dtype.
+QUANTIZED_WEIGHT_BYTES = {"int8-torchao": 1, "fp8-torchao": 1}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINABLE_BYTES = 4  # adapter parameters and their gradients stay float32
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, float32
@@ -198,11 +201,18 @@ def read_components(model_id: str | None, revision: str | None = None, override:
 # -- counting -----------------------------------------------------------------------------------------------------
 
 
-def _count(model: torch.nn.Module, precision: str) -> tuple[int, int, list[int]]:
-    """(frozen parameters, bytes of frozen parameters and buffers, numel of each trainable tensor)."""
+def _count(model: torch.nn.Module, precision: str, quantized: str = "no_change") -> tuple[int, int, list[int]]:
+    """(frozen parameters, bytes of frozen parameters and buffers, numel of each trainable tensor); ``quantized``:
+    the ``--base_model_precision`` of the frozen Linear weights (see :data:`QUANTIZED_WEIGHT_BYTES`)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     floating = sum(p.numel() for p in frozen if p.is_floating_point())
     weight_bytes = floating * BYTES_PER_PARAMETER[precision]
+    if quantized in QUANTIZED_WEIGHT_BYTES:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+                rows, elements = module.weight.shape[0], module.weight.numel()
+                weight_bytes -= elements * BYTES_PER_PARAMETER[precision]  # counted above at the training dtype
+                weight_bytes += elements * QUANTIZED_WEIGHT_BYTES[quantized] + rows * BYTES_PER_PARAMETER[precision]
     weight_bytes += sum(p.numel() * p.element_size() for p in frozen if not p.is_floating_point())
     weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = [p.numel() for p in model.parameters() if p.requires_grad]
@@ -246,9 +256,12 @@ def _placement(name: str, family: Family, options: TrainingOptions) -> tuple[str
     return "resident", "encodes each batch"
 
 
-def _memory(name: str, component: Component, model: torch.nn.Module, precision: str) -> ComponentMemory:
-    parameters, weight_bytes, trainable = _count(model, precision)
-    return ComponentMemory(name, component.class_name, precision, parameters, weight_bytes, sum(trainable), trainable)
+def _memory(
+    name: str, component: Component, model: torch.nn.Module, precision: str, quantized: str = "no_change"
+) -> ComponentMemory:
+    parameters, weight_bytes, trainable = _count(model, precision, quantized)
+    label = precision if quantized == "no_change" else f"{quantized} ({precision} rest)"
+    return ComponentMemory(name, component.class_name, label, parameters, weight_bytes, sum(trainable), trainable)
 
 
 def plan_components(
@@ -268,7 +281,8 @@ def plan_components(
     resolution = options.resolution or family.default_resolution(denoiser, vae)
     family.check_resolution(resolution, denoiser, vae)
     models.add_adapter(denoiser, options)  # the trainer's own injection: exact counts, the same refusals
-    memories = [_memory(family.denoiser_name, components[family.denoiser_name], denoiser, precision)]
+    quantized = getattr(options, "base_model_precision", "no_change")
+    memories = [_memory(family.denoiser_name, components[family.denoiser_name], denoiser, precision, quantized)]
     text_options = replace(options, target_modules=list(family.text_encoder_targets))
     text_layers = []  # (width, layers) of each trained text encoder
     for name in family.text_encoder_names:
