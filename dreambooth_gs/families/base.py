@@ -187,7 +187,20 @@ class Family:
         vae_path: str | None,
         denoiser_kwargs: dict | None = None,
     ) -> LoadedParts:
-        """The pipeline's parts; ``denoiser_kwargs`` go to the denoiser's ``from_pretrained`` (a folder or hub id)."""
+        """The pipeline's parts; ``denoiser_kwargs`` go to the denoiser's ``from_pretrained`` (a folder or hub id).
+        A missing component subfolder is named first, before anything loads."""
+        self.check_folder(model_id, revision)
+        return self.load_parts(model_id, revision, variant, vae_path, denoiser_kwargs)
+
+    def load_parts(
+        self,
+        model_id: str,
+        revision: str | None,
+        variant: str | None,
+        vae_path: str | None,
+        denoiser_kwargs: dict | None = None,
+    ) -> LoadedParts:
+        """What :meth:`load` does for this family once the folder is checked."""
         raise NotImplementedError
 
     def encode(self, tokenizers, text_encoders, prompts: list[str], settings: TextSettings) -> Conditioning:

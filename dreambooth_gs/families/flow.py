@@ -44,7 +44,7 @@ class FlowFamily(Family):
         "attn.to_add_out",
     )
 
-    def load(
+    def load_parts(
         self,
         model_id: str,
         revision: str | None,
@@ -55,7 +55,6 @@ class FlowFamily(Family):
         import diffusers
         import transformers
 
-        self.check_folder(model_id, revision)  # a missing subfolder is named, before anything loads
         try:
             if Path(model_id).is_file():
                 pipe = self.pipeline_class().from_single_file(model_id)

@@ -25,7 +25,7 @@ class StableDiffusion(Family):
     text_encoder_names = ("text_encoder",)
     pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
-    def load(
+    def load_parts(
         self,
         model_id: str,
         revision: str | None,
@@ -36,7 +36,6 @@ class StableDiffusion(Family):
         from diffusers import DDPMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        self.check_folder(model_id, revision)  # a missing subfolder is named, before anything loads
         try:
             if Path(model_id).is_file():
                 pipe = StableDiffusionPipeline.from_single_file(model_id)

@@ -28,7 +28,7 @@ class StableDiffusionXL(Family):
     trainable_text_encoders = text_encoder_names
     vae_in_fp32 = True  # SDXL's own VAE overflows in fp16; users swap in an fp16-safe one with --pretrained_vae_...
 
-    def load(
+    def load_parts(
         self,
         model_id: str,
         revision: str | None,
@@ -39,7 +39,6 @@ class StableDiffusionXL(Family):
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        self.check_folder(model_id, revision)  # a missing subfolder is named, before anything loads
         try:
             if Path(model_id).is_file():
                 pipe = StableDiffusionXLPipeline.from_single_file(model_id)
