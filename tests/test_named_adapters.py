@@ -216,3 +216,14 @@ def test_a_load_that_fails_inside_peft_leaves_no_wrapped_layer(make_mlp, tmp_pat
     after = dict(other.named_parameters())
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) and after[k].requires_grad == g for k, (v, g) in before.items())
+
+
+def test_an_adapter_folder_whose_name_is_not_utf8_loads(pipe, tmp_path):
+    """Issue 30: the evaluator reads run folders by name; safetensors' file reader refused a non-UTF-8 path."""
+    import os
+
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/run\xff"))
+    shutil.copytree(RELEASE / "lora", folder)
+    base = unet_out(pipe)
+    load_adapter(pipe, folder)
+    assert not torch.allclose(unet_out(pipe), base, atol=1e-5)

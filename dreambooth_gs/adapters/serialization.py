@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from ..families import FAMILIES
@@ -112,7 +112,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the adapter folder is incomplete")
     try:
-        return load_file(path)
+        # read by Python, parsed from bytes: safetensors' own file reader refuses a path that is not UTF-8
+        return load(path.read_bytes())
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is corrupt or truncated ({err}); save the adapter again") from err
 
