@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import families
 from ..adapters.sampling import generate_images, load_pipeline
-from ..fileio import first_line, write_failure, write_failure_error
+from ..fileio import atomic_write, first_line, write_failure, write_failure_error
 from ..train.data import load_image
 from .metrics import (
     TINY_RANDOM,
@@ -61,9 +61,7 @@ TINY_RANDOM_NOTE = "CLIP is tiny-random: a small RANDOM-WEIGHT CLIP for smoke ru
 def save_png(image, path: Path) -> None:
     """Write ``image`` through a temporary file and a rename: a PNG on disk is always complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def sampling_kwargs(run: RunSpec) -> dict:

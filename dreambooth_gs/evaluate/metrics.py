@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..fileio import first_line
+from ..fileio import atomic_write, first_line
 
 TINY_RANDOM = "tiny-random"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
@@ -311,8 +311,6 @@ class ReferenceEmbeddings:
             embeddings = scorer.image_embeddings([load_image(p) for p in paths])
             if file is not None:
                 file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-                save_file({"embeddings": embeddings.contiguous()}, str(tmp))
-                os.replace(tmp, file)
+                atomic_write(file, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, tmp))
         self._memory[key] = embeddings
         return embeddings

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import families
 from ..adapters.serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from ..fileio import atomic_write_text
 from ..resources import PROMPTS_DIR
 from ..train.data import find_images
 
@@ -313,6 +314,4 @@ def check_record(folder: str | os.PathLike, record: dict, write: bool) -> None:
             )
     elif write:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")

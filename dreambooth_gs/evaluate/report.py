@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters.sampling import labeled_grid
+from ..fileio import atomic_write
 from ..train.data import load_image
 from .plan import BASE, PROMPT, ImageJob, RunSpec, printable, slug, strength_text
 
@@ -33,9 +34,7 @@ SUBJECT_SCORES = (
 def _atomic_text(path: Path, text: str) -> None:
     """Write ``text`` as UTF-8 through a temporary file; undecodable file-name bytes in it become ``\\xff`` escapes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(printable(text), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(printable(text), encoding="utf-8"))
 
 
 def write_results_csv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
@@ -151,10 +150,7 @@ def summary_markdown(
 def _save_figure(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def _axes(title: str, size: tuple[float, float] = (5, 4)):
@@ -309,10 +305,7 @@ def subject_grid(runs: Sequence[RunSpec], jobs: dict[str, list[ImageJob]], promp
     grid = labeled_grid(rows, labels, ["real"] + [printable(prompt) for _, prompt in order])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def write_reports(
