@@ -120,6 +120,15 @@ class PretrainOptions:
     )
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads. Default: torch's choice."})
     log_every: int = field(default=100, metadata={"help": "Print the loss every N steps."})
+    stages: list[str] = field(
+        default_factory=lambda: ["vae", "denoiser", "clip", "oracle"],
+        metadata={
+            "help": (
+                "Stages to build (the denoiser needs the VAE): vae, denoiser, clip, oracle. The demo's shipped model "
+                "needs vae denoiser oracle; the base model's sample grid and prompt-fidelity check run only with all."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.family not in arch.FAMILIES:
@@ -134,10 +143,16 @@ class PretrainOptions:
             raise ValueError(f"--oracle_width must be a multiple of 8 (group norm of 8), got {self.oracle_width}")
         if not Path(self.world_file).is_file():
             raise ValueError(f"--world_file {self.world_file} does not exist")
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown or not self.stages:
+            raise ValueError(f"--stages takes some of {' '.join(STAGES)}, got {' '.join(self.stages) or 'none'}")
+        if "denoiser" in self.stages and "vae" not in self.stages:
+            raise ValueError("--stages denoiser needs vae too (the denoiser trains on the VAE's latents)")
         if self.vae_crop % 8 or not 8 <= self.vae_crop <= self.resolution:
             raise ValueError(f"--vae_crop must be a multiple of 8 in [8, {self.resolution}], got {self.vae_crop}")
 
 
+STAGES = ("vae", "denoiser", "clip", "oracle")
 SMOKE_SETTINGS = {  # --smoke: these replace the defaults (values the user set explicitly are kept)
     "num_images": 64,
     "vae_steps": 2,
@@ -197,15 +212,19 @@ def pretrain(options: PretrainOptions, log=print) -> Pretrained:
         "clip": lambda staging: build_clip(staging, options, data, log),
         "oracle": lambda staging: build_oracle(staging, options, world, log),
     }
+    wanted = {options.family if stage == "denoiser" else stage for stage in options.stages}
     markers = {}
     for name, build in builders.items():
+        if name not in wanted:
+            continue
         log(f"stage {name}: {dirs[name]}")
         markers[name] = build_stage(dirs[name], fingerprint(settings[name]), settings[name], build)
     pipeline_dir = dirs[options.family]
+    everything = len(wanted) == len(STAGES)
     samples = pipeline_dir / "samples.png"
-    if not samples.is_file():
+    if everything and not samples.is_file():
         write_samples(options, pipeline_dir, samples, log)
-    if options.fidelity_pictures:
+    if everything and options.fidelity_pictures:
         markers["fidelity"] = write_fidelity(options, dirs, data, log)
     log(f"pipeline: {pipeline_dir}\nclip: local-dir:{dirs['clip']}\noracle: {dirs['oracle']}")
     return Pretrained(pipeline_dir=pipeline_dir, clip_dir=dirs["clip"], oracle_dir=dirs["oracle"], markers=markers)
