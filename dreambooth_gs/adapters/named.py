@@ -28,6 +28,7 @@ from torch import nn
 
 from ..methods import registry as methods
 from ..methods.peft_gs import GSOFTLayer
+from .saving import guard_save_pretrained
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, _read_tensors, adapter_parts, read_adapter_config
 
 
@@ -132,11 +133,11 @@ def load_named_adapter(
             for param_name, param in component.named_parameters():
                 param.requires_grad_(saved.get(param_name, param.requires_grad))
         raise
-    if fuse:
-        for component, _ in parts:
-            for layer in tuner_layers(component):
-                if adapter_name in _layer_adapters(layer):
-                    layer.merge(adapter_names=[adapter_name])
+    for component, _ in parts:
+        guard_save_pretrained(component)  # its save_pretrained keeps the base weights and the adapters apart
+        for layer in tuner_layers(component) if fuse else ():
+            if adapter_name in _layer_adapters(layer):
+                layer.merge(adapter_names=[adapter_name])
     return [component for component, _ in parts]
 
 

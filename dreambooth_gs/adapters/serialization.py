@@ -25,6 +25,7 @@ from ..gs.config import GSOFTConfig
 from ..methods import registry as methods
 from ..methods.full import FullConfig, full_parameters
 from ..methods.injection import merge_adapter, remove_adapter, require_targets
+from .saving import guard_save_pretrained
 
 STRENGTH_LOAD = "dreambooth_gs_strength"  # the passing name of an unnamed load at a strength, fused and dropped
 CONFIG_NAME = "adapter_config.json"
@@ -58,6 +59,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
     new weights beside an old config, and no folder this call created.
     """
     method, config, tensors = describe_adapter(model)
+    return write_adapter_folder(directory, method, config, tensors, base_model)
+
+
+def write_adapter_folder(
+    directory: str | os.PathLike,
+    method: str,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    base_model: str | None = None,
+) -> Path:
+    """Write an adapter folder from its parts (``method``'s name, its config dict, its tensors by key), atomically
+    as :func:`save_adapter` does; returns the directory."""
     modules: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         module, pname = methods.get(method).kind.split_key(key)
@@ -187,9 +200,11 @@ def load_adapter(
             for name, param in component.named_parameters():
                 param.requires_grad_(saved.get(name, param.requires_grad))
         raise
-    if merge:
-        for component, _ in parts:
+    for component, _ in parts:
+        if merge:
             merge_adapter(component)
+        else:
+            guard_save_pretrained(component)  # its save_pretrained keeps the base weights and the adapter apart
     return names
 
 
