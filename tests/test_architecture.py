@@ -26,6 +26,7 @@ MAY_IMPORT = {
     "export": {"fileio", "gs", "methods", "families", "adapters"},
     "evaluate": {"fileio", "resources", "families", "adapters", "train"},
     "commands": {"fileio", "cli", "train", "evaluate", "export"},
+    "demo": {"fileio", "cli", "resources", "families", "adapters", "train"},
 }
 
 

@@ -633,7 +633,8 @@ def test_v2_instance_pictures_are_world_renders_of_the_subject():
 
 
 def test_the_oracle_learns_the_world_attributes_and_round_trips(tmp_path):
-    from benchmarks.minibooth.oracle import accuracy, load_oracle, predict, save_oracle, train_oracle
+    from benchmarks.minibooth.oracle import accuracy, save_oracle, train_oracle
+    from dreambooth_gs.demo.oracle import load_oracle, predict
 
     with torch.random.fork_rng(devices=[]):
         oracle, losses = train_oracle(WORLD, 1500, steps=150, batch_size=32, lr=3e-3, seed=0, width=8, log_every=0)

@@ -302,8 +302,9 @@ def oracle_scores(
 ) -> dict[Path, dict[str, float]]:
     """Per run folder, the attribute oracle's subject and context fidelity of the pictures the evaluator drew
     (``eval_dir/images``); ``looks``: subject name -> the attributes that make it (None: not a world object)."""
+    from dreambooth_gs.demo.oracle import load_oracle
+
     from .fidelity import oracle_fidelity
-    from .oracle import load_oracle
 
     oracle = load_oracle(oracle_dir)
     max_prompts = protocol.eval_flag("--max_prompts")

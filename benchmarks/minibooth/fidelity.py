@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .oracle import accuracy, attribute_values, load_oracle, predict, scene_truth
+from dreambooth_gs.demo.oracle import load_oracle, predict
+
+from .oracle import accuracy, attribute_values, scene_truth
 from .world import Scene, World, caption
 
 

@@ -225,7 +225,9 @@ def build_clip(staging: Path, options, data: WorldData, log) -> dict:
 def build_oracle(staging: Path, options, world: World, log) -> dict:
     """Train the attribute oracle on world renders (held-out pairs included) and measure it on fresh renders of
     another seed, overall and on the held-out pairs alone."""
-    from .oracle import SEED_OFFSET, accuracy, judged_world, predict, save_oracle, scene_truth, train_oracle
+    from dreambooth_gs.demo.oracle import predict
+
+    from .oracle import SEED_OFFSET, accuracy, judged_world, save_oracle, scene_truth, train_oracle
 
     oracle, losses = train_oracle(
         world,
