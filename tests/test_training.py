@@ -248,3 +248,19 @@ def test_bf16_mixed_precision_with_checkpointing_keeps_fp32_adapter(tmp_path):
 def test_unloadable_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot read the pipeline class of 'nobody/no-such-model'"):
         run(tmp_path / "x", "--pretrained_model_name_or_path", "nobody/no-such-model", "--class_name", "dog")
+
+
+def test_a_float16_folder_trains_and_draws_in_float32(tmp_path, tiny_dir):
+    """transformers 5 keeps a text encoder in the dtype it was saved in: a float16 folder (an fp16 variant, the
+    demo's shipped model) must still give float32 models to a float32 run and to the sampler."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_gs.adapters.sampling import load_pipeline
+
+    folder = tmp_path / "fp16"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder)
+    loaded = load_pipeline(str(folder))
+    assert {m.dtype for m in (loaded.unet, loaded.text_encoder, loaded.vae)} == {torch.float32}
+    out = run(tmp_path / "out", "--pretrained_model_name_or_path", str(folder), "--max_train_steps", "1")
+    assert (out / "adapter_model.safetensors").is_file()

@@ -47,9 +47,9 @@ def load_pipeline(
 
     family = families.detect(base_model, override=model_family)
     family.check_folder(base_model)
-    kwargs = dict(family.pipeline_load_kwargs)
-    if torch_dtype != torch.float32:  # pipelines load in float32 by default; casting after loading warns
-        kwargs["torch_dtype"] = torch_dtype
+    # always said: diffusers loads its models in float32 by default, but transformers 5 keeps a text encoder in the
+    # dtype it was saved in (a float16 folder would give a float16 encoder beside a float32 UNet)
+    kwargs = dict(family.pipeline_load_kwargs) | {"dtype": torch_dtype}  # diffusers 0.42 name (torch_dtype warns)
     pipeline_class = family.pipeline_class()
     try:
         with quiet_loading():

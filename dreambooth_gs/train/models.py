@@ -151,7 +151,7 @@ def load_components(
         if model is denoiser or not options.offload:
             model.to(accelerator.device)
         if (
-            weight_dtype != torch.float32
+            model.dtype != weight_dtype  # also a float16 folder trained in float32: transformers keeps its dtype
             and not (model is vae and keep_vae_fp32)
             and not (model is denoiser and quantization)
         ):
