@@ -58,6 +58,12 @@ MODELS = [
         "text_encoder": "clip_vit_l_text_encoder.json", "text_encoder_2": "t5_v1_1_xxl_encoder.json"}),
 ]  # fmt: skip
 ADAPTERS = [("GSOFT r=32", {"adapter": "gsoft", "gsoft_nblocks": 32}), ("LoRA r=16", {"adapter": "lora", "rank": 16})]
+PRECISION_ADAPTERS = [
+    *ADAPTERS[:1],
+    ("Double GSOFT r=32", {"adapter": "double_gsoft", "gsoft_nblocks": 32}),
+    *ADAPTERS[1:],
+    ("OFT b=32", {"adapter": "oft", "oft_block_size": 32}),
+]
 MEMORY_FLAGS = {"gradient_checkpointing": True, "cache_latents": True, "pre_compute_text_embeddings": True}
 BASE = {"mixed_precision": "bf16", "train_batch_size": 1}
 # Flag sets of the second table (GSOFT r=32, bf16, batch 1): what each memory flag buys.
@@ -122,6 +128,16 @@ def plans_section() -> tuple[str, str]:
             result = plan(model, **ADAPTERS[0][1], **flags)
             cells.append(f"{gib(result.peak)} ({smallest(result)})")
         flag_rows.append(cells)
+    precision_rows, flux_int8 = [], ""
+    for model in MODELS:
+        for label, flags in PRECISION_ADAPTERS:
+            cells = [model[0], label]
+            for precision in ("no_change", "int8-torchao"):
+                result = plan(model, **flags, **MEMORY_FLAGS, base_model_precision=precision)
+                cells.append(f"{gib(result.peak)} ({smallest(result)})")
+                if model[0] == "FLUX.1-dev" and label.startswith("GSOFT") and precision != "no_change":
+                    flux_int8 = memory_plan.format_plan(result)
+            precision_rows.append([*cells, "not implemented yet"])
     settings = (
         "bf16 (`--mixed_precision bf16`), batch 1, `--gradient_checkpointing --cache_latents "
         "--cache_text_embeddings`, no validation, the family's default targets"
@@ -142,6 +158,14 @@ def plans_section() -> tuple[str, str]:
             markdown_table(["model", *[label for label, _ in FLAG_SETS]], flag_rows),
             "The planner's output for FLUX.1-dev with GSOFT r=32 (the first table's settings):",
             "```\n" + flux_text.replace(str(ROOT) + "/", "") + "\n```",
+            "**A quantized frozen base** (`--base_model_precision`; the first table's settings; peak GiB and the "
+            "smallest GPU). int8-torchao stores the denoiser's Linear weights in one byte per element plus a scale "
+            "per row (the rest in bf16); the GS methods read each adapted weight dequantized and keep it until the "
+            "backward, which the estimate counts (with checkpointing: the largest block's adapted weights in bf16). "
+            "nf4-bnb is not implemented yet (it needs a CUDA GPU to load):",
+            markdown_table(["model", "adapter", "bf16 base", "int8-torchao base", "nf4-bnb base"], precision_rows),
+            "The planner's output for FLUX.1-dev with GSOFT r=32 on an int8 base (the README's 24 GB command):",
+            "```\n" + flux_int8.replace(str(ROOT) + "/", "") + "\n```",
         ]
     )
     families_table = markdown_table(

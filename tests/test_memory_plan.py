@@ -289,3 +289,38 @@ def test_an_int8_base_is_planned_as_loaded(tiny, family, adapter):
     assert (denoiser.parameters, denoiser.weight_bytes, denoiser.adapter_parameters) == counts[denoiser.name]
     full = memory_plan.plan_memory(options_for(tiny[family], adapter, "no", False)).components[0]
     assert denoiser.weight_bytes < full.weight_bytes and denoiser.precision.startswith("int8-torchao")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gs_on_an_int8_base_counts_its_dequantized_weights(tiny, checkpointing):
+    """The GS layers keep each adapted weight dequantized (training dtype) from forward to backward: the plan adds
+    the largest block's (checkpointing) or all of them; LoRA reads none."""
+    gs = replace(options_for(tiny["sd"], "gsoft", "no", False), gradient_checkpointing=checkpointing)
+    full, int8 = memory_plan.plan_memory(gs), memory_plan.plan_memory(replace(gs, base_model_precision="int8-torchao"))
+    subject = models.SubjectData(Path("."), None, "a", "a")
+    parts = models.load_components(gs, Accelerator(cpu=True), torch.float32, subject)
+    denoiser, _ = models.add_adapter(parts.denoiser, models.family_options(gs, parts.family))
+    blocks: dict[str, int] = {}
+    for name, module in denoiser.named_modules():
+        if hasattr(module, "gsoft_L"):
+            block = name.split(".attentions")[0] if "blocks." in name else name  # e.g. down_blocks.0
+            blocks[block] = blocks.get(block, 0) + module.base_layer.weight.numel() * 4
+    expected = max(blocks.values()) if checkpointing else sum(blocks.values())
+    assert int8.activation_bytes - full.activation_bytes == expected > 0
+    lora = replace(gs, adapter="lora")
+    assert memory_plan.plan_memory(replace(lora, base_model_precision="int8-torchao")).activation_bytes == (
+        memory_plan.plan_memory(lora).activation_bytes
+    )
+
+
+def test_cached_prompts_are_encoded_before_the_denoiser_comes_to_the_gpu(tiny):
+    """--cache_text_embeddings: the text encoders and the denoiser are never on the GPU together (the plan's phases);
+    with class images to draw first, they are."""
+    base = replace(options_for(tiny["flux"], "gsoft", "bf16", False), pre_compute_text_embeddings=True)
+    plan = memory_plan.plan_memory(base)
+    encoders = sum(m.weight_bytes for m in plan.components[1:-1])
+    assert plan.phases["encoding the prompts"][0] == encoders + plan.components[-1].weight_bytes
+    assert plan.phases["before the first step"][0] < plan.components[0].weight_bytes + encoders
+    assert models.denoiser_waits_for_prompts(base)
+    assert not models.denoiser_waits_for_prompts(replace(base, with_prior_preservation=True))
+    assert not models.denoiser_waits_for_prompts(replace(base, pre_compute_text_embeddings=False))

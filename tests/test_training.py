@@ -264,3 +264,21 @@ def test_a_float16_folder_trains_and_draws_in_float32(tmp_path, tiny_dir):
     assert {m.dtype for m in (loaded.unet, loaded.text_encoder, loaded.vae)} == {torch.float32}
     out = run(tmp_path / "out", "--pretrained_model_name_or_path", str(folder), "--max_train_steps", "1")
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_cached_prompts_are_encoded_before_the_denoiser_is_placed(tmp_path, monkeypatch, prior):
+    """--cache_text_embeddings: the prompts are encoded (and the encoders freed) before the denoiser goes to the
+    accelerator's device, so T5-XXL and the transformer are never on the GPU together; with prior preservation the
+    class images need the denoiser there first."""
+    from dreambooth_gs.train import models
+
+    events = []
+    precompute, place = models.TextConditioning.precompute, models.place_denoiser
+    monkeypatch.setattr(models.TextConditioning, "precompute", lambda *a: (events.append("encode"), precompute(*a)))
+    monkeypatch.setattr(models, "place_denoiser", lambda *a: (events.append("place"), place(*a)))
+    flags = ["--max_train_steps", "1", "--cache_text_embeddings"]
+    if prior:
+        flags += ["--with_prior_preservation", "--num_class_images", "2", "--class_data_dir", str(tmp_path / "cls")]
+    run(tmp_path / "out", *flags)
+    assert events == (["encode"] if prior else ["encode", "place"])

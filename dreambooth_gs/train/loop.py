@@ -275,6 +275,8 @@ def train(options: TrainingOptions) -> Path:
         text.precompute(prompts)
         parts.text_encoders = [None] * len(parts.text_encoders)
         _free_memory()
+    if models.denoiser_waits_for_prompts(options):
+        models.place_denoiser(denoiser, accelerator)  # only now: never on the GPU beside the text encoders
     params = [p for p in denoiser.parameters() if p.requires_grad]
     text_params = [p for encoder in text_encoders.values() for p in encoder.parameters() if p.requires_grad]
     if options.gradient_checkpointing:

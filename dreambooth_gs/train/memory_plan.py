@@ -27,7 +27,9 @@ frozen and trainable parameters are those of the real run, exactly. The budget, 
   (checkpointing keeps only each block's input and recomputes one block at a time).
 - the peak: the training step (weights, adapter, resident components, activations), or before the first step when
   larger (every component is loaded onto the GPU first; caching frees them after), or, with ``--offload``, while an
-  offloaded component visits. A GPU of G GiB fits when peak + :data:`CUDA_CONTEXT_GIB` <= G.
+  offloaded component visits. With ``--cache_text_embeddings`` (and no class images to draw) the prompts are encoded
+  before the denoiser comes to the GPU, so the text encoders and the denoiser are never there together. A GPU of
+  G GiB fits when peak + :data:`CUDA_CONTEXT_GIB` <= G.
 
 Not modelled: class-image generation and validation sampling (inference, below a training step), the VAE's
 encoding of each batch without ``--cache_latents`` (before the denoiser's forward, freed), allocator fragmentation.
@@ -36,6 +38,7 @@ encoding of each batch without ``--cache_latents`` (before the denoiser's forwar
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -310,6 +313,11 @@ def plan_components(
     method = methods.for_options(options)[0].name
     side = resolution // vae_scale_factor(vae)
     activations, how = estimate_activations(family, denoiser.config, side, options, method, text_layers, sum(trainable))
+    dequantized = dequantized_weight_bytes(denoiser, options, TORCH_DTYPES[precision].itemsize)
+    if dequantized:
+        activations += dequantized
+        where = "the largest block's" if options.gradient_checkpointing else "every adapted layer's"
+        how += f"; + {dequantized / GIB:.2f} GiB: {where} weights dequantized, kept from forward to backward"
     settings = f"{method}, {precision}, batch {options.train_batch_size} at {resolution} px" + "".join(
         text for flag, text in SETTING_NOTES if getattr(options, flag)
     )
@@ -331,6 +339,25 @@ SETTING_NOTES = (
 )
 
 
+def dequantized_weight_bytes(denoiser: torch.nn.Module, options: TrainingOptions, element_size: int) -> int:
+    """The GS methods on a quantized base read each adapted layer's weight dequantized (in the training dtype) and
+    keep it from the forward to the backward: with gradient checkpointing one block's layers at a time (the largest
+    block's), without it every adapted layer's at once. 0 on a full-precision base and for PEFT's methods."""
+    from ..gs.layers import GSOFTLinear
+
+    if getattr(options, "base_model_precision", "no_change") == "no_change":
+        return 0
+    per_block: dict[str, int] = {}
+    for name, module in denoiser.named_modules():
+        if isinstance(module, GSOFTLinear):
+            block = re.match(r"(.*?blocks\.\d+)", name)  # e.g. transformer_blocks.3, down_blocks.1
+            key = block.group(1) if block else name
+            per_block[key] = per_block.get(key, 0) + module.base_layer.weight.numel() * element_size
+    if not per_block:
+        return 0
+    return max(per_block.values()) if options.gradient_checkpointing else sum(per_block.values())
+
+
 def _phases(
     memories: list[ComponentMemory], adapter: dict[str, int], activations: int, options: TrainingOptions
 ) -> dict[str, tuple[int, str]]:
@@ -347,12 +374,22 @@ def _phases(
     }
     loaded = memories[0].weight_bytes + trainable
     encoders, vae = sum(m.weight_bytes for m in memories[1:-1]), memories[-1].weight_bytes
-    if not options.offload:
+    if models.denoiser_waits_for_prompts(options):  # the prompts are encoded before the denoiser comes over
+        on_gpu_vae = 0 if options.offload and not options.cache_latents else vae
+        phases["encoding the prompts"] = (
+            encoders + (0 if options.offload else vae),
+            "the text encoders, before the denoiser is on the GPU",
+        )
+        phases["before the first step"] = (loaded + on_gpu_vae, "the denoiser, adapter and VAE (caching latents)")
+        if not options.offload:
+            return phases
+    elif not options.offload:
         phases["before the first step"] = (loaded + encoders + vae, "every component loaded, before caching")
         return phases
-    cached = max(encoders if options.pre_compute_text_embeddings else 0, vae if options.cache_latents else 0)
-    why = "offloaded components on the GPU while caching" if cached else "the denoiser and adapter loaded"
-    phases["before the first step"] = (loaded + cached, why)
+    else:
+        cached = max(encoders if options.pre_compute_text_embeddings else 0, vae if options.cache_latents else 0)
+        why = "offloaded components on the GPU while caching" if cached else "the denoiser and adapter loaded"
+        phases["before the first step"] = (loaded + cached, why)
     visiting = max(0 if options.pre_compute_text_embeddings else encoders, 0 if options.cache_latents else vae)
     if visiting:
         phases["offloaded components visiting"] = (

@@ -148,7 +148,9 @@ def load_components(
         if model is None:  # a text encoder the folder leaves out (SD3 without T5)
             continue
         model.requires_grad_(False)
-        if model is denoiser or not options.offload:
+        if (model is denoiser and not denoiser_waits_for_prompts(options)) or (
+            model is not denoiser and not options.offload
+        ):
             model.to(accelerator.device)
         if (
             model.dtype != weight_dtype  # also a float16 folder trained in float32: transformers keeps its dtype
@@ -176,6 +178,17 @@ def load_components(
         offload=options.offload,
         latent_shift_and_scale=(vae.config.get("shift_factor") or 0.0, vae.config.scaling_factor),
     )
+
+
+def denoiser_waits_for_prompts(options: TrainingOptions) -> bool:
+    """Whether the denoiser stays on the CPU until the prompts are encoded and the text encoders freed
+    (``--cache_text_embeddings`` without class images to draw first): the text encoders (T5-XXL: 9 GB in bf16) and
+    the denoiser are then never on the GPU together. The loop moves it with :func:`place_denoiser`."""
+    return options.pre_compute_text_embeddings and not options.with_prior_preservation
+
+
+def place_denoiser(denoiser: torch.nn.Module, accelerator: Accelerator) -> None:
+    denoiser.to(accelerator.device)
 
 
 def family_options(options: TrainingOptions, family: Family) -> TrainingOptions:
