@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-compare test lint bench clean
 
 setup: $(STAMP)
 
@@ -14,8 +14,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Teaches the shipped MiniBooth world model a subject it never drew: outputs/demo/demo.png (before / after) and the
+# attribute oracle's scores (docs/demo.md). demo-compare trains LoRA as well, side by side.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) train_dreambooth_gsoft.py --output_dir outputs/demo --overwrite_output_dir
+	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_gs.demo --output_dir outputs/demo
+
+demo-compare: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_gs.demo --output_dir outputs/demo --compare lora
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
