@@ -103,7 +103,7 @@ def main() -> None:
         full, int8 = results[method, "no_change"], results[method, "int8-torchao"]
         effect = effect_ratio(full["dir"], int8["dir"])
         difference = tensor_difference(full["dir"], int8["dir"])
-        for precision, result in (("bf16/fp32 as saved", full), ("int8-torchao", int8)):
+        for precision, result in (("full precision (fp32)", full), ("int8-torchao", int8)):
             compare = "-" if result is full else f"{difference:.3f} / {effect:.3f}"
             rows.append([
                 method, precision, f"{result['seconds']:.1f}", f"{result['peak_mb']:.0f}",
