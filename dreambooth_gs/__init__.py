@@ -1,6 +1,6 @@
 """dreambooth-gs: GSOFT / Double GSOFT orthogonal fine-tuning (Group-and-Shuffle matrices) for diffusers models."""
 
-from . import _import_noise  # noqa: F401  (first: quiets two third-party import messages, see there)
+from . import _import_noise  # noqa: F401  (first: quiets three third-party import messages, see there)
 from .adapters.sampling import generate_images, load_pipeline
 from .adapters.serialization import load_adapter, read_adapter_config, save_adapter
 from .evaluate.evaluation import evaluate

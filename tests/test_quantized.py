@@ -119,8 +119,8 @@ REFUSALS = [
     (["--adapter", "full"], "--adapter full trains them"),
     (["--adapter", "boft", "--boft_backend", "peft"], "PEFT's BOFT rotates the frozen weight"),
     (["--base_model_precision", "fp8-torchao"], "compute capability 8.9"),
-    (["--base_model_precision", "nf4-bnb"], "nf4-bnb"),
-    (["--base_model_precision", "int8-bnb"], "int8-bnb"),
+    (["--base_model_precision", "nf4-bnb"], "needs a CUDA GPU"),
+    (["--base_model_precision", "int8-bnb"], "needs a CUDA GPU"),
 ]
 
 
@@ -128,6 +128,8 @@ REFUSALS = [
 def test_what_cannot_train_on_a_quantized_base_is_refused_in_one_line(tiny, tmp_path, capsys, flags, message):
     if "fp8-torchao" in flags and FP8_RUNS:
         pytest.skip("this GPU runs fp8")
+    if any(f.endswith("-bnb") for f in flags) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: bitsandbytes bases load")
     with pytest.raises(SystemExit) as exit_info:
         train(tiny, "sd", tmp_path / "out", *INT8, *flags, "--max_train_steps", "1")
     assert exit_info.value.code == 2
@@ -138,3 +140,63 @@ def test_what_cannot_train_on_a_quantized_base_is_refused_in_one_line(tiny, tmp_
 
 def test_no_change_is_the_default():
     assert parse_args([]).base_model_precision == "no_change"
+
+
+@pytest.mark.parametrize("method", ["gsoft", "double_gsoft", "boft"])
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_gs_methods_train_through_bitsandbytes_layers(kind, method):
+    """A GS layer on a bitsandbytes NF4 / int8 Linear (built by hand: diffusers loads those only on CUDA) computes, in
+    forward and backward, exactly what it computes on a plain Linear holding the dequantized weight."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from dreambooth_gs import GSOFTConfig
+    from dreambooth_gs.gs.layers import GSOFTLinear
+    from dreambooth_gs.train.quantization import dequantize, expose_dequantized_weights
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 32)
+    if kind == "nf4":
+        quantized = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        quantized = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+    quantized.load_state_dict(plain.state_dict())
+    quantized = quantized.to("cpu")  # bitsandbytes quantizes when the layer moves to its device
+    assert is_quantized(quantized.weight) and not is_quantized(plain.weight)
+    dense = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        dense.weight.copy_(dequantize(quantized.weight))
+        dense.bias.copy_(quantized.bias)
+    assert 0 < (dense.weight - plain.weight).abs().max() < 0.1  # quantized, and close
+    config = GSOFTConfig(method=method, nblocks=8 if method == "boft" else 4, target_modules=("x",))
+    layers = [GSOFTLinear(quantized, config), GSOFTLinear(dense, config)]
+    model = torch.nn.Sequential(layers[0])
+    assert expose_dequantized_weights(model) == 1 and isinstance(layers[0].base_layer, DequantizedLinear)
+    with torch.no_grad():
+        for mine, other in zip(layers[0].adapter_parameters(), layers[1].adapter_parameters()):
+            mine.copy_(0.1 * torch.randn(mine.shape))
+            other.copy_(mine)
+    x = torch.randn(6, 64)
+    outs, grads = [], []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.backward(torch.ones_like(out))
+        outs.append(out.detach())
+        grads.append([xi.grad, *[p.grad for p in layer.adapter_parameters()]])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0], grads[1]))
+    assert quantized.weight.dtype in (torch.uint8, torch.int8)  # the stored weight stays quantized
+
+
+def test_bitsandbytes_bases_load_through_diffusers_config_and_plan_without_a_gpu(tiny):
+    from diffusers import BitsAndBytesConfig
+
+    from dreambooth_gs.train import memory_plan
+    from dreambooth_gs.train.quantization import denoiser_kwargs
+
+    config = denoiser_kwargs("nf4-bnb", torch.bfloat16)["quantization_config"]
+    assert isinstance(config, BitsAndBytesConfig) and config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert denoiser_kwargs("int8-bnb", torch.bfloat16)["quantization_config"].load_in_8bit
+    args = ["--pretrained_model_name_or_path", str(tiny["flux"]), "--estimate_memory", "--mixed_precision", "bf16"]
+    sizes = {p: memory_plan.plan_memory(parse_args([*args, "--base_model_precision", p])).components[0].weight_bytes
+             for p in ("no_change", "int8-torchao", "nf4-bnb")}  # fmt: skip
+    assert sizes["nf4-bnb"] < sizes["int8-torchao"] < sizes["no_change"]

@@ -58,10 +58,14 @@ GIB = 2**30
 NEEDS = "pass a local diffusers folder: model_index.json and each component's config.json are enough, no weights"
 # Bytes per frozen parameter by precision.
 BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "fp16": 2}
-# --base_model_precision: bytes per element of a quantized nn.Linear weight of the denoiser. torchao's weight-only
-# int8 / fp8 keep one byte per element plus one scale per output row in the training dtype (checked against a
-# quantized tiny UNet and Flux transformer); biases and every other tensor stay in the training dtype.
-QUANTIZED_WEIGHT_BYTES = {"int8-torchao": 1, "fp8-torchao": 1}
+# --base_model_precision: bytes per element of a quantized nn.Linear weight of the denoiser, and per output row (None:
+# one value in the training dtype). torchao's weight-only int8 / fp8: one byte per element plus one scale per row in
+# the training dtype (checked against a quantized tiny UNet and Flux transformer). bitsandbytes (its documented
+# layout, not checked here: diffusers loads it on CUDA only): NF4 packs two 4-bit values per byte with one fp32
+# absmax per block of 64 (no double quantization, diffusers' default); int8 keeps one fp32 absmax per row. Biases and
+# every other tensor stay in the training dtype.
+QUANTIZED_WEIGHT_BYTES = {"int8-torchao": 1, "fp8-torchao": 1, "nf4-bnb": 0.5 + 4 / 64, "int8-bnb": 1}
+QUANTIZED_ROW_BYTES = {"int8-torchao": None, "fp8-torchao": None, "nf4-bnb": 0, "int8-bnb": 4}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINABLE_BYTES = 4  # adapter parameters and their gradients stay float32
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, float32
@@ -215,7 +219,9 @@ def _count(model: torch.nn.Module, precision: str, quantized: str = "no_change")
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
                 rows, elements = module.weight.shape[0], module.weight.numel()
                 weight_bytes -= elements * BYTES_PER_PARAMETER[precision]  # counted above at the training dtype
-                weight_bytes += elements * QUANTIZED_WEIGHT_BYTES[quantized] + rows * BYTES_PER_PARAMETER[precision]
+                row_bytes = QUANTIZED_ROW_BYTES[quantized]
+                row_bytes = BYTES_PER_PARAMETER[precision] if row_bytes is None else row_bytes
+                weight_bytes += round(elements * QUANTIZED_WEIGHT_BYTES[quantized]) + rows * row_bytes
     weight_bytes += sum(p.numel() * p.element_size() for p in frozen if not p.is_floating_point())
     weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = [p.numel() for p in model.parameters() if p.requires_grad]

@@ -68,8 +68,9 @@ class TrainingOptions:
             PRECISIONS,
             "Quantize the frozen denoiser at load time (SimpleTuner's flag). no_change: as saved, in the training "
             "dtype; int8-torchao: int8 weights through torchao (CPU or GPU; not --adapter full, GS methods on the "
-            "activation side); fp8-torchao: CUDA compute capability 8.9+; nf4-bnb / int8-bnb: not yet. The saved "
-            "adapter is the usual folder and loads into the full-precision pipeline.",
+            "activation side); fp8-torchao: CUDA compute capability 8.9+; nf4-bnb / int8-bnb: bitsandbytes through "
+            "diffusers' BitsAndBytesConfig (CUDA only). The saved adapter is the usual folder and loads into the "
+            "full-precision pipeline.",
         ),
     )
     instance_data_dir: str | None = field(

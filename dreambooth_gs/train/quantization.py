@@ -1,11 +1,13 @@
 """``--base_model_precision``: the frozen denoiser quantized at load time through diffusers' own quantization config
-(``TorchAoConfig`` passed to its ``from_pretrained``), what each method needs to train on it, and the one-line
-refusals of what cannot (checked when the options are made, before anything is written).
+(``TorchAoConfig`` or ``BitsAndBytesConfig`` passed to its ``from_pretrained``), what each method needs to train on
+it, and the one-line refusals of what cannot (checked when the options are made, before anything is written).
 
-Adapters train through the quantized layers: PEFT's LoRA / OFT call the frozen layer (PEFT has torchao layers);
-the GS methods' kernels read the frozen weight itself (``W Q x`` in one node), and torchao's weight tensors have no
-transpose, so each targeted layer is seen through :class:`DequantizedLinear` (its weight dequantized at each call,
-in the layer's dtype; the stored weight stays quantized)."""
+Adapters train through the quantized layers: PEFT's LoRA / OFT call the frozen layer (PEFT has torchao and
+bitsandbytes layers); the GS methods' kernels read the frozen weight itself (``W Q x`` in one node), and quantized
+weight tensors have no transpose, so each targeted layer is seen through :class:`DequantizedLinear` (its weight
+dequantized at each call: torchao's ``dequantize()``, bitsandbytes' NF4 ``dequantize_4bit`` or its int8 rows times
+their scales; the stored weight stays quantized). diffusers loads a bitsandbytes base only on CUDA; the GS path
+through bitsandbytes' NF4 and int8 layers is tested on the CPU with layers built by hand."""
 
 from __future__ import annotations
 
@@ -28,14 +30,7 @@ def check_precision(options) -> None:
     flag = f"--base_model_precision {precision}"
     if precision not in PRECISIONS:
         raise ValueError(f"unknown {flag}; choose one of {', '.join(PRECISIONS)}")
-    if precision.endswith("-bnb"):
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"{flag} needs a CUDA GPU and bitsandbytes; use int8-torchao (CPU or GPU) here")
-        raise ValueError(f"{flag} is not implemented yet; use int8-torchao")
-    if precision == "fp8-torchao" and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
-        raise ValueError(f"{flag} needs a CUDA GPU of compute capability 8.9 or more (Ada, Hopper); use int8-torchao")
-    if importlib.util.find_spec("torchao") is None:
-        raise ValueError(f"{flag} needs torchao: pip install {TORCHAO_PIN}")
+    _check_machine(options, flag)
     if options.adapter == "full":
         raise ValueError(f"{flag} quantizes the frozen weights, but --adapter full trains them; use an adapter")
     if options.adapter in GS_ADAPTERS and (options.gsoft_forward_mode == "weight" or options.gsoft_weight_side_modules):
@@ -50,10 +45,36 @@ def check_precision(options) -> None:
         raise ValueError(f"{flag} quantizes a diffusers folder or hub id's denoiser, not a single file {model}")
 
 
+def _check_machine(options, flag: str) -> None:
+    """What running (not planning: ``--estimate_memory`` plans for any GPU) needs: the device and the package."""
+    if getattr(options, "estimate_memory", False):
+        return
+    precision = options.base_model_precision
+    if precision.endswith("-bnb"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} needs a CUDA GPU (diffusers loads bitsandbytes on CUDA only); use int8-torchao")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"{flag} needs bitsandbytes: pip install bitsandbytes")
+    if precision == "fp8-torchao" and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
+        raise ValueError(f"{flag} needs a CUDA GPU of compute capability 8.9 or more (Ada, Hopper); use int8-torchao")
+    if precision.endswith("-torchao") and importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"{flag} needs torchao: pip install {TORCHAO_PIN}")
+
+
 def denoiser_kwargs(precision: str, weight_dtype: torch.dtype) -> dict:
     """The denoiser's extra ``from_pretrained`` arguments for ``precision`` (none for ``no_change``)."""
     if precision == "no_change":
         return {}
+    if precision.endswith("-bnb"):
+        from diffusers import BitsAndBytesConfig
+
+        if precision == "nf4-bnb":  # NF4 with compute in the training dtype, as diffusers' Flux QLoRA recipe
+            config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype
+            )
+        else:
+            config = BitsAndBytesConfig(load_in_8bit=True)
+        return {"quantization_config": config, "torch_dtype": weight_dtype}
     from diffusers import TorchAoConfig
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
@@ -62,13 +83,36 @@ def denoiser_kwargs(precision: str, weight_dtype: torch.dtype) -> dict:
     return {"quantization_config": TorchAoConfig(config), "torch_dtype": weight_dtype}
 
 
+BNB_WEIGHTS = ("Params4bit", "Int8Params")  # bitsandbytes' quantized weight classes (matched by name: no import)
+
+
+def _bnb_kind(weight: torch.Tensor) -> str | None:
+    kind = type(weight).__name__
+    return kind if kind in BNB_WEIGHTS and type(weight).__module__.startswith("bitsandbytes") else None
+
+
 def is_quantized(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is one of torchao's quantized tensors."""
+    """Whether ``weight`` is one of torchao's quantized tensors or a quantized bitsandbytes weight."""
+    if _bnb_kind(weight) is not None:
+        return weight.dtype in (torch.uint8, torch.int8)  # quantized once moved to its device (int8: not fp16 kept)
     if importlib.util.find_spec("torchao") is None:
         return False
     from torchao.utils import TorchAOBaseTensor
 
     return isinstance(weight, TorchAOBaseTensor)
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """The dense weight of a quantized one: torchao's ``dequantize()``; bitsandbytes' NF4 / FP4 blocks through
+    ``dequantize_4bit`` (in the dtype it was quantized from); its int8 rows times their absmax scales / 127."""
+    kind = _bnb_kind(weight)
+    if kind == "Params4bit":
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "Int8Params":
+        return weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127)  # (out, in) * (out, 1)
+    return weight.dequantize()
 
 
 class DequantizedLinear(nn.Module):
@@ -83,7 +127,7 @@ class DequantizedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.linear.weight.dequantize()
+        return dequantize(self.linear.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
