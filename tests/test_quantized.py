@@ -200,3 +200,32 @@ def test_bitsandbytes_bases_load_through_diffusers_config_and_plan_without_a_gpu
     sizes = {p: memory_plan.plan_memory(parse_args([*args, "--base_model_precision", p])).components[0].weight_bytes
              for p in ("no_change", "int8-torchao", "nf4-bnb")}  # fmt: skip
     assert sizes["nf4-bnb"] < sizes["int8-torchao"] < sizes["no_change"]
+
+
+def test_diffusers_bnb_config_file_sets_the_precision(tiny, tmp_path, capsys):
+    """--bnb_quantization_config_path (diffusers' flag): its JSON picks nf4-bnb / int8-bnb and its arguments go into
+    the BitsAndBytesConfig; a bad file or a contradicting --base_model_precision is one line."""
+    from dreambooth_gs.train.quantization import denoiser_kwargs
+
+    config = tmp_path / "bnb.json"
+    config.write_text('{"load_in_4bit": true, "bnb_4bit_quant_type": "fp4"}')
+    base = ["--pretrained_model_name_or_path", str(tiny["sd"]), "--estimate_memory"]
+    options = parse_args([*base, "--bnb_quantization_config_path", str(config)])
+    assert options.base_model_precision == "nf4-bnb"
+    made = denoiser_kwargs(options.base_model_precision, torch.bfloat16, options.bnb_quantization_config_path)
+    assert made["quantization_config"].bnb_4bit_quant_type == "fp4"  # the file's, not the default nf4
+    assert made["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+    for text, flags, message in [
+        ("[1, 2]", [], "one of load_in_4bit / load_in_8bit"),
+        ("{nope", [], "not valid JSON"),
+        ('{"load_in_8bit": true}', ["--base_model_precision", "int8-torchao"], "asks for int8-bnb"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_args([*base, "--bnb_quantization_config_path", str(config), *flags])
+        assert message in capsys.readouterr().err
+    config.write_text('{"load_in_8bit": true}')
+    if not torch.cuda.is_available():  # running (not planning) needs CUDA
+        with pytest.raises(SystemExit):
+            parse_args(["--bnb_quantization_config_path", str(config)])
+        assert "needs a CUDA GPU" in capsys.readouterr().err

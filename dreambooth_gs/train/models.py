@@ -128,7 +128,7 @@ def load_components(
     """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) for the checked ``subject``."""
     model_id, is_demo = _resolve_model(options, accelerator)
     family = families.detect(model_id, options.revision, options.model_family)
-    quantization = denoiser_kwargs(options.base_model_precision, weight_dtype)  # --base_model_precision
+    quantization = denoiser_kwargs(options.base_model_precision, weight_dtype, options.bnb_quantization_config_path)
     vae_path = options.pretrained_vae_model_name_or_path
     loaded = family.load(model_id, options.revision, options.variant, vae_path, quantization)
     vae, denoiser = loaded.vae, loaded.denoiser

@@ -10,7 +10,7 @@ from typing import Literal
 
 from ..families import FAMILIES
 from ..methods.registry import DEFAULT_LEARNING_RATES, TRAINER_ADAPTERS
-from .quantization import PRECISIONS, check_precision
+from .quantization import PRECISIONS, bnb_precision, check_precision
 
 FAMILY_NAMES = tuple(FAMILIES)
 
@@ -71,6 +71,14 @@ class TrainingOptions:
             "activation side); fp8-torchao: CUDA compute capability 8.9+; nf4-bnb / int8-bnb: bitsandbytes through "
             "diffusers' BitsAndBytesConfig (CUDA only). The saved adapter is the usual folder and loads into the "
             "full-precision pipeline.",
+        ),
+    )
+    bnb_quantization_config_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "diffusers' flag: a JSON file of BitsAndBytesConfig arguments for the frozen denoiser, e.g. "
+            '{"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}; sets --base_model_precision to nf4-bnb or '
+            "int8-bnb by what it asks (CUDA only)."
         ),
     )
     instance_data_dir: str | None = field(
@@ -325,6 +333,8 @@ class TrainingOptions:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        if self.bnb_quantization_config_path:  # diffusers' flag: the precision it implies
+            self.base_model_precision = bnb_precision(self.bnb_quantization_config_path, self.base_model_precision)
         check_precision(self)  # --base_model_precision: what this machine and these options can train with
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")

@@ -12,6 +12,8 @@ through bitsandbytes' NF4 and int8 layers is tested on the CPU with layers built
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -61,14 +63,45 @@ def _check_machine(options, flag: str) -> None:
         raise ValueError(f"{flag} needs torchao: pip install {TORCHAO_PIN}")
 
 
-def denoiser_kwargs(precision: str, weight_dtype: torch.dtype) -> dict:
-    """The denoiser's extra ``from_pretrained`` arguments for ``precision`` (none for ``no_change``)."""
+def read_bnb_config(path: str | os.PathLike) -> dict:
+    """The ``BitsAndBytesConfig`` arguments of ``--bnb_quantization_config_path`` (a JSON object asking for exactly
+    one of ``load_in_4bit`` / ``load_in_8bit``); one clear error for a missing, unreadable or contradictory file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--bnb_quantization_config_path {path} does not exist")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--bnb_quantization_config_path {path} is not valid JSON ({err})") from None
+    if not isinstance(document, dict) or bool(document.get("load_in_4bit")) == bool(document.get("load_in_8bit")):
+        raise ValueError(
+            f"--bnb_quantization_config_path {path} must be a JSON object with one of load_in_4bit / load_in_8bit "
+            'true, e.g. {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}'
+        )
+    return document
+
+
+def bnb_precision(path: str | os.PathLike, requested: str) -> str:
+    """The ``--base_model_precision`` that ``--bnb_quantization_config_path`` implies (nf4-bnb for 4 bits, int8-bnb
+    for 8); a different non-default ``--base_model_precision`` beside it is refused."""
+    precision = "nf4-bnb" if read_bnb_config(path).get("load_in_4bit") else "int8-bnb"
+    if requested not in ("no_change", precision):
+        raise ValueError(f"--bnb_quantization_config_path asks for {precision}, --base_model_precision for {requested}")
+    return precision
+
+
+def denoiser_kwargs(precision: str, weight_dtype: torch.dtype, bnb_config_path: str | None = None) -> dict:
+    """The denoiser's extra ``from_pretrained`` arguments for ``precision`` (none for ``no_change``);
+    ``bnb_config_path``: ``--bnb_quantization_config_path``'s arguments instead of the defaults below."""
     if precision == "no_change":
         return {}
     if precision.endswith("-bnb"):
         from diffusers import BitsAndBytesConfig
 
-        if precision == "nf4-bnb":  # NF4 with compute in the training dtype, as diffusers' Flux QLoRA recipe
+        if bnb_config_path:
+            arguments = {"bnb_4bit_compute_dtype": weight_dtype} | read_bnb_config(bnb_config_path)
+            config = BitsAndBytesConfig(**arguments)
+        elif precision == "nf4-bnb":  # NF4 with compute in the training dtype, as diffusers' Flux QLoRA recipe
             config = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=weight_dtype
             )
