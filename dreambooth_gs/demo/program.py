@@ -187,7 +187,7 @@ def run_demo(options: DemoOptions, model_dir: Path = MODEL_DIR, log=print) -> di
     atomic_write(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
     document = {"subject": subject, "prompts": prompts, "score_images": options.score_images, "scores": scores}
     atomic_write_text(output / "scores.json", json.dumps(document, indent=2) + "\n")
-    log(f"\nsubject: {subject['name']} (a {subject['color']} {subject['pattern']} {subject['shape']}, never drawn "
+    log(f"\nsubject: {subject['name']} (a {subject['pattern']} {subject['color']} {subject['shape']}, never drawn "
         "by the base model)")  # fmt: skip
     for name, score in scores.items():
         trained = score["train_seconds"]
