@@ -22,7 +22,7 @@ MAY_IMPORT = {
     "families": {"fileio", "resources", "gs"},
     "lipschitz": {"gs"},
     "adapters": {"fileio", "gs", "methods", "families"},
-    "tiny": {"families", "resources"},
+    "tiny": {"fileio", "families", "resources"},
     "train": {"fileio", "resources", "gs", "methods", "families", "adapters", "tiny"},
     "export": {"fileio", "gs", "methods", "families", "adapters"},
     "evaluate": {"fileio", "resources", "families", "adapters", "train"},

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..fileio import atomic_write
+
 SUPERSAMPLE = 4  # draw at 4x and downscale: smooth edges, still deterministic
 BACKGROUNDS = (  # (top colour, bottom colour) of a vertical gradient
     ((235, 228, 210), (196, 180, 150)),  # sand
@@ -96,8 +98,7 @@ def make_demo_subject(directory: str | os.PathLike, n_images: int = 4, size: int
     paths = []
     for index in range(n_images):
         path = directory / f"toy_{index:02d}.png"
-        staging = directory / f".{path.name}.tmp"
-        render_demo_image(size, rng, backgrounds[index % len(backgrounds)]).save(staging, format="PNG", optimize=True)
-        os.replace(staging, path)
+        image = render_demo_image(size, rng, backgrounds[index % len(backgrounds)])
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG", optimize=True))
         paths.append(path)
     return paths

@@ -12,6 +12,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_write
+
 # Files that sit beside images without being images (a dataset's README, its prompts): skipped without a warning.
 NON_IMAGE_SUFFIXES = frozenset({".md", ".txt", ".json", ".yaml", ".yml", ".toml", ".csv", ".py"})
 # Single-channel integer modes PIL opens 16-bit grayscale as (PNG, TIFF; "I" holds 32-bit integers); PIL's own
@@ -305,9 +307,7 @@ def generate_class_images(
                     **size,
                 ).images
                 for name, image in zip(batch_names, images):
-                    staging = class_data_dir / f".{name}.tmp"
-                    image.save(staging, format="PNG")
-                    os.replace(staging, class_data_dir / name)
+                    atomic_write(class_data_dir / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
                 bar.update(len(batch_names))
     finally:
         pipeline._progress_bar_config = saved_progress_config
