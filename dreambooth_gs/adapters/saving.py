@@ -42,12 +42,13 @@ WRAPPERS = (GSOFTLinear, BaseTunerLayer)
 
 def _wrapped_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """``(parent, attribute, outermost wrapper)`` of every adapter-wrapped layer of ``model``."""
-    found = []
+    found, names = [], []
     for name, module in model.named_modules():
-        if isinstance(module, WRAPPERS) and not any(name.startswith(f"{n}.") for _, n, _ in found):
+        if isinstance(module, WRAPPERS) and not any(name.startswith(f"{outer}.") for outer in names):
             parent_name, _, child = name.rpartition(".")
-            found.append((model.get_submodule(parent_name) if parent_name else model, name, module))
-    return [(parent, name.rpartition(".")[2], layer) for parent, name, layer in found]
+            found.append((model.get_submodule(parent_name) if parent_name else model, child, module))
+            names.append(name)
+    return found
 
 
 def _chain(layer: nn.Module) -> list[nn.Module]:
@@ -108,11 +109,7 @@ def adapters_of(model: nn.Module) -> dict[str, tuple[str, dict[str, Any], dict[s
         if isinstance(config, GSOFTConfig):
             method, document = config.method, config.adapter_dict()
         else:
-            peft_type = getattr(config.peft_type, "value", config.peft_type)
-            method = baselines.PEFT_TYPE_TO_METHOD.get(peft_type)
-            if method is None:
-                raise ValueError(f"adapter {name!r} is a PEFT {peft_type}, which adapter folders cannot hold")
-            document = baselines.peft_config_to_dict(config)
+            method, document = baselines.peft_config_method(config), baselines.peft_config_to_dict(config)
         tensors = {  # an adapter under another one (a LoRA around a GS layer) is reached through its base_layer
             key.replace(".base_layer.", "."): value.detach().float().contiguous().cpu()
             for key, value in get_peft_model_state_dict(model, adapter_name=name).items()

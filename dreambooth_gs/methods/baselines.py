@@ -102,10 +102,15 @@ def peft_method(model: nn.Module) -> tuple[str, PeftConfig] | None:
     if not configs or not peft_layers(model):
         return None
     config = configs["default"]
+    return peft_config_method(config), config
+
+
+def peft_config_method(config: PeftConfig) -> str:
+    """The registry's method name of a PEFT baseline's config (one clear error for another PEFT type)."""
     peft_type = getattr(config.peft_type, "value", config.peft_type)
     if peft_type not in PEFT_TYPE_TO_METHOD:
         raise ValueError(f"PEFT adapter type {peft_type} is not one of this toolkit's baselines ({PEFT_METHODS})")
-    return PEFT_TYPE_TO_METHOD[peft_type], config
+    return PEFT_TYPE_TO_METHOD[peft_type]
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
