@@ -18,6 +18,7 @@ from dreambooth_gs.gs.config import divisors
     ({"target_modules": ["to_q", "to_k"]}, {"target_modules": ("to_q", "to_k")}),
     ({"method": "double_gsoft", "parametrization": "exp", "forward_mode": "weight"},
      {"parametrization": "exp", "forward_mode": "weight"}),
+    ({"parametrization": "cayley_neumann"}, {"parametrization": "cayley_neumann"}),
 ])  # fmt: skip
 def test_defaults_and_normalisation(kwargs, expected):
     config = GSOFTConfig(**kwargs)
@@ -40,7 +41,7 @@ def test_defaults_and_normalisation(kwargs, expected):
     ({"method": "boft", "block_size": 3, "n_butterfly_factor": 2}, r"even block_size, got 3"),
     ({"target_modules": ()}, r"target_modules must be non-empty"),
     ({"target_modules": ("to_q", "")}, r"target_modules must be non-empty"),
-    ({"parametrization": "qr"}, r"unknown parametrization 'qr'; choose one of cayley, exp"),
+    ({"parametrization": "qr"}, r"unknown parametrization 'qr'; choose one of cayley, cayley_neumann, exp"),
     ({"forward_mode": "fast"}, r"unknown forward_mode 'fast'; choose one of auto, activation, weight"),
 ])  # fmt: skip
 def test_invalid_configs_say_what_is_wrong(kwargs, match):
@@ -52,6 +53,7 @@ def test_invalid_configs_say_what_is_wrong(kwargs, match):
     {},
     {"method": "double_gsoft", "block_size": 16, "scale": False},
     {"method": "boft", "nblocks": 16, "n_butterfly_factor": 5, "parametrization": "exp"},
+    {"method": "double_gsoft", "parametrization": "cayley_neumann"},
     {"target_modules": ("query", "key"), "forward_mode": "activation"},
 ])  # fmt: skip
 def test_dict_round_trip_through_json(kwargs):

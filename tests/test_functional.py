@@ -126,7 +126,7 @@ def test_cayley_matches_dense_formula(ref, assert_close, dtype):
     assert_close(q, ref.cayley(a), work)
 
 
-@pytest.mark.parametrize("parametrization", ["cayley", "exp"])
+@pytest.mark.parametrize("parametrization", ["cayley", "cayley_neumann", "exp"])
 def test_zero_params_give_identity(parametrization):
     q = gsf.orthogonal_blocks(torch.zeros(3, 5, 5), parametrization)
     assert torch.equal(q, torch.eye(5).expand(3, 5, 5))
@@ -184,6 +184,73 @@ def test_cayley_gradient_is_float32_for_half_parameters():
 def test_unknown_parametrization():
     with pytest.raises(ValueError, match="unknown parametrization 'qr'"):
         gsf.orthogonal_blocks(torch.zeros(1, 2, 2), "qr")
+
+
+def truncated_cayley_series(a: torch.Tensor, num_terms: int) -> torch.Tensor:
+    """``I + 2K + ... + 2K^(n-2) + K^(n-1)`` term by term with dense matrix powers (``(I + K)`` times the first
+    ``n - 1`` terms of ``(I - K)^-1``'s Neumann series), float64."""
+    k = (a.double() - a.double().mT) / 2
+    eye = torch.eye(k.shape[-1], dtype=torch.float64)
+    series = sum(torch.linalg.matrix_power(k, j) for j in range(num_terms - 1))
+    return (eye + k) @ series
+
+
+@pytest.mark.parametrize("num_terms", [2, 3, 4, 5, 6, 8, 9, 17])
+def test_cayley_neumann_matches_the_truncated_series(num_terms):
+    # num_terms - 1 a power of two (2, 3, 5, 9, 17) takes the product form, the others Horner's rule
+    a = 0.3 * random_blocks(4, 7, 7, seed=30, dtype=torch.float64)
+    got = gsf.cayley_neumann(a, num_terms)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, truncated_cayley_series(a, num_terms), rtol=1e-12, atol=1e-12)
+
+
+def test_cayley_neumann_default_is_peft_ofts_series():
+    # PEFT's OFT computes R = I + 2K + 2K^2 + 2K^3 + K^4 (5 terms) from the upper triangle of K; compare with it
+    from peft.tuners.oft.layer import OFTRotationModule
+
+    b = 6
+    a = 0.2 * random_blocks(3, b, b, seed=31, dtype=torch.float64)
+    k = gsf.skew(a)
+    module = OFTRotationModule(r=3, n_elements=b * (b - 1) // 2, block_size=b, in_features=3 * b)
+    peft_blocks = module._cayley_batch(k[:, module.rows, module.cols], b)  # its default: Neumann, 5 terms
+    assert gsf.NUM_CAYLEY_NEUMANN_TERMS == 5
+    torch.testing.assert_close(gsf.orthogonal_blocks(a, "cayley_neumann"), peft_blocks, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cayley_neumann_computes_in_float32(dtype):
+    a = 0.05 * random_blocks(3, 8, 8, seed=32)
+    got = gsf.cayley_neumann(a.to(dtype))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, truncated_cayley_series(a.to(dtype), 5).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_cayley_neumann_gradcheck():
+    a = (0.3 * random_blocks(2, 5, 5, seed=33, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(gsf.cayley_neumann, (a,))
+    assert torch.autograd.gradcheck(lambda p: gsf.cayley_neumann(p, 4), (a,))  # Horner's rule
+
+
+# Entries of std 1e-3 .. 5e-2 bracket what trained blocks hold. The series is Cayley(K) (I - K^4), so
+# |Q^T Q - I| <= 2 |K|^4 + |K|^8 and |Q - Cayley(K)| <= |K|^4 in the spectral norm (which bounds every entry).
+@pytest.mark.parametrize("std", [1e-3, 1e-2, 5e-2])
+@pytest.mark.parametrize("b", [16, 64])
+def test_cayley_neumann_orthogonality_error_within_its_bound(std, b):
+    a = std * random_blocks(8, b, b, seed=34, dtype=torch.float64)
+    q = gsf.orthogonal_blocks(a, "cayley_neumann")
+    norm = torch.linalg.matrix_norm(gsf.skew(a), ord=2)  # (8,)
+    eye = torch.eye(b, dtype=torch.float64)
+    orthogonality = torch.linalg.matrix_norm(q.mT @ q - eye, ord=2)
+    distance = torch.linalg.matrix_norm(q - gsf.cayley(a), ord=2)
+    assert (orthogonality <= 2 * norm**4 + norm**8 + 1e-14).all()
+    assert (distance <= norm**4 + 1e-14).all()
+    if std == 1e-3:  # near the identity (early training) the series is orthogonal to float32 rounding
+        assert (q.mT @ q - eye).abs().max() < 1e-7
+
+
+def test_cayley_neumann_rejects_too_few_terms():
+    with pytest.raises(ValueError, match="num_cayley_neumann_terms must be an integer >= 2, got 1"):
+        gsf.cayley_neumann(torch.zeros(1, 2, 2), 1)
 
 
 def assert_orthogonal(q: torch.Tensor, tol: float = 1e-5) -> None:

@@ -378,3 +378,61 @@ def test_weight_side_modules_train_on_the_weight_side(name, forward_mode, side):
     y = layer(x)
     layer.forward_mode = "activation" if layer.forward_side(x) == "weight" else "weight"
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+# -- Cayley-Neumann blocks (an option, not the default) ---------------------------------------------------------
+
+
+def neumann_weight(layer, weight):
+    """diag(s) Q_out W Q_in in float64 with every block the 5-term series I + 2K + 2K^2 + 2K^3 + K^4, built here."""
+
+    def blocks(a):
+        k = (a.detach().double() - a.detach().double().mT) / 2
+        k2 = k @ k
+        eye = torch.eye(k.shape[-1], dtype=torch.float64)
+        return eye + 2 * k + 2 * k2 + 2 * k2 @ k + k2 @ k2
+
+    def q(prefix):
+        p = [getattr(layer, prefix + side) for side in ("L", "R")]
+        r, b, _ = p[0].shape
+        left, right = (torch.block_diag(*blocks(t)) for t in p)
+        perm = torch.eye(r * b, dtype=torch.float64)[gsf.permutation_gather_index(gsf.shuffle_permutation(r, r * b))]
+        return perm.T @ left @ perm @ right  # P^T L P R
+
+    w = weight.double()
+    w = w @ q("gsoft_") if layer.method == "gsoft" else q("gsoft_out_") @ w @ q("gsoft_in_")
+    return w * layer.gsoft_s.detach().double()[:, None]
+
+
+@pytest.mark.parametrize("method", ["gsoft", "double_gsoft"])
+def test_cayley_neumann_layer_matches_its_dense_series_on_every_path(randomize_adapter, method):
+    layer = make_layer({"method": method, "nblocks": 4, "parametrization": "cayley_neumann"}, 32, 24)
+    randomize_adapter(layer, seed=8)
+    original = layer.base_layer.weight.detach().clone()
+    x = inputs(32, torch.float32)
+    expected = F.linear(x.double(), neumann_weight(layer, original), layer.base_layer.bias.double())
+    for mode in ("activation", "weight"):
+        torch.testing.assert_close(forward(layer, x, mode).double(), expected, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(forward(layer, x, "activation").double(), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()  # Q^T of a series that is orthogonal only to |K|^4: unmerge is exact only up to that
+    torch.testing.assert_close(layer.base_layer.weight, original, rtol=0, atol=1e-2)
+
+
+def test_cayley_neumann_adapter_saves_and_loads(tmp_path, make_mlp, randomize_adapter):
+    from dreambooth_gs import inject_adapter, load_adapter, read_adapter_config, save_adapter
+
+    config = GSOFTConfig(method="double_gsoft", nblocks=4, parametrization="cayley_neumann", target_modules=("fc1",))
+    model = make_mlp()
+    inject_adapter(model, config)
+    randomize_adapter(model, seed=9)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = model(x)
+    save_adapter(model, tmp_path)
+    assert read_adapter_config(tmp_path)["config"]["parametrization"] == "cayley_neumann"
+    fresh = make_mlp()
+    load_adapter(fresh, tmp_path, merge=False)
+    assert fresh.fc1.parametrization == "cayley_neumann"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)

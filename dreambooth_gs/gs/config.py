@@ -18,7 +18,7 @@ from peft import PeftConfig
 from peft.utils.peft_types import PeftType
 
 METHODS = ("gsoft", "double_gsoft", "boft")
-PARAMETRIZATIONS = ("cayley", "exp")
+PARAMETRIZATIONS = ("cayley", "cayley_neumann", "exp")
 FORWARD_MODES = ("auto", "activation", "weight")
 DEFAULT_NBLOCKS = 32
 DEFAULT_BOFT_FACTORS = 4  # the paper's BOFT (32 blocks, 4 factors) row of Table 2
@@ -106,7 +106,11 @@ class GSOFTConfig(PeftConfig):
     )
     parametrization: str = field(
         default="cayley",
-        metadata={"help": "How blocks become orthogonal: 'cayley' (I + K)(I - K)^-1 or 'exp' (matrix exponential)."},
+        metadata={
+            "help": "How blocks become orthogonal: 'cayley' (I + K)(I - K)^-1, exact; 'cayley_neumann' the same with "
+            "(I - K)^-1 truncated to I + K + K^2 + K^3 (PEFT OFT's default 5-term series: matmuls only, "
+            "orthogonal up to 2 |K|^4); or 'exp' (matrix exponential)."
+        },
     )
     forward_mode: str = field(
         default="auto",

@@ -146,14 +146,57 @@ def inverse_positive_real(matrices: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
+# PEFT's OFT default (peft 0.21.2, peft/tuners/oft/config.py: use_cayley_neumann=True, num_cayley_neumann_terms=5;
+# the series in peft/tuners/oft/layer.py, OFTRotationModule._cayley_batch).
+NUM_CAYLEY_NEUMANN_TERMS = 5
+
+
+def cayley_neumann(params: torch.Tensor, num_terms: int = NUM_CAYLEY_NEUMANN_TERMS) -> torch.Tensor:
+    """Cayley with ``(I - K)^-1`` replaced by its first ``n - 1`` Neumann terms (``n = num_terms``, ``K = skew(A)``):
+    ``(I + K)(I + K + ... + K^(n-2)) = I + 2K + 2K^2 + ... + 2K^(n-2) + K^(n-1)``, batched matmuls only.
+
+    The series PEFT's OFT computes by default (``_cayley_batch``, 5 terms: ``I + 2K + 2K^2 + 2K^3 + K^4``; PEFT's
+    loop gives the same polynomial for every ``num_terms >= 4``, while its 2 and 3 terms give ``I + 2K`` and the
+    4-term result). Not exactly orthogonal: it equals ``Cayley(K) (I - K^(n-1))``, so
+    ``Q^T Q = (I - (-K)^(n-1)) (I - K^(n-1))``: for the default, ``|Q^T Q - I| <= 2 |K|^4 + |K|^8`` and
+    ``|Q - Cayley(K)| <= |K|^4`` (spectral norms), small where trained blocks stay near the identity. Float32
+    inside like :func:`cayley`; plain autograd ops (two bmm's forward for the default: when ``n - 1`` is a power of
+    two the series is ``(I + K)^2 (I + K^2) (I + K^4) ...``, otherwise Horner's rule)."""
+    if not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 2:
+        raise ValueError(f"num_cayley_neumann_terms must be an integer >= 2, got {num_terms!r}")
+    work_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
+    k = skew(params.to(work_dtype))
+    eye = torch.eye(k.shape[-1], dtype=work_dtype, device=k.device)
+    powers = num_terms - 1  # the inverse's series has the terms K^0 .. K^(powers - 1)
+    if powers == 1:
+        return eye + k
+    if powers & (powers - 1) == 0:  # (I + K) * prod_{c < powers, c = 2^i} (I + K^c)
+        power = k @ k
+        blocks = eye + 2 * k + power  # (I + K)^2
+        count = 2
+        while count < powers:
+            blocks = blocks + blocks @ power  # * (I + K^count)
+            count *= 2
+            if count < powers:
+                power = power @ power
+        return blocks
+    series = eye + k
+    for _ in range(powers - 2):
+        series = eye + k @ series  # Horner: I + K (I + K (...))
+    return series + k @ series  # (I + K) * series
+
+
 def orthogonal_blocks(params: torch.Tensor, parametrization: str = "cayley") -> torch.Tensor:
-    """Orthogonal blocks from unconstrained parameters: ``"cayley"`` or ``"exp"`` (matrix exponential of ``K``)."""
+    """Orthogonal blocks from unconstrained parameters: ``"cayley"`` (exact), ``"cayley_neumann"`` (its truncated
+    series, :func:`cayley_neumann`, approximately orthogonal) or ``"exp"`` (matrix exponential of ``K``)."""
     if parametrization == "cayley":
         return cayley(params)
+    if parametrization == "cayley_neumann":
+        return cayley_neumann(params)
     if parametrization == "exp":
         work_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
         return torch.linalg.matrix_exp(skew(params.to(work_dtype)))
-    raise ValueError(f"unknown parametrization {parametrization!r}; use 'cayley' or 'exp'")
+    raise ValueError(f"unknown parametrization {parametrization!r}; use 'cayley', 'cayley_neumann' or 'exp'")
 
 
 def orthogonal_blocks_at_strength(
