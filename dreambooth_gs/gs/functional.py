@@ -387,9 +387,11 @@ class _ScaleInput:
 
     @staticmethod
     def choose(scale, needed: bool, y0: torch.Tensor, y: torch.Tensor) -> _ScaleInput:
+        """Eager: the output unless ``s`` has a zero entry. Compiled: always ``y0``, decided when tracing, not on
+        the scale's values (the zero check is a ``Tensor.item()``, a graph break)."""
         if not needed:
             return _ScaleInput("none", ())
-        if scale is not None and bool((scale == 0).any()):
+        if torch.compiler.is_compiling() or (scale is not None and bool((scale == 0).any())):
             return _ScaleInput("input", (y0,))
         return _ScaleInput("output", (y,))
 
@@ -417,13 +419,16 @@ class RotationPlan:
     ``rotate_in(x, *in_blocks)`` (``Q_in x``, recomputed under autograd in backward), and, for two-sided adapters,
     ``rotate_out(y, *out_blocks)``, its inverse ``unrotate_out`` (``Q_out^T y``) and its backward
     ``backward_out(grad, y, *out_blocks, needs) -> (grad of y, *grads of the blocks)``; ``n_in`` of the blocks
-    belong to ``Q_in``."""
+    belong to ``Q_in``. ``backward_in(grad, x, *in_blocks, needs) -> (grad of x, *grads of the blocks)``, when
+    given, is ``Q_in``'s backward (then backward calls no ``torch.autograd.grad``, which ``torch.compile`` cannot
+    trace); without it ``Q_in``'s gradients come from autograd through ``rotate_in``."""
 
     rotate_in: Callable[..., torch.Tensor]
     n_in: int
     rotate_out: Callable[..., torch.Tensor] | None = None
     unrotate_out: Callable[..., torch.Tensor] | None = None
     backward_out: Callable[..., tuple] | None = None
+    backward_in: Callable[..., tuple] | None = None
 
     def __post_init__(self) -> None:
         if self.rotate_out is not None and (self.unrotate_out is None or self.backward_out is None):
@@ -469,8 +474,13 @@ class _RecomputedRotatedLinear(torch.autograd.Function):
             grad_y1, *grad_out_blocks = plan.backward_out(grad_y2, y1, *out_blocks, (True, *needs[5 + plan.n_in :]))
         grad_in_blocks: tuple = (None,) * len(in_blocks)
         grad_x = grad_weight = None
-        wants_in = needs[0] or any(needs[5 : 5 + plan.n_in]) or needs[1]
-        if wants_in:
+        needs_in = (needs[0], *needs[5 : 5 + plan.n_in])
+        if plan.backward_in is not None and any(needs_in):
+            with _no_autocast(x):
+                grad_x, *grad_in_blocks = plan.backward_in(torch.mm(grad_y1, weight), x, *in_blocks, needs_in)
+            if needs[1]:
+                grad_weight = torch.mm(grad_y1.mT, plan.rotate_in(x, *in_blocks))
+        elif any(needs_in) or needs[1]:
             with torch.enable_grad(), _no_autocast(x):
                 x_in = x.detach().requires_grad_(needs[0])
                 detached = [b.detach().requires_grad_(need) for b, need in zip(in_blocks, needs[5 : 5 + plan.n_in])]
@@ -535,6 +545,8 @@ def recomputed_weight_linear(
     lead, d = x.shape[:-1], x.shape[-1]
 
     def run(x2d, bias):
+        if torch.compiler.is_compiling():  # plain ops: the recomputation in backward calls torch.autograd.grad,
+            return F.linear(x2d, transform().to(x2d.dtype), bias)  # and the compiler picks what to keep itself
         return _RecomputedWeightLinear.apply(x2d, bias, transform, *params)
 
     y = _in_autocast_dtype(run, x.reshape(-1, d), bias)
@@ -555,10 +567,24 @@ def rotated_linear(
     lead, d = x.shape[:-1], x.shape[-1]
 
     def run(x2d, weight, scale, bias, *blocks):
+        if plan.backward_in is None and torch.compiler.is_compiling():  # see _rotated_linear_plain
+            return _rotated_linear_plain(x2d, weight, scale, bias, plan, *blocks)
         return _RecomputedRotatedLinear.apply(x2d, weight, scale, bias, plan, *blocks)
 
     y = _in_autocast_dtype(run, x.reshape(-1, d).contiguous(), weight, scale, bias, *blocks)
     return y.view(*lead, weight.shape[0])
+
+
+def _rotated_linear_plain(x, weight, scale, bias, plan: RotationPlan, *blocks) -> torch.Tensor:
+    """:class:`_RecomputedRotatedLinear`'s forward as plain differentiable ops, for ``torch.compile`` where a plan
+    has no explicit ``backward_in`` (BOFT): that node's backward would call ``torch.autograd.grad``, which the
+    compiler cannot trace; compiled, the compiler's partitioner chooses what backward keeps and recomputes."""
+    y = torch.mm(plan.rotate_in(x, *blocks[: plan.n_in]), weight.mT)  # (N, out): W Q_in x
+    if plan.rotate_out is not None:
+        y = plan.rotate_out(y, *blocks[plan.n_in :])
+    if scale is not None:
+        y = y * scale
+    return y if bias is None else y + bias
 
 
 def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:

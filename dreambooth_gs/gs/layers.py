@@ -254,6 +254,7 @@ class GSOFTLinear(nn.Module):
                 gsf.gs_apply,
                 lambda v, left, right: gsf.gs_apply(v, left, right, transpose=True),
                 gsf.gs_rotation_backward,
+                backward_in=gsf.gs_rotation_backward,
             )
             blocks = [*self._gs_blocks(factors, "in", x.dtype), *self._gs_blocks(factors, "out", x.dtype)]
         return gsf.rotated_linear(x, weight, plan, blocks, scale, bias)
