@@ -203,15 +203,21 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint, noise: Gen
 
 
 def register_adapter_hooks(
-    accelerator: Accelerator, base_model: str, text_encoders: dict[str, torch.nn.Module] | None = None
+    accelerator: Accelerator,
+    base_model: str,
+    text_encoders: dict[str, torch.nn.Module] | None = None,
+    unprepared_denoiser: torch.nn.Module | None = None,
 ) -> None:
     """Checkpoints save and load the adapters only, in the project's adapter format, never the frozen models: the
-    UNet's at the top of the checkpoint, each adapted text encoder's in a subfolder named after it."""
+    denoiser's at the top of the checkpoint, each adapted text encoder's in a subfolder named after it. The
+    denoiser is the one accelerate prepared, or ``unprepared_denoiser`` (a sharded one, which accelerate does not
+    hold)."""
     text_encoders = text_encoders or {}
+    own = [] if unprepared_denoiser is None else [unprepared_denoiser]
 
     def save_hook(models_to_save, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models_to_save:
+            for model in [*models_to_save, *own]:
                 save_adapter(accelerator.unwrap_model(model), output_dir, base_model=base_model)
             for name, encoder in text_encoders.items():
                 save_adapter(encoder, Path(output_dir) / name, base_model=base_model)
@@ -221,6 +227,8 @@ def register_adapter_hooks(
     def load_hook(models_to_load, input_dir):
         while models_to_load:
             load_adapter_weights(accelerator.unwrap_model(models_to_load.pop()), input_dir)
+        for model in own:
+            load_adapter_weights(model, input_dir)
         for name, encoder in text_encoders.items():
             load_adapter_weights(encoder, Path(input_dir) / name)
 

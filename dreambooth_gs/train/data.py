@@ -268,13 +268,15 @@ def generate_class_images(
     progress: bool = True,
     resolution: int | None = None,
     guidance_scale: float = 7.5,
+    write: bool = True,
 ) -> int:
     """Fill ``class_data_dir`` up to ``num_class_images`` images of ``class_prompt`` drawn by ``pipeline``.
 
     Resumable: readable images already there count, and only the missing ones are generated, ``batch_size`` at a
     time. Image k (counting existing ones) uses a CPU generator seeded ``seed + k``, so an interrupted and resumed
     run draws the same pictures as an uninterrupted one. Each PNG is written to a hidden temporary file and renamed
-    into place. Returns the number of images generated.
+    into place. Returns the number of images generated. ``write=False`` draws the same images and drops them: the
+    other processes of a sharded denoiser, which take part in every forward of the one that writes.
     """
     if num_class_images < 0 or batch_size < 1 or num_inference_steps < 1:
         raise ValueError(
@@ -306,7 +308,7 @@ def generate_class_images(
                     output_type="pil",
                     **size,
                 ).images
-                for name, image in zip(batch_names, images):
+                for name, image in zip(batch_names, images if write else []):
                     atomic_write(class_data_dir / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
                 bar.update(len(batch_names))
     finally:

@@ -41,6 +41,15 @@ from .checkpoints import (
     write_error,
 )
 from .data import DreamBoothDataset, collate_examples, generate_class_images
+from .distributed import (
+    ShardingRequest,
+    autocast_forward,
+    average_gradients,
+    check_shardable,
+    requested_sharding,
+    shard_denoiser,
+    without_accelerate_fsdp,
+)
 from .objectives import LossSettings, encode_latent_parameters, training_loss
 from .options import DEFAULT_MAX_TRAIN_STEPS, DEMO_MAX_TRAIN_STEPS, TrainingOptions, with_demo_defaults
 from .run_folder import (
@@ -62,9 +71,11 @@ def validate(
     accelerator: Accelerator,
     step: int,
     output_dir: Path,
+    sharded: bool = False,
 ) -> Path | None:
-    """Draw validation images, save them as one PNG grid and log them to the trackers."""
-    if not options.validation_prompt or not accelerator.is_main_process:
+    """Draw validation images, save them as one PNG grid and log them to the trackers (the main process; every
+    process draws when the denoiser is ``sharded``, since each runs its share of every forward)."""
+    if not options.validation_prompt or not (accelerator.is_main_process or sharded):
         return None
     pipeline = models.make_pipeline(parts, accelerator.unwrap_model(denoiser))
     prompt = _validation_prompt(options, parts)
@@ -85,6 +96,8 @@ def validate(
             text_kwargs=text_kwargs,
         )
     denoiser.train(was_training)
+    if not accelerator.is_main_process:
+        return None
     folder = output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.png"
@@ -102,19 +115,27 @@ def _validation_prompt(options: TrainingOptions, parts: models.Components) -> st
     return options.validation_prompt.format(**{"class": parts.class_name or ""})
 
 
-def _make_accelerator(options: TrainingOptions, output_dir: Path) -> Accelerator:
+def _make_accelerator(options: TrainingOptions, output_dir: Path) -> tuple[Accelerator, ShardingRequest | None]:
+    """The Accelerator, and the FSDP2 sharding that accelerate's launch settings ask for (done by
+    :mod:`.distributed`, not by accelerate; None with one process, where there is nothing to shard)."""
+    sharding = requested_sharding(os.environ)
     # Several processes without CUDA (accelerate launch --multi_gpu / torchrun on CPU machines): DDP over gloo.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(
-        cpu=multi_process_cpu,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        mixed_precision=options.mixed_precision,
-        log_with=None if options.report_to == "none" else options.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / options.logging_dir)
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    with without_accelerate_fsdp(os.environ):
+        accelerator = Accelerator(
+            cpu=multi_process_cpu,
+            gradient_accumulation_steps=options.gradient_accumulation_steps,
+            mixed_precision=options.mixed_precision,
+            log_with=None if options.report_to == "none" else options.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(output_dir / options.logging_dir)
+            ),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+    if sharding is not None and accelerator.num_processes == 1:
+        accelerator.print("FSDP settings with one process: nothing to shard, training unsharded")
+        sharding = None
+    return accelerator, sharding
 
 
 def check_hardware(options: TrainingOptions, accelerator: Accelerator) -> None:
@@ -222,7 +243,7 @@ def check_resume(options: TrainingOptions, output_dir: Path, checkpoint: Checkpo
 def train(options: TrainingOptions) -> Path:
     """Run DreamBooth fine-tuning as ``options`` says; returns the folder with the final adapter."""
     output_dir = Path(options.output_dir)
-    accelerator = _make_accelerator(options, output_dir)
+    accelerator, sharding = _make_accelerator(options, output_dir)
     check_hardware(options, accelerator)
     if accelerator.is_main_process:  # an overwrite killed before it saved: its set-aside run goes back first
         for line in restore_set_aside(output_dir, options.logging_dir):
@@ -247,13 +268,15 @@ def train(options: TrainingOptions) -> Path:
     if options.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    parts = models.load_components(options, accelerator, weight_dtype, subject)
+    parts = models.load_components(options, accelerator, weight_dtype, subject, sharded=sharding is not None)
     if parts.is_demo:
         options = with_demo_defaults(options)
     options = models.family_options(options, parts.family)  # the family's targets and objective defaults
     denoiser, method = models.add_adapter(parts.denoiser, options)  # refuses bad targets and block counts
     text_encoders = models.add_text_encoder_adapters(parts, options) if options.train_text_encoder else {}
     text = models.TextConditioning(parts, models.text_settings(options, parts.denoiser), trainable=bool(text_encoders))
+    if sharding is not None:
+        check_shardable(denoiser, method)
 
     repo_id = None
     if options.push_to_hub and accelerator.is_main_process:
@@ -263,11 +286,14 @@ def train(options: TrainingOptions) -> Path:
 
     # -- every check passed: from here on the run writes ------------------------------------------------------------
     set_aside_run = _prepare_output_dir(accelerator, output_dir, earlier)
+    waits_for_prompts = models.denoiser_waits_for_prompts(options)
+    if sharding is not None and not waits_for_prompts:  # before the class images: a big denoiser draws them sharded
+        _shard(denoiser, accelerator, sharding)
     if options.with_prior_preservation:
         with contextlib.ExitStack() as base_model:  # the class images come from the base model
             for model in (denoiser, *text_encoders.values()):
                 base_model.enter_context(disable_adapters(model))
-            _ensure_class_images(options, parts, denoiser, accelerator)
+            _ensure_class_images(options, parts, denoiser, accelerator, sharded=sharding is not None)
     if options.pre_compute_text_embeddings:
         prompts = [parts.instance_prompt, ""]
         prompts += [parts.class_prompt] if options.with_prior_preservation else []
@@ -275,11 +301,14 @@ def train(options: TrainingOptions) -> Path:
         text.precompute(prompts)
         parts.text_encoders = [None] * len(parts.text_encoders)
         _free_memory()
-    if models.denoiser_waits_for_prompts(options):
-        models.place_denoiser(denoiser, accelerator)  # only now: never on the GPU beside the text encoders
+    if waits_for_prompts:  # only now: never on the GPU beside the text encoders
+        if sharding is None:
+            models.place_denoiser(denoiser, accelerator)
+        else:
+            _shard(denoiser, accelerator, sharding)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     text_params = [p for encoder in text_encoders.values() for p in encoder.parameters() if p.requires_grad]
-    if options.gradient_checkpointing:
+    if options.gradient_checkpointing or (sharding is not None and sharding.activation_checkpointing):
         denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders.values():
             encoder.gradient_checkpointing_enable()
@@ -318,9 +347,18 @@ def train(options: TrainingOptions) -> Path:
         num_warmup_steps=options.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
-    denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
+    if sharding is None:
+        denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+            denoiser, optimizer, dataloader, lr_scheduler
+        )
+    else:  # sharded: accelerate would wrap it in DDP; its adapter's gradients are averaged below
+        optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
+        autocast_forward(denoiser, accelerator)  # what prepare gives the models it wraps
+    unsynced_params = text_params + (params if sharding is not None else [])  # no DDP wrapper averages these
     noise = GeneratorState(options.seed + accelerator.process_index, accelerator.device)
-    register_adapter_hooks(accelerator, parts.model_id, text_encoders)
+    register_adapter_hooks(
+        accelerator, parts.model_id, text_encoders, unprepared_denoiser=denoiser if sharding is not None else None
+    )
 
     steps_per_epoch = math.ceil(len(dataloader) / options.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -367,7 +405,7 @@ def train(options: TrainingOptions) -> Path:
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        _average_text_encoder_gradients(accelerator, text_params)
+                        average_gradients(unsynced_params, accelerator.num_processes)
                         accelerator.clip_grad_norm_(params + text_params, options.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
@@ -385,7 +423,7 @@ def train(options: TrainingOptions) -> Path:
                         prune_checkpoints(output_dir, options.checkpoints_total_limit)
                         discard_set_aside(set_aside_run)
                 if global_step % options.validation_steps == 0 and global_step < max_steps:
-                    validate(options, parts, text, denoiser, accelerator, global_step, output_dir)
+                    validate(options, parts, text, denoiser, accelerator, global_step, output_dir, sharding is not None)
                 if global_step >= max_steps:
                     break
             if global_step >= max_steps:
@@ -397,7 +435,8 @@ def train(options: TrainingOptions) -> Path:
             accelerator, denoiser, text_encoders, output_dir, options, parts, method, global_step, learning_rate
         )
         discard_set_aside(set_aside_run)
-        grid = validate(options, parts, text, denoiser, accelerator, global_step, output_dir)
+    grid = validate(options, parts, text, denoiser, accelerator, global_step, output_dir, sharding is not None)
+    if accelerator.is_main_process:
         accelerator.print(f"adapter saved to {output_dir}" + (f"; validation grid {grid}" if grid else ""))
         if repo_id is not None:
             from .hub import push_adapter_folder
@@ -406,6 +445,14 @@ def train(options: TrainingOptions) -> Path:
             accelerator.print(f"uploaded {output_dir} to the Hub repository {repo_id}")
     accelerator.end_training()
     return output_dir
+
+
+def _shard(denoiser: torch.nn.Module, accelerator: Accelerator, sharding: ShardingRequest) -> None:
+    units, _ = shard_denoiser(denoiser, accelerator.device, accelerator.num_processes, sharding)
+    accelerator.print(
+        f"FSDP2: the frozen denoiser sharded over {accelerator.num_processes} processes in {units} units, the adapter "
+        "replicated"
+    )
 
 
 def _free_memory() -> None:
@@ -440,16 +487,6 @@ def _learning_rate_after_resume(accelerator: Accelerator, lr_scheduler, requeste
     return restored
 
 
-def _average_text_encoder_gradients(accelerator: Accelerator, text_params: list[torch.nn.Parameter]) -> None:
-    """The text encoders are not wrapped in DDP (their adapters are called inside the family's encoding), so their
-    gradients are averaged over the processes here, as DDP does for the UNet's."""
-    if accelerator.num_processes == 1:
-        return
-    for param in text_params:
-        if param.grad is not None:
-            param.grad = accelerator.reduce(param.grad, reduction="mean")
-
-
 def _save_final(
     accelerator: Accelerator,
     denoiser,
@@ -479,10 +516,11 @@ def _save_final(
 
 
 def _ensure_class_images(
-    options: TrainingOptions, parts: models.Components, denoiser, accelerator: Accelerator
+    options: TrainingOptions, parts: models.Components, denoiser, accelerator: Accelerator, sharded: bool = False
 ) -> None:
-    """Generate the missing prior-preservation class images with the base model (main process; resumable)."""
-    if accelerator.is_main_process:
+    """Generate the missing prior-preservation class images with the base model (main process; resumable). A
+    ``sharded`` denoiser needs every process in every forward: they all draw, the main process writes."""
+    if accelerator.is_main_process or sharded:
         made = generate_class_images(
             models.make_pipeline(parts, denoiser),
             options.class_data_dir,
@@ -492,6 +530,8 @@ def _ensure_class_images(
             num_inference_steps=options.validation_inference_steps,
             seed=options.seed,
             resolution=parts.resolution,
+            progress=accelerator.is_local_main_process,
+            write=accelerator.is_main_process,
         )
         if made:
             accelerator.print(f"generated {made} class images in {options.class_data_dir}")

@@ -38,8 +38,10 @@ encoding of each batch without ``--cache_latents`` (before the denoiser's forwar
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -279,9 +281,11 @@ def plan_components(
     options: TrainingOptions,
     model_name: str = "",
     demo: bool = False,
+    fsdp_processes: int = 1,
 ) -> MemoryPlan:
     """The memory plan of training ``family``'s pipeline made of ``components`` (by pipeline name: the denoiser,
-    ``vae``, the text encoders; a missing or None text encoder is left out) with ``options``."""
+    ``vae``, the text encoders; a missing or None text encoder is left out) with ``options``; per process, with the
+    denoiser sharded over ``fsdp_processes`` processes when there are several (:mod:`.distributed`)."""
     options = models.family_options(with_demo_defaults(options) if demo else options, family)
     precision = PRECISIONS[options.mixed_precision]
     denoiser = build_on_meta(components[family.denoiser_name], TORCH_DTYPES[precision])
@@ -292,6 +296,8 @@ def plan_components(
     models.add_adapter(denoiser, options)  # the trainer's own injection: exact counts, the same refusals
     quantized = getattr(options, "base_model_precision", "no_change")
     memories = [_memory(family.denoiser_name, components[family.denoiser_name], denoiser, precision, quantized)]
+    if fsdp_processes > 1:
+        shard_denoiser_memory(memories[0], denoiser, options, precision, fsdp_processes)
     text_options = replace(options, target_modules=list(family.text_encoder_targets))
     text_layers = []  # (width, layers) of each trained text encoder
     for name in family.text_encoder_names:
@@ -327,6 +333,8 @@ def plan_components(
     settings = f"{method}, {precision}, batch {options.train_batch_size} at {resolution} px" + "".join(
         text for flag, text in SETTING_NOTES if getattr(options, flag)
     )
+    if fsdp_processes > 1:
+        settings += f", FSDP2 over {fsdp_processes} processes (per process)"
     return MemoryPlan(
         title=f"{model_name or family.pipeline_classes[0]} ({family.name})",
         settings=settings,
@@ -343,6 +351,32 @@ SETTING_NOTES = (
     ("gradient_checkpointing", ", gradient checkpointing"),
     ("use_8bit_adam", ", 8-bit AdamW"),
 )
+
+
+def shard_denoiser_memory(
+    memory: ComponentMemory, denoiser: torch.nn.Module, options: TrainingOptions, precision: str, processes: int
+) -> None:
+    """The denoiser's frozen weights as one process holds them under FSDP2 (:func:`.distributed.shard_denoiser`):
+    its share of every unit, plus, during the step, the root unit gathered whole (it stays gathered from its forward
+    to its backward) and two blocks (the one running and the one prefetched), taken at the largest. The trained
+    parameters stay whole (replicated), so the adapter rows do not change."""
+    from .distributed import check_shardable, sharding_units
+
+    quantized = getattr(options, "base_model_precision", "no_change")
+    check_shardable(denoiser, methods.for_options(options)[0].name)
+    if quantized != "no_change":  # on meta, the quantized weights are not built: refuse as the trainer does
+        raise ValueError(
+            f"FSDP cannot shard a quantized base (--base_model_precision {quantized}): train on a quantized base on "
+            "one GPU, or shard the full-precision base with FSDP"
+        )
+    total = memory.weight_bytes
+    units = [_count(unit, precision)[1] for unit in sharding_units(denoiser)]
+    gathered = (total - sum(units)) + 2 * max(units, default=0)
+    memory.weight_bytes = -(-total // processes) + gathered
+    memory.why = (
+        f"sharded over {processes} processes: 1/{processes} of {gib(total)} + {gib(gathered)} gathered in the step "
+        "(the root unit and the two largest blocks)"
+    )
 
 
 def dequantized_weight_bytes(denoiser: torch.nn.Module, options: TrainingOptions, element_size: int) -> int:
@@ -406,20 +440,25 @@ def _phases(
 
 
 def plan_from_configs(
-    family_name: str, configs: dict[str, dict], options: TrainingOptions, model_name: str = ""
+    family_name: str,
+    configs: dict[str, dict],
+    options: TrainingOptions,
+    model_name: str = "",
+    fsdp_processes: int = 1,
 ) -> MemoryPlan:
     """:func:`plan_components` from config dicts by pipeline name, each with its ``_class_name`` as the files in
     ``configs/`` have it (the denoiser's, ``vae`` and the text encoders; those left out are left out): the
     benchmarks' tables."""
     components = {name: Component(config["_class_name"], config) for name, config in configs.items()}
-    return plan_components(families.get(family_name), components, options, model_name)
+    return plan_components(families.get(family_name), components, options, model_name, fsdp_processes=fsdp_processes)
 
 
-def plan_memory(options: TrainingOptions) -> MemoryPlan:
+def plan_memory(options: TrainingOptions, fsdp_processes: int = 1) -> MemoryPlan:
     """The plan of ``options``' run, from ``--pretrained_model_name_or_path``'s configs (the demo's without one)."""
     model_id = options.pretrained_model_name_or_path
     family, components = read_components(model_id, options.revision, options.model_family)
-    return plan_components(family, components, options, model_id or "the tiny demo model", demo=model_id is None)
+    name = model_id or "the tiny demo model"
+    return plan_components(family, components, options, name, demo=model_id is None, fsdp_processes=fsdp_processes)
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
@@ -472,8 +511,15 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def print_memory_plan(options: TrainingOptions) -> MemoryPlan:
-    """``--estimate_memory``: print the plan of ``options``' run; nothing is loaded or written."""
-    plan = plan_memory(options)
-    print(format_plan(plan))
+def print_memory_plan(options: TrainingOptions, environ: Mapping[str, str] | None = None) -> MemoryPlan:
+    """``--estimate_memory``: print the plan of ``options``' run; nothing is loaded or written. Launched with
+    accelerate's FSDP settings over several processes, the plan is per process with the denoiser sharded (the first
+    process prints it)."""
+    from .distributed import requested_sharding
+
+    environ = os.environ if environ is None else environ
+    processes = int(environ.get("WORLD_SIZE", "1")) if requested_sharding(environ) else 1
+    plan = plan_memory(options, fsdp_processes=processes)
+    if environ.get("RANK", "0") == "0":
+        print(format_plan(plan))
     return plan

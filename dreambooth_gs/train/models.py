@@ -123,9 +123,14 @@ def check_subject_data(options: TrainingOptions, accelerator: Accelerator) -> Su
 
 
 def load_components(
-    options: TrainingOptions, accelerator: Accelerator, weight_dtype: torch.dtype, subject: SubjectData
+    options: TrainingOptions,
+    accelerator: Accelerator,
+    weight_dtype: torch.dtype,
+    subject: SubjectData,
+    sharded: bool = False,
 ) -> Components:
-    """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) for the checked ``subject``."""
+    """Load and freeze the models (in ``weight_dtype`` on the accelerator's device) for the checked ``subject``; a
+    denoiser to be ``sharded`` stays on the CPU (sharding moves each process's share over, unit by unit)."""
     model_id, is_demo = _resolve_model(options, accelerator)
     family = families.detect(model_id, options.revision, options.model_family)
     quantization = denoiser_kwargs(options.base_model_precision, weight_dtype, options.bnb_quantization_config_path)
@@ -148,7 +153,7 @@ def load_components(
         if model is None:  # a text encoder the folder leaves out (SD3 without T5)
             continue
         model.requires_grad_(False)
-        if (model is denoiser and not denoiser_waits_for_prompts(options)) or (
+        if (model is denoiser and not (denoiser_waits_for_prompts(options) or sharded)) or (
             model is not denoiser and not options.offload
         ):
             model.to(accelerator.device)
