@@ -65,6 +65,7 @@ PRECISION_ADAPTERS = [
     ("OFT b=32", {"adapter": "oft", "oft_block_size": 32}),
 ]
 PLANNED = ("no_change", "int8-torchao", "nf4-bnb")
+FSDP_PROCESSES = (1, 2, 4, 8)
 # FLUX.1-dev LoRA training memory the peers publish, as issue 33 quotes them (not re-checked here).
 PEERS = [
     ["SimpleTuner, LoRA r=16", "> 30 GB", "18 GB (int8)", "13 GB (int4), 9 GB (NF4)"],
@@ -91,11 +92,11 @@ def read_config(entry) -> dict:
     return {**config, "_class_name": class_name} if class_name else config
 
 
-def plan(model: tuple, **flags) -> memory_plan.MemoryPlan:
+def plan(model: tuple, fsdp_processes: int = 1, **flags) -> memory_plan.MemoryPlan:
     name, family, resolution, files = model
     options = TrainingOptions(resolution=resolution, **{**BASE, **flags})
     configs = {component: read_config(entry) for component, entry in files.items()}
-    return memory_plan.plan_from_configs(family, configs, options, name)
+    return memory_plan.plan_from_configs(family, configs, options, name, fsdp_processes=fsdp_processes)
 
 
 def gib(n: int) -> str:
@@ -148,6 +149,14 @@ def plans_section() -> tuple[str, str]:
                 if model[0] == "FLUX.1-dev" and label.startswith("GSOFT") and precision != "no_change":
                     flux_int8 = memory_plan.format_plan(result)
             precision_rows.append(cells)
+    fsdp_rows = []
+    for model in MODELS:
+        for label, flags in ADAPTERS:
+            cells = [model[0], label]
+            for processes in FSDP_PROCESSES:
+                result = plan(model, **flags, **MEMORY_FLAGS, fsdp_processes=processes)
+                cells.append(f"{gib(result.peak)} ({smallest(result)})")
+            fsdp_rows.append(cells)
     settings = (
         "bf16 (`--mixed_precision bf16`), batch 1, `--gradient_checkpointing --cache_latents "
         "--cache_text_embeddings`, no validation, the family's default targets"
@@ -175,6 +184,19 @@ def plans_section() -> tuple[str, str]:
             "nf4-bnb (bitsandbytes, CUDA only) packs two values per byte plus an fp32 absmax per 64; its bytes follow "
             "bitsandbytes' documented layout and were not measured (no GPU was lent):",
             markdown_table(["model", "adapter", "bf16 base", "int8-torchao base", "nf4-bnb base"], precision_rows),
+            "**FSDP2 over several GPUs** (`accelerate launch --config_file configs/accelerate/fsdp2.yaml "
+            "--num_processes N`; the first table's settings, bf16 base; peak GiB per GPU and the smallest GPU). "
+            "Each process holds 1/N of the denoiser's frozen weights, plus the root unit and the two largest units "
+            "gathered during the step (a UNet: each resnet, attention and sampler is a unit; a transformer: each block); the adapter, its gradients and AdamW state stay whole on every process "
+            "([training.md](training.md#several-gpus-or-nodes)). The sharding itself is tested with 2 gloo "
+            "processes on the CPU (each holds exactly half of the frozen bytes); these GPU figures are estimates. The "
+            "SD3.5 and FLUX.1 floors (10.55 / 9.26 GiB) are the prompt-encoding phase: the text encoders (T5-XXL: "
+            "8.9 GiB in bf16) are not sharded and encode the prompts whole on each GPU before the denoiser comes over:",
+            markdown_table(
+                ["model", "adapter", *[f"{n} GPU{'s' if n > 1 else ''}" for n in FSDP_PROCESSES]],
+                fsdp_rows,
+                "ll" + "r" * len(FSDP_PROCESSES),
+            ),
             "**Beside the peers' published figures** for FLUX.1-dev (as quoted in issue 33 from each project's "
             "documentation; not re-checked here, and their settings differ: LoRA, their own batch sizes and "
             "offloading). This planner's rows are estimates for GSOFT r=32 / LoRA r=16, batch 1, 1024 px, "

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dreambooth_gs import families  # noqa: E402
 from dreambooth_gs.gs.config import GSOFTConfig  # noqa: E402
 from dreambooth_gs.methods.injection import inject_adapter  # noqa: E402
 from dreambooth_gs.methods.registry import GSKind  # noqa: E402
@@ -91,7 +92,8 @@ def train(family: str, rank: int, world: int) -> tuple[dict[str, torch.Tensor], 
     model = build(family)
     inputs, target = batch(family)
     if world > 1:
-        shard_denoiser(model, torch.device("cpu"), world, ShardingRequest())
+        units = families.get(family).sharding_units(model)
+        shard_denoiser(model, units, torch.device("cpu"), world, ShardingRequest())
         share = GLOBAL_BATCH // world
         rows = slice(rank * share, (rank + 1) * share)
         inputs = {k: v[rows] if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}

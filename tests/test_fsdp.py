@@ -23,7 +23,6 @@ from dreambooth_gs.train.distributed import (
     ShardingRequest,
     check_shardable,
     requested_sharding,
-    sharding_units,
     without_accelerate_fsdp,
 )
 
@@ -78,22 +77,27 @@ def test_sharded_steps_equal_one_process_with_the_same_global_batch(tmp_path):
 
 
 def test_sharding_units_are_the_blocks_of_each_family():
+    from dreambooth_gs import families
     from dreambooth_gs.resources import TINY_FLUX_CONFIG_DIR, TINY_SD3_CONFIG_DIR, TINY_SD_CONFIG_DIR
     from dreambooth_gs.tiny.pipelines import make_model
 
-    def units(path: Path) -> list[str]:
-        return [type(m).__name__ for m in sharding_units(make_model(json.loads(path.read_text())))]
+    def units(family: str, path: Path) -> list[str]:
+        model = make_model(json.loads(path.read_text()))
+        return [type(m).__name__ for m in families.get(family).sharding_units(model)]
 
-    assert units(TINY_SD_CONFIG_DIR / "unet.json") == [
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
+    # tiny SD's blocks, each part a unit: CrossAttnDown (attention, resnet, downsampler), Down (resnet),
+    # mid (attention, 2 resnets), Up (2 resnets, upsampler), CrossAttnUp (2 attentions, 2 resnets)
+    assert units("sd", TINY_SD_CONFIG_DIR / "unet.json") == [
+        *("Transformer2DModel", "ResnetBlock2D", "Downsample2D"),
+        "ResnetBlock2D",
+        *("Transformer2DModel", "ResnetBlock2D", "ResnetBlock2D"),
+        *("ResnetBlock2D", "ResnetBlock2D", "Upsample2D"),
+        *("Transformer2DModel", "Transformer2DModel", "ResnetBlock2D", "ResnetBlock2D"),
     ]
     sd3 = json.loads((TINY_SD3_CONFIG_DIR / "transformer.json").read_text())
-    assert units(TINY_SD3_CONFIG_DIR / "transformer.json") == ["JointTransformerBlock"] * sd3["num_layers"]
+    assert units("sd3", TINY_SD3_CONFIG_DIR / "transformer.json") == ["JointTransformerBlock"] * sd3["num_layers"]
     flux = json.loads((TINY_FLUX_CONFIG_DIR / "transformer.json").read_text())
-    assert units(TINY_FLUX_CONFIG_DIR / "transformer.json") == (
+    assert units("flux", TINY_FLUX_CONFIG_DIR / "transformer.json") == (
         ["FluxTransformerBlock"] * flux["num_layers"] + ["FluxSingleTransformerBlock"] * flux["num_single_layers"]
     )
 
@@ -177,7 +181,7 @@ def straight(tmp_path_factory) -> dict[str, Path]:
     """Six steps on two processes, sharded and with DDP, each checkpointed at step 3."""
     root = tmp_path_factory.mktemp("fsdp")
     out = launch(root / "fsdp", FSDP, "--mixed_precision", "no")
-    assert "FSDP2: the frozen denoiser sharded over 2 processes in 5 units" in out
+    assert "FSDP2: the frozen denoiser sharded over 2 processes in 15 units" in out
     launch(root / "ddp", ["--multi_gpu"], "--mixed_precision", "no")
     return {"fsdp": root / "fsdp", "ddp": root / "ddp"}
 

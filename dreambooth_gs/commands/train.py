@@ -5,6 +5,8 @@ PEFT's LoRA / OFT, GS-core BOFT, and full fine-tuning of the projections with --
     python train_dreambooth_gsoft.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-base \\
         --instance_data_dir photos/ --class_name dog --output_dir out      # a real run (GSOFT r=32, lr 2e-5)
     accelerate launch train_dreambooth_gsoft.py ...                         # several GPUs / nodes (DDP)
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 train_dreambooth_gsoft.py ...
+                                                                           # the frozen model sharded (FSDP2)
     python train_dreambooth_gsoft.py --pretrained_model_name_or_path <folder> --estimate_memory  # GPU memory plan
 
 The output folder holds adapter_config.json + adapter_model.safetensors for every --adapter; load it with

@@ -320,6 +320,20 @@ class Family:
                 "(a diffusers pipeline folder holds one subfolder per component)"
             )
 
+    def sharding_units(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The modules FSDP2 shards one by one (:mod:`..train.distributed`); the rest of the
+        denoiser is the root unit. A UNet's down / mid / up blocks are few and uneven (SDXL's largest holds a
+        quarter of the weights), so each of their resnets, attention transformers and samplers is a unit."""
+        blocks = [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+        return [
+            unit
+            for block in blocks
+            if block is not None
+            for part in block.children()
+            if isinstance(part, torch.nn.ModuleList)
+            for unit in part
+        ]
+
     def make_sampler(self, noise_scheduler):
         """The scheduler to sample with, from the training scheduler's config (DDIM for the UNet families)."""
         import diffusers

@@ -44,6 +44,10 @@ class FlowFamily(Family):
         "attn.to_add_out",
     )
 
+    def sharding_units(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every transformer block (SD3's joint blocks; Flux's double- then single-stream blocks)."""
+        return [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
     def load_parts(
         self,
         model_id: str,

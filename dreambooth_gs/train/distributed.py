@@ -3,10 +3,11 @@ gradient average of adapters that no DDP wrapper syncs.
 
 **FSDP2, the design.** Launched with accelerate's FSDP settings (``accelerate launch --config_file
 configs/accelerate/fsdp2.yaml`` or ``--use_fsdp --fsdp_version 2``), the trainer shards the frozen denoiser itself
-with torch's ``fully_shard``: every block of the denoiser's top-level ``ModuleList`` s is one unit (SD / SDXL: each
-down and up block; SD3: each joint block; Flux: each double- and single-stream block), the rest of the model is the
-root unit. The adapter's trainable parameters are ``ignored_params``: they stay whole and replicated on every
-process, as under DDP, and their gradients are averaged here once per optimizer step (:func:`average_gradients`).
+with torch's ``fully_shard``, unit by unit as its family says (``Family.sharding_units``: SD / SDXL each resnet,
+attention transformer and sampler of the UNet's blocks; SD3 each joint block; Flux each double- and single-stream
+block); the rest of the model is the root unit. The adapter's trainable parameters are ``ignored_params``: they
+stay whole and replicated on every process, as under DDP, and their gradients are averaged here once per optimizer
+step (:func:`average_gradients`).
 
 Why not accelerate's own FSDP path: it shards the trainable parameters too and saves the whole model in every
 checkpoint (24 GB for FLUX.1-dev); and on a machine without CUDA it ignores the FSDP settings and runs DDP, so no
@@ -86,12 +87,6 @@ def without_accelerate_fsdp(environ: os._Environ | dict) -> Iterator[None]:
             environ[FSDP_ENV] = value
 
 
-def sharding_units(denoiser: nn.Module) -> list[nn.Module]:
-    """The modules sharded one by one: every entry of the denoiser's top-level ``ModuleList`` s (UNet: down and up
-    blocks; SD3 / Flux: transformer blocks), in order; the rest of the denoiser forms the root unit."""
-    return [block for child in denoiser.children() if isinstance(child, nn.ModuleList) for block in child]
-
-
 def check_shardable(denoiser: nn.Module, method: str) -> None:
     """Refuse, with one line, a denoiser whose frozen weights this sharding cannot split."""
     if method == "full":
@@ -108,23 +103,26 @@ def check_shardable(denoiser: nn.Module, method: str) -> None:
 
 
 def shard_denoiser(
-    denoiser: nn.Module, device: torch.device, num_processes: int, request: ShardingRequest
-) -> tuple[int, set[nn.Parameter]]:
+    denoiser: nn.Module,
+    units: list[nn.Module],
+    device: torch.device,
+    num_processes: int,
+    request: ShardingRequest,
+) -> set[nn.Parameter]:
     """Shard ``denoiser``'s frozen weights over the ``num_processes`` processes of the default process group, unit
-    by unit (:func:`sharding_units`, then the root), moving each unit's shard to ``device``; the trainable
-    parameters stay whole (moved to ``device``). Returns the number of units and the replicated parameters."""
+    by unit (``units``, its family's, then the root), moving each unit's shard to ``device``; the trainable
+    parameters stay whole (moved to ``device``). Returns the replicated parameters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (num_processes,))
     trainable = {param for param in denoiser.parameters() if param.requires_grad}
-    units = sharding_units(denoiser)
     for unit in units:  # bottom-up: only one unit's full weights are ever on the device at once
         fully_shard(unit, mesh=mesh, reshard_after_forward=request.reshard_after_forward, ignored_params=trainable)
     fully_shard(denoiser, mesh=mesh, ignored_params=trainable)  # the root: embeddings, norms, mid block, heads
     for param in trainable:  # fully_shard moves what it manages; the replicated adapter goes over here
         param.data = param.data.to(device)
-    return len(units) + 1, trainable
+    return trainable
 
 
 def autocast_forward(model: nn.Module, accelerator) -> None:

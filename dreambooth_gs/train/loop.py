@@ -288,7 +288,7 @@ def train(options: TrainingOptions) -> Path:
     set_aside_run = _prepare_output_dir(accelerator, output_dir, earlier)
     waits_for_prompts = models.denoiser_waits_for_prompts(options)
     if sharding is not None and not waits_for_prompts:  # before the class images: a big denoiser draws them sharded
-        _shard(denoiser, accelerator, sharding)
+        _shard(denoiser, parts, accelerator, sharding)
     if options.with_prior_preservation:
         with contextlib.ExitStack() as base_model:  # the class images come from the base model
             for model in (denoiser, *text_encoders.values()):
@@ -305,7 +305,7 @@ def train(options: TrainingOptions) -> Path:
         if sharding is None:
             models.place_denoiser(denoiser, accelerator)
         else:
-            _shard(denoiser, accelerator, sharding)
+            _shard(denoiser, parts, accelerator, sharding)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     text_params = [p for encoder in text_encoders.values() for p in encoder.parameters() if p.requires_grad]
     if options.gradient_checkpointing or (sharding is not None and sharding.activation_checkpointing):
@@ -447,11 +447,14 @@ def train(options: TrainingOptions) -> Path:
     return output_dir
 
 
-def _shard(denoiser: torch.nn.Module, accelerator: Accelerator, sharding: ShardingRequest) -> None:
-    units, _ = shard_denoiser(denoiser, accelerator.device, accelerator.num_processes, sharding)
+def _shard(
+    denoiser: torch.nn.Module, parts: models.Components, accelerator: Accelerator, sharding: ShardingRequest
+) -> None:
+    units = parts.family.sharding_units(denoiser)
+    shard_denoiser(denoiser, units, accelerator.device, accelerator.num_processes, sharding)
     accelerator.print(
-        f"FSDP2: the frozen denoiser sharded over {accelerator.num_processes} processes in {units} units, the adapter "
-        "replicated"
+        f"FSDP2: the frozen denoiser sharded over {accelerator.num_processes} processes in {len(units) + 1} units, "
+        "the adapter replicated"
     )
 
 

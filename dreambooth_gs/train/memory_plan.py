@@ -297,7 +297,8 @@ def plan_components(
     quantized = getattr(options, "base_model_precision", "no_change")
     memories = [_memory(family.denoiser_name, components[family.denoiser_name], denoiser, precision, quantized)]
     if fsdp_processes > 1:
-        shard_denoiser_memory(memories[0], denoiser, options, precision, fsdp_processes)
+        units = family.sharding_units(denoiser)
+        shard_denoiser_memory(memories[0], units, denoiser, options, precision, fsdp_processes)
     text_options = replace(options, target_modules=list(family.text_encoder_targets))
     text_layers = []  # (width, layers) of each trained text encoder
     for name in family.text_encoder_names:
@@ -354,13 +355,18 @@ SETTING_NOTES = (
 
 
 def shard_denoiser_memory(
-    memory: ComponentMemory, denoiser: torch.nn.Module, options: TrainingOptions, precision: str, processes: int
+    memory: ComponentMemory,
+    units: list[torch.nn.Module],
+    denoiser: torch.nn.Module,
+    options: TrainingOptions,
+    precision: str,
+    processes: int,
 ) -> None:
     """The denoiser's frozen weights as one process holds them under FSDP2 (:func:`.distributed.shard_denoiser`):
-    its share of every unit, plus, during the step, the root unit gathered whole (it stays gathered from its forward
-    to its backward) and two blocks (the one running and the one prefetched), taken at the largest. The trained
-    parameters stay whole (replicated), so the adapter rows do not change."""
-    from .distributed import check_shardable, sharding_units
+    its share of every unit (``units``, the family's), plus, during the step, the root unit gathered whole (it
+    stays gathered from its forward to its backward) and two units (the one running and the one prefetched), taken
+    at the largest. The trained parameters stay whole (replicated), so the adapter rows do not change."""
+    from .distributed import check_shardable
 
     quantized = getattr(options, "base_model_precision", "no_change")
     check_shardable(denoiser, methods.for_options(options)[0].name)
@@ -370,12 +376,12 @@ def shard_denoiser_memory(
             "one GPU, or shard the full-precision base with FSDP"
         )
     total = memory.weight_bytes
-    units = [_count(unit, precision)[1] for unit in sharding_units(denoiser)]
-    gathered = (total - sum(units)) + 2 * max(units, default=0)
+    unit_bytes = [_count(unit, precision)[1] for unit in units]
+    gathered = (total - sum(unit_bytes)) + 2 * max(unit_bytes, default=0)
     memory.weight_bytes = -(-total // processes) + gathered
     memory.why = (
         f"sharded over {processes} processes: 1/{processes} of {gib(total)} + {gib(gathered)} gathered in the step "
-        "(the root unit and the two largest blocks)"
+        "(the root unit and the two largest units)"
     )
 
 
