@@ -16,8 +16,7 @@ import argparse
 import sys
 
 from dreambooth_gs.cli import run_cli
-from dreambooth_gs.export.authors import convert_authors_checkpoint
-from dreambooth_gs.gs.config import PARAMETRIZATIONS
+from dreambooth_gs.export.authors import AUTHORS_PARAMETRIZATIONS, convert_authors_checkpoint
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +32,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--parametrization",
-        choices=PARAMETRIZATIONS,
+        choices=AUTHORS_PARAMETRIZATIONS,
         default="cayley",
         help="How the run made its blocks orthogonal: cayley (the authors' default) or exp (matrix exponential).",
     )

@@ -61,6 +61,23 @@ def test_the_forward_side_flag_reaches_every_layer(name, mode, make_unet):
     assert {layer.forward_mode for _, layer in adapter_layers(model)} == {mode}
 
 
+@pytest.mark.parametrize("name", ["gsoft", "double_gsoft"])
+def test_the_parametrization_flag_reaches_every_layer_and_the_saved_folder(name, make_unet, tmp_path):
+    options = with_demo_defaults(TrainingOptions(adapter=name, gsoft_parametrization="cayley_neumann", **TINY_FLAGS))
+    method, config = methods.for_options(options)
+    model = make_unet()
+    method.inject(model, config)
+    assert {layer.parametrization for _, layer in adapter_layers(model)} == {"cayley_neumann"}
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.05)
+    save_adapter(model, tmp_path)
+    loaded = make_unet()
+    load_adapter(loaded, tmp_path, merge=False)
+    assert {layer.parametrization for _, layer in adapter_layers(loaded)} == {"cayley_neumann"}
+
+
 @pytest.mark.parametrize("block_size, built", [(8, 8), (32, 32), (7, 8), (12, 8), (64, 32)])
 def test_an_oft_block_size_peft_would_change_is_refused_by_the_trainer(make_unet, block_size, built):
     """PEFT rounds a block size that does not divide a layer's in_features (32 or 64 here) to a divisor, with a

@@ -26,9 +26,10 @@ from torch import nn
 
 from ..adapters.serialization import save_adapter
 from ..fileio import first_line, reporting_write_failures, staged_directory
-from ..gs.config import PARAMETRIZATIONS, GSOFTConfig
+from ..gs.config import GSOFTConfig
 from ..methods.injection import find_targets, inject_adapter, remove_adapter, trainable_parameters
 
+AUTHORS_PARAMETRIZATIONS = ("cayley", "exp")  # what the authors' code offers (no Cayley-Neumann series)
 AUTHORS_FILE = "pytorch_lora_weights.safetensors"
 PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 DEFAULT_TARGETS = GSOFTConfig().target_modules
@@ -131,8 +132,11 @@ def convert_authors_state_dict(
     tensors: dict[str, torch.Tensor], unet: nn.Module, parametrization: str = "cayley"
 ) -> list[str]:
     """Inject the adapter an authors' state dict describes into ``unet`` and load its tensors; returns the modules."""
-    if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {', '.join(PARAMETRIZATIONS)}")
+    if parametrization not in AUTHORS_PARAMETRIZATIONS:
+        raise ValueError(
+            f"parametrization {parametrization!r} is not one the authors' code trains with; choose one of "
+            f"{', '.join(AUTHORS_PARAMETRIZATIONS)}"
+        )
     method, nblocks, scale, ours = authors_to_ours(tensors)
     modules = {key.rpartition(".")[0] for key in ours}
     names = dict(unet.named_modules())

@@ -164,6 +164,7 @@ def _gs_config(method: str, options) -> GSOFTConfig:
         nblocks=nblocks,
         block_size=options.gsoft_block_size,
         scale=not options.gsoft_no_scale,
+        parametrization=options.gsoft_parametrization,
         forward_mode=options.gsoft_forward_mode,
         target_modules=tuple(options.target_modules),
         weight_side_modules=weight_side_modules(options),
@@ -224,7 +225,14 @@ class Method:
         return self.kind.config_from_dict(self.name, data)
 
 
-GS_FLAGS = ("gsoft_nblocks", "gsoft_block_size", "gsoft_no_scale", "gsoft_forward_mode", "gsoft_weight_side_modules")
+GS_FLAGS = (
+    "gsoft_nblocks",
+    "gsoft_block_size",
+    "gsoft_no_scale",
+    "gsoft_parametrization",
+    "gsoft_forward_mode",
+    "gsoft_weight_side_modules",
+)
 BOFT_FLAGS = (
     "boft_block_num",
     "boft_block_size",

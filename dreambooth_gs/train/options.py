@@ -145,6 +145,14 @@ class TrainingOptions:
     gsoft_nblocks: int | None = field(default=None, metadata=_help("GSOFT blocks r (default 32)."))
     gsoft_block_size: int | None = field(default=None, metadata=_help("GSOFT block size instead of --gsoft_nblocks."))
     gsoft_no_scale: bool = field(default=False, metadata=_help("Do not train GSOFT's output scale vector."))
+    gsoft_parametrization: Literal["cayley", "cayley_neumann", "exp"] = field(
+        default="cayley",
+        metadata=_help(
+            "gsoft / double_gsoft: how each block is made orthogonal. cayley: exact (I + K)(I - K)^-1; "
+            "cayley_neumann: PEFT OFT's default 5-term series, ~30% cheaper blocks on the CPU, orthogonal only up "
+            "to 2|K|^4 (docs/gsoft.md); exp: the matrix exponential (7-16x slower). Saved with the adapter."
+        ),
+    )
     gsoft_forward_mode: Literal["auto", "activation", "weight"] = field(
         default="auto",
         metadata=_help(
