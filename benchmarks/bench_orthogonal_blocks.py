@@ -7,10 +7,9 @@ far PEFT's Cayley-Neumann series is from orthogonal at the parameter sizes train
 
 Compared, each on the same float32 parameters ``(r, b, b)`` with a fixed random output gradient:
 
-* ``cayley`` (ours, the default): ``2 (I - K)^-1 - I`` by :func:`~dreambooth_gs.gs.functional.inverse_positive_real`
-  (blocked elimination on the CPU) inside one custom autograd node (:class:`_Cayley`);
+* ``cayley`` (ours, the default): ``2 (I - K)^-1 - I`` by LAPACK's batched ``inv_ex`` inside one custom autograd
+  node (:class:`_Cayley`: its backward is two batched matmuls);
 * ``cayley_neumann``: PEFT OFT's default series ``I + 2K + 2K^2 + 2K^3 + K^4`` (5 terms; two bmm's forward);
-* ``cayley node, inv_ex``: our node with LAPACK's batched ``inv_ex`` in place of the blocked elimination;
 * ``solve``: ``torch.linalg.solve(I - K, I + K)`` under plain autograd (PEFT OFT's exact path solves the same way);
 * ``inv_ex``: ``2 inv_ex(I - K) - I`` under plain autograd;
 * ``matrix_exp``: ``torch.linalg.matrix_exp(K)``.
@@ -54,16 +53,6 @@ ACCURACY_HEADER = [  # "\\|" is a literal bar inside a Markdown table cell
 ]
 
 
-def _cayley_unblocked(params: torch.Tensor) -> torch.Tensor:
-    """Our Cayley node with LAPACK's batched ``inv_ex`` instead of the blocked elimination (what the blocking buys)."""
-    leaf = gsf._BLOCK_INVERSE_LEAF
-    gsf._BLOCK_INVERSE_LEAF = 1 << 30  # every block is a leaf: inverse_positive_real calls inv_ex
-    try:
-        return gsf.cayley(params)
-    finally:
-        gsf._BLOCK_INVERSE_LEAF = leaf
-
-
 def _solve_cayley(params: torch.Tensor) -> torch.Tensor:
     k = gsf.skew(params)
     eye = torch.eye(k.shape[-1], dtype=k.dtype)
@@ -79,7 +68,6 @@ def _inv_ex_cayley(params: torch.Tensor) -> torch.Tensor:
 PARAMETRIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cayley (ours)": gsf.cayley,
     f"cayley_neumann ({gsf.NUM_CAYLEY_NEUMANN_TERMS} terms)": gsf.cayley_neumann,
-    "cayley node, inv_ex": _cayley_unblocked,
     "solve": _solve_cayley,
     "inv_ex": _inv_ex_cayley,
     "matrix_exp": lambda params: torch.linalg.matrix_exp(gsf.skew(params)),

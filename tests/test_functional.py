@@ -154,8 +154,7 @@ def test_only_skew_part_matters(assert_close):
 @pytest.mark.parametrize("b", [5, 16, 17, 40, 33, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_inverse_positive_real_is_the_inverse(b, dtype):
-    # Above _BLOCK_INVERSE_LEAF (16) the CPU path eliminates 2 x 2 blocks recursively (odd sizes split unevenly);
-    # I - K plus a positive semi-definite part keeps the symmetric part positive definite, as the method needs.
+    # I - K plus a positive semi-definite part keeps the symmetric part positive definite, as the function assumes.
     a, c = random_blocks(6, b, b, seed=20, dtype=dtype), random_blocks(6, b, b, seed=21, dtype=dtype)
     matrices = torch.eye(b, dtype=dtype) - 2 * gsf.skew(a) + 0.1 * c @ c.mT / b
     got = gsf.inverse_positive_real(matrices)
