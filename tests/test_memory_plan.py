@@ -285,8 +285,10 @@ def test_an_int8_base_is_planned_as_loaded(tiny, family, adapter):
     options = options_for(tiny[family], adapter, "no", False, base="int8-torchao")
     plan = memory_plan.plan_memory(options)
     counts, _ = real_counts(options)
+    for memory in plan.components:  # the text encoders too: they stay through training, so they are quantized
+        assert (memory.parameters, memory.weight_bytes, memory.adapter_parameters) == counts[memory.name], memory.name
+    assert all(m.precision.startswith("int8-torchao") for m in plan.components if m.name.startswith("text_encoder"))
     denoiser = plan.components[0]
-    assert (denoiser.parameters, denoiser.weight_bytes, denoiser.adapter_parameters) == counts[denoiser.name]
     full = memory_plan.plan_memory(options_for(tiny[family], adapter, "no", False)).components[0]
     assert denoiser.weight_bytes < full.weight_bytes and denoiser.precision.startswith("int8-torchao")
 

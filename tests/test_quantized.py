@@ -79,6 +79,28 @@ def test_the_denoiser_is_quantized_and_the_adapter_reads_it(tiny, family, adapte
     assert trainable and all(p.dtype == torch.float32 and not is_quantized(p) for p in trainable)
 
 
+@pytest.mark.parametrize(
+    "flags, quantized",
+    [
+        ([], {"text_encoder", "text_encoder_2"}),  # both stay through training: quantized with the denoiser
+        (["--cache_text_embeddings"], set()),  # freed after encoding the prompts: loaded as saved
+        (["--train_text_encoder"], {"text_encoder_2"}),  # CLIP is trained (its weights read whole); T5 is not
+    ],
+)
+def test_the_text_encoders_that_stay_are_quantized_with_the_denoiser(tiny, flags, quantized):
+    options = parse_args(["--pretrained_model_name_or_path", str(tiny["flux"]), *FAST, *FLOW, *INT8, *flags])
+    subject = models.check_subject_data(options, Accelerator(cpu=True))
+    parts = models.load_components(options, Accelerator(cpu=True), torch.float32, subject)
+    found = set()
+    for name, encoder in zip(parts.family.text_encoder_names, parts.text_encoders):
+        weights = [m.weight for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+        if all(is_quantized(w) for w in weights):
+            found.add(name)
+        else:
+            assert not any(is_quantized(w) for w in weights), name
+    assert found == quantized
+
+
 # GSOFT and LoRA on both families; the other methods (GS kernels: Double GSOFT, BOFT; PEFT: OFT) on Flux.
 TRAINED = [(f, a) for f in FAMILIES for a in ("gsoft", "lora")] + [("flux", a) for a in ("double_gsoft", "boft", "oft")]
 

@@ -186,11 +186,13 @@ class Family:
         variant: str | None,
         vae_path: str | None,
         denoiser_kwargs: dict | None = None,
+        text_encoder_kwargs: dict[str, dict] | None = None,
     ) -> LoadedParts:
-        """The pipeline's parts; ``denoiser_kwargs`` go to the denoiser's ``from_pretrained`` (a folder or hub id).
-        A missing component subfolder is named first, before anything loads."""
+        """The pipeline's parts; ``denoiser_kwargs`` go to the denoiser's ``from_pretrained`` (a folder or hub id),
+        ``text_encoder_kwargs[name]`` to that text encoder's. A missing component subfolder is named first, before
+        anything loads."""
         self.check_folder(model_id, revision)
-        return self.load_parts(model_id, revision, variant, vae_path, denoiser_kwargs)
+        return self.load_parts(model_id, revision, variant, vae_path, denoiser_kwargs, text_encoder_kwargs or {})
 
     def load_parts(
         self,
@@ -199,6 +201,7 @@ class Family:
         variant: str | None,
         vae_path: str | None,
         denoiser_kwargs: dict | None = None,
+        text_encoder_kwargs: dict[str, dict] | None = None,
     ) -> LoadedParts:
         """What :meth:`load` does for this family once the folder is checked."""
         raise NotImplementedError

@@ -55,6 +55,7 @@ class FlowFamily(Family):
         variant: str | None,
         vae_path: str | None,
         denoiser_kwargs: dict | None = None,
+        text_encoder_kwargs: dict[str, dict] | None = None,
     ) -> LoadedParts:
         import diffusers
         import transformers
@@ -80,7 +81,10 @@ class FlowFamily(Family):
                         transformers.AutoTokenizer.from_pretrained(model_id, subfolder=tokenizer_name(name), **kwargs)
                     )
                     encoder_class = getattr(transformers, class_name)
-                    encoders.append(encoder_class.from_pretrained(model_id, subfolder=name, variant=variant, **kwargs))
+                    quantized = (text_encoder_kwargs or {}).get(name, {})
+                    encoders.append(
+                        encoder_class.from_pretrained(model_id, subfolder=name, variant=variant, **kwargs, **quantized)
+                    )
                 vae = diffusers.AutoencoderKL.from_pretrained(model_id, subfolder="vae", variant=variant, **kwargs)
                 transformer = getattr(diffusers, self.transformer_class).from_pretrained(
                     model_id, subfolder="transformer", variant=variant, **kwargs, **(denoiser_kwargs or {})

@@ -32,6 +32,7 @@ class StableDiffusion(Family):
         variant: str | None,
         vae_path: str | None,
         denoiser_kwargs: dict | None = None,
+        text_encoder_kwargs: dict[str, dict] | None = None,
     ) -> LoadedParts:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -45,7 +46,10 @@ class StableDiffusion(Family):
             else:
                 kwargs = {"revision": revision}
                 tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer", **kwargs)
-                encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs)
+                quantized = (text_encoder_kwargs or {}).get("text_encoder", {})
+                encoder = CLIPTextModel.from_pretrained(
+                    model_id, subfolder="text_encoder", variant=variant, **kwargs, **quantized
+                )
                 vae, denoiser, scheduler = load_unet_vae_scheduler(
                     model_id, revision, variant, vae_path, denoiser_kwargs
                 )

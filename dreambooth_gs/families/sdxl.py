@@ -35,6 +35,7 @@ class StableDiffusionXL(Family):
         variant: str | None,
         vae_path: str | None,
         denoiser_kwargs: dict | None = None,
+        text_encoder_kwargs: dict[str, dict] | None = None,
     ) -> LoadedParts:
         from diffusers import DDPMScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -48,11 +49,14 @@ class StableDiffusionXL(Family):
             else:
                 kwargs = {"revision": revision}
                 tokenizers = [CLIPTokenizer.from_pretrained(model_id, subfolder=f, **kwargs) for f in TOKENIZERS]
+                quantized = text_encoder_kwargs or {}
                 encoders = [
-                    CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", variant=variant, **kwargs),
-                    CLIPTextModelWithProjection.from_pretrained(
-                        model_id, subfolder="text_encoder_2", variant=variant, **kwargs
-                    ),
+                    encoder_class.from_pretrained(
+                        model_id, subfolder=name, variant=variant, **kwargs, **quantized.get(name, {})
+                    )
+                    for name, encoder_class in zip(
+                        self.text_encoder_names, (CLIPTextModel, CLIPTextModelWithProjection)
+                    )
                 ]
                 vae, denoiser, scheduler = load_unet_vae_scheduler(
                     model_id, revision, variant, vae_path, denoiser_kwargs

@@ -55,6 +55,7 @@ from ..methods import registry as methods
 from . import models
 from .activation_estimate import estimate_activations
 from .options import TrainingOptions, with_demo_defaults
+from .quantization import quantized_text_encoders
 
 GIB = 2**30
 NEEDS = "pass a local diffusers folder: model_index.json and each component's config.json are enough, no weights"
@@ -309,7 +310,8 @@ def plan_components(
         if options.train_text_encoder and name in family.trainable_text_encoders:
             models.add_adapter(encoder, text_options)
             text_layers.append((encoder.config.hidden_size, encoder.config.num_hidden_layers))
-        memories.append(_memory(name, components[name], encoder, precision))
+        encoder_precision = quantized if name in quantized_text_encoders(options, family) else "no_change"
+        memories.append(_memory(name, components[name], encoder, precision, encoder_precision))
     memories.append(_memory("vae", components["vae"], vae, vae_precision))
     for memory in memories[1:]:
         if memory.placement != "left out":

@@ -21,7 +21,13 @@ from ..methods.injection import remove_adapter
 from ..resources import DEMO_SUBJECT_DIR
 from .data import find_images
 from .options import TrainingOptions
-from .quantization import GS_ADAPTERS, denoiser_kwargs, expose_dequantized_weights
+from .quantization import (
+    GS_ADAPTERS,
+    denoiser_kwargs,
+    expose_dequantized_weights,
+    quantized_text_encoders,
+    text_encoder_kwargs,
+)
 
 SUBJECT_FILE = "subject.json"  # optional, beside instance images: {"class_name": "dog"}
 
@@ -133,10 +139,19 @@ def load_components(
     denoiser to be ``sharded`` stays on the CPU (sharding moves each process's share over, unit by unit)."""
     model_id, is_demo = _resolve_model(options, accelerator)
     family = families.detect(model_id, options.revision, options.model_family)
-    quantization = denoiser_kwargs(options.base_model_precision, weight_dtype, options.bnb_quantization_config_path)
+    precision, bnb_path = options.base_model_precision, options.bnb_quantization_config_path
+    quantization = denoiser_kwargs(precision, weight_dtype, bnb_path)
+    quantized_encoders = quantized_text_encoders(options, family)
+    encoder_quantization = {name: text_encoder_kwargs(precision, weight_dtype, bnb_path) for name in quantized_encoders}
     vae_path = options.pretrained_vae_model_name_or_path
-    loaded = family.load(model_id, options.revision, options.variant, vae_path, quantization)
+    loaded = family.load(model_id, options.revision, options.variant, vae_path, quantization, encoder_quantization)
     vae, denoiser = loaded.vae, loaded.denoiser
+    quantized_models = [denoiser] if quantization else []
+    quantized_models += [
+        encoder
+        for name, encoder in zip(family.text_encoder_names, loaded.text_encoders)
+        if name in quantized_encoders and encoder is not None
+    ]
     if options.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
@@ -160,7 +175,7 @@ def load_components(
         if (
             model.dtype != weight_dtype  # also a float16 folder trained in float32: transformers keeps its dtype
             and not (model is vae and keep_vae_fp32)
-            and not (model is denoiser and quantization)
+            and not any(model is quantized for quantized in quantized_models)
         ):
             model.to(dtype=weight_dtype)
     resolution = options.resolution or family.default_resolution(denoiser, vae)

@@ -1,6 +1,8 @@
 """``--base_model_precision``: the frozen denoiser quantized at load time through diffusers' own quantization config
-(``TorchAoConfig`` or ``BitsAndBytesConfig`` passed to its ``from_pretrained``), what each method needs to train on
-it, and the one-line refusals of what cannot (checked when the options are made, before anything is written).
+(``TorchAoConfig`` or ``BitsAndBytesConfig`` passed to its ``from_pretrained``), and with it the text encoders that
+stay on the GPU through training (neither cached nor trained: transformers' configs of the same names), what each
+method needs to train on it, and the one-line refusals of what cannot (checked when the options are made, before
+anything is written).
 
 Adapters train through the quantized layers: PEFT's LoRA / OFT call the frozen layer (PEFT has torchao and
 bitsandbytes layers); the GS methods' kernels read the frozen weight itself (``W Q x`` in one node), and quantized
@@ -93,10 +95,36 @@ def bnb_precision(path: str | os.PathLike, requested: str) -> str:
 def denoiser_kwargs(precision: str, weight_dtype: torch.dtype, bnb_config_path: str | None = None) -> dict:
     """The denoiser's extra ``from_pretrained`` arguments for ``precision`` (none for ``no_change``);
     ``bnb_config_path``: ``--bnb_quantization_config_path``'s arguments instead of the defaults below."""
+    return _from_pretrained_kwargs("diffusers", precision, weight_dtype, bnb_config_path)
+
+
+def text_encoder_kwargs(precision: str, weight_dtype: torch.dtype, bnb_config_path: str | None = None) -> dict:
+    """The same quantization for a text encoder's ``from_pretrained`` (transformers' config classes)."""
+    return _from_pretrained_kwargs("transformers", precision, weight_dtype, bnb_config_path)
+
+
+def quantized_text_encoders(options, family) -> tuple[str, ...]:
+    """The text encoders ``--base_model_precision`` quantizes with the denoiser: those that stay through training,
+    neither freed after caching the prompts (``--cache_text_embeddings``) nor trained (``--train_text_encoder``)."""
+    if options.base_model_precision == "no_change" or options.pre_compute_text_embeddings:
+        return ()
+    trained = family.trainable_text_encoders if options.train_text_encoder else ()
+    return tuple(name for name in family.text_encoder_names if name not in trained)
+
+
+def _from_pretrained_kwargs(
+    library: str, precision: str, weight_dtype: torch.dtype, bnb_config_path: str | None
+) -> dict:
+    """``quantization_config`` (diffusers' or transformers' class of the same name and arguments) and the dtype
+    of the layers it leaves alone, for ``library``'s ``from_pretrained``."""
     if precision == "no_change":
         return {}
+    import importlib
+
+    classes = importlib.import_module(library)
+    dtype_key = "torch_dtype" if library == "diffusers" else "dtype"  # transformers 5 renamed it
     if precision.endswith("-bnb"):
-        from diffusers import BitsAndBytesConfig
+        BitsAndBytesConfig = classes.BitsAndBytesConfig  # noqa: N806 (a class)
 
         if bnb_config_path:
             arguments = {"bnb_4bit_compute_dtype": weight_dtype} | read_bnb_config(bnb_config_path)
@@ -107,13 +135,12 @@ def denoiser_kwargs(precision: str, weight_dtype: torch.dtype, bnb_config_path: 
             )
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
-        return {"quantization_config": config, "torch_dtype": weight_dtype}
-    from diffusers import TorchAoConfig
+        return {"quantization_config": config, dtype_key: weight_dtype}
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     config = {"int8-torchao": Int8WeightOnlyConfig, "fp8-torchao": Float8WeightOnlyConfig}[precision]()
     # The layers torchao leaves alone (norms, embeddings) stay in the training dtype, as without quantization.
-    return {"quantization_config": TorchAoConfig(config), "torch_dtype": weight_dtype}
+    return {"quantization_config": classes.TorchAoConfig(config), dtype_key: weight_dtype}
 
 
 BNB_WEIGHTS = ("Params4bit", "Int8Params")  # bitsandbytes' quantized weight classes (matched by name: no import)
