@@ -234,10 +234,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in kept.values())
 
 
+@pytest.mark.usefixtures("default_precision")  # accelerate keeps one precision per process: reset before and after
 def test_bf16_mixed_precision_with_checkpointing_keeps_fp32_adapter(tmp_path):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # accelerate keeps one precision per process; earlier tests used "no"
     out = run(tmp_path / "bf16", "--max_train_steps", "2", "--mixed_precision", "bf16", "--gradient_checkpointing")
     out = out / "adapter_model.safetensors"
     tensors = load_file(out)
