@@ -200,13 +200,13 @@ def test_a_full_disk_at_the_final_save_is_one_line(after_two, monkeypatch):
 @pytest.mark.parametrize("failing", ["adapter", "record"])
 def test_a_failed_final_save_without_checkpoints_leaves_no_half_adapter(tmp_path, monkeypatch, failing):
     from dreambooth_gs.adapters import serialization
-    from dreambooth_gs.train import loop as training
+    from dreambooth_gs.train import run_outputs
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(
-        *((serialization, "save_file") if failing == "adapter" else (training, "_write_run_info")), full_disk
+        *((serialization, "save_file") if failing == "adapter" else (run_outputs, "write_run_info")), full_disk
     )
     out = tmp_path / "out"
     with pytest.raises(OSError, match="writing the final adapter .* no checkpoint was written yet") as raised:
