@@ -370,3 +370,22 @@ def test_two_processes_train_and_resume_exactly(tmp_path):
     straight, resumed = adapter(tmp_path / "straight"), adapter(tmp_path / "resumed")
     assert max_diff(straight, resumed) < 1e-5
     assert max_diff(adapter(checkpoint), resumed) > 1e-4  # the post-resume steps moved the adapter: the check can fail
+
+
+def test_a_compiled_denoiser_saves_and_loads_under_its_own_names(tmp_path, make_unet):
+    """``accelerate launch --dynamo_backend inductor`` prepares a ``torch.compile`` wrapper: checkpoints and the final
+    adapter must still name the UNet's layers (no ``_orig_mod.`` prefix), and resume must find them."""
+    from accelerate import Accelerator
+
+    from dreambooth_gs import GSOFTConfig, inject_adapter
+    from dreambooth_gs.adapters.serialization import load_adapter_weights, save_adapter
+
+    unet = make_unet()
+    inject_adapter(unet, GSOFTConfig(nblocks=4))
+    compiled = torch.compile(unet)  # what the dynamo backend prepares; nothing compiles until it is called
+    bare = checkpoints.bare_model(Accelerator(cpu=True), compiled)
+    assert bare is unet
+    save_adapter(bare, tmp_path)
+    keys = list(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys and not any("_orig_mod" in key for key in keys)
+    load_adapter_weights(checkpoints.bare_model(Accelerator(cpu=True), compiled), tmp_path)

@@ -202,6 +202,13 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Checkpoint, noise: Gen
     return checkpoint.step
 
 
+def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` without what ``accelerator.prepare`` put around it: DDP, the mixed-precision forward, and
+    ``torch.compile``'s wrapper (``accelerate launch --dynamo_backend inductor``), whose ``_orig_mod.`` prefix would
+    otherwise end up in every saved adapter key."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def register_adapter_hooks(
     accelerator: Accelerator,
     base_model: str,
@@ -218,7 +225,7 @@ def register_adapter_hooks(
     def save_hook(models_to_save, weights, output_dir):
         if accelerator.is_main_process:
             for model in [*models_to_save, *own]:
-                save_adapter(accelerator.unwrap_model(model), output_dir, base_model=base_model)
+                save_adapter(bare_model(accelerator, model), output_dir, base_model=base_model)
             for name, encoder in text_encoders.items():
                 save_adapter(encoder, Path(output_dir) / name, base_model=base_model)
         while weights:
@@ -226,7 +233,7 @@ def register_adapter_hooks(
 
     def load_hook(models_to_load, input_dir):
         while models_to_load:
-            load_adapter_weights(accelerator.unwrap_model(models_to_load.pop()), input_dir)
+            load_adapter_weights(bare_model(accelerator, models_to_load.pop()), input_dir)
         for model in own:
             load_adapter_weights(model, input_dir)
         for name, encoder in text_encoders.items():

@@ -15,7 +15,7 @@ from ..adapters.sampling import generate_images, image_grid
 from ..adapters.serialization import save_adapter
 from ..fileio import atomic_write, write_failure
 from . import models
-from .checkpoints import write_error
+from .checkpoints import bare_model, write_error
 from .data import DreamBoothDataset, generate_class_images
 from .objectives import encode_latent_parameters
 from .options import TrainingOptions
@@ -104,7 +104,7 @@ def save_final(
     (full disk, read-only folder) is one clear error that leaves the folder and the last checkpoint as they were."""
 
     def write(staging: Path) -> None:
-        save_adapter(accelerator.unwrap_model(denoiser), staging, base_model=parts.model_id)
+        save_adapter(bare_model(accelerator, denoiser), staging, base_model=parts.model_id)
         for name, encoder in text_encoders.items():
             save_adapter(encoder, staging / name, base_model=parts.model_id)
         write_run_info(staging, options, parts, method, step, learning_rate)
