@@ -48,20 +48,15 @@ def gs_layer(method: str, d_in: int, d_out: int, nblocks: int, forward_mode: str
 
 
 def tiny_unet(method: str, device: str) -> nn.Module:
-    """The tests' tiny UNet2DConditionModel (2 levels, widths 32 / 64) with ``method`` adapters, nblocks 4."""
-    from diffusers import UNet2DConditionModel
+    """The tiny demo UNet2DConditionModel (dreambooth_gs/resources/tiny_sd: 2 levels, widths 32 / 64, random weights)
+    with ``method`` adapters, nblocks 4."""
+    import json
+
+    from dreambooth_gs.resources import TINY_SD_CONFIG_DIR
+    from dreambooth_gs.tiny.pipelines import make_model
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        cross_attention_dim=32,
-        layers_per_block=1,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        sample_size=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    unet = make_model(json.loads((TINY_SD_CONFIG_DIR / "unet.json").read_text()))
     inject_adapter(unet, GSOFTConfig(method=method, nblocks=4))
     return unet.to(device).train()
 
