@@ -1,7 +1,7 @@
-"""``--base_model_precision int8-torchao`` on tiny SD and Flux pipelines: the denoiser is loaded quantized (torchao's
-int8 weights through diffusers' TorchAoConfig), GSOFT and LoRA train on it and save the usual adapter folder, which
-loads into the full-precision pipeline and changes its output; resume is exact; what cannot train on a quantized
-base is refused in one line before anything is written."""
+"""``--base_model_precision int8-torchao`` on tiny SD, SDXL, SD3 and Flux pipelines: the denoiser is loaded quantized
+(torchao's int8 weights through diffusers' TorchAoConfig), GSOFT and LoRA train on it and save the usual adapter
+folder, which loads into the full-precision pipeline and changes its output; resume is exact; what cannot train on a
+quantized base is refused in one line before anything is written."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from accelerate import Accelerator  # noqa: E402
 
 from dreambooth_gs import load_adapter  # noqa: E402
 from dreambooth_gs.adapters.sampling import generate_images  # noqa: E402
-from dreambooth_gs.resources import TINY_FLUX_CONFIG_DIR  # noqa: E402
+from dreambooth_gs.resources import TINY_FLUX_CONFIG_DIR, TINY_SD3_CONFIG_DIR, TINY_SDXL_CONFIG_DIR  # noqa: E402
 from dreambooth_gs.tiny.pipelines import build_tiny_pipeline  # noqa: E402
 from dreambooth_gs.train import models  # noqa: E402
 from dreambooth_gs.train.quantization import DequantizedLinear, is_quantized  # noqa: E402
@@ -41,13 +41,15 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quantized-models")
     return {
         "sd": build_tiny_pipeline(root / "sd"),
+        "sdxl": build_tiny_pipeline(root / "sdxl", config_dir=TINY_SDXL_CONFIG_DIR),
+        "sd3": build_tiny_pipeline(root / "sd3", config_dir=TINY_SD3_CONFIG_DIR),
         "flux": build_tiny_pipeline(root / "flux", config_dir=TINY_FLUX_CONFIG_DIR),
     }
 
 
 def train(tiny: dict[str, Path], family: str, output_dir: Path, *extra: str) -> Path:
     flags = ["--pretrained_model_name_or_path", str(tiny[family]), "--output_dir", str(output_dir), *FAST]
-    return main(parse_args([*flags, *(FLOW if family == "flux" else []), *extra]))
+    return main(parse_args([*flags, *(FLOW if family in ("sd3", "flux") else []), *extra]))
 
 
 def pipeline(path: Path):
@@ -101,8 +103,10 @@ def test_the_text_encoders_that_stay_are_quantized_with_the_denoiser(tiny, flags
     assert found == quantized
 
 
-# GSOFT and LoRA on both families; the other methods (GS kernels: Double GSOFT, BOFT; PEFT: OFT) on Flux.
+# GSOFT and LoRA on SD and Flux; the other methods (GS kernels: Double GSOFT, BOFT; PEFT: OFT) on Flux; GSOFT on
+# SDXL and SD3 (every family, the GS kernels' path through the quantized layers).
 TRAINED = [(f, a) for f in FAMILIES for a in ("gsoft", "lora")] + [("flux", a) for a in ("double_gsoft", "boft", "oft")]
+TRAINED += [("sdxl", "gsoft"), ("sd3", "gsoft")]
 
 
 @pytest.mark.parametrize(("family", "adapter"), TRAINED)
@@ -124,11 +128,12 @@ def test_an_adapter_trained_on_int8_loads_into_the_full_precision_pipeline(tiny,
     assert (sample(adapted) - base).abs().max() > 1e-4
 
 
-def test_resume_of_a_quantized_run_is_exact(tiny, tmp_path):
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+def test_resume_of_a_quantized_run_is_exact(tiny, tmp_path, family):
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2", *INT8]
-    straight = load_file(train(tiny, "flux", tmp_path / "a", *common) / "adapter_model.safetensors")
-    train(tiny, "flux", tmp_path / "b", "--max_train_steps", "2", "--checkpointing_steps", "2", *INT8)
-    resumed = train(tiny, "flux", tmp_path / "b", *common, "--resume_from_checkpoint", "latest")
+    straight = load_file(train(tiny, family, tmp_path / "a", *common) / "adapter_model.safetensors")
+    train(tiny, family, tmp_path / "b", "--max_train_steps", "2", "--checkpointing_steps", "2", *INT8)
+    resumed = train(tiny, family, tmp_path / "b", *common, "--resume_from_checkpoint", "latest")
     again = load_file(resumed / "adapter_model.safetensors")
     assert straight.keys() == again.keys()
     assert max((straight[k] - again[k]).abs().max().item() for k in straight) == 0.0
