@@ -88,10 +88,13 @@ SHAPE_SETS = {
     # a single-stream block's to_q / to_k / to_v sees them (the double-stream blocks run the same tokens through
     # two Linears: to_* on the 4096 image tokens, add_* on the 512 text tokens)
     "flux": [Case(4608, 3072, 3072, batch=1)],
+    # SD3.5 Medium at 1024 px, batch 1: a joint block's image-side projections (to_q / to_k / to_v / to_out.0 on
+    # 64x64 = 4096 tokens) and text-side ones (add_*_proj / to_add_out on 77 CLIP + 256 T5 = 333 tokens), width 1536
+    "sd3": [Case(4096, 1536, 1536, batch=1), Case(333, 1536, 1536, batch=1)],
 }
-SECTIONS = {"sd": "layer_speed", "sdxl": "layer_speed_sdxl", "flux": "layer_speed_flux"}
-# The row every ratio divides by: issue 2's LoRA r=4 on the UNets; on Flux LoRA r=16, a common Flux LoRA rank
-REFERENCES = {"sd": "PEFT LoRA r=4", "sdxl": "PEFT LoRA r=4", "flux": "PEFT LoRA r=16"}
+SECTIONS = {"sd": "layer_speed", "sdxl": "layer_speed_sdxl", "flux": "layer_speed_flux", "sd3": "layer_speed_sd3"}
+# The row every ratio divides by: issue 2's LoRA r=4 on the UNets; on the transformers LoRA r=16, a common rank there
+REFERENCES = {"sd": "PEFT LoRA r=4", "sdxl": "PEFT LoRA r=4", "flux": "PEFT LoRA r=16", "sd3": "PEFT LoRA r=16"}
 NBLOCKS = 32
 GOAL = 1.10  # issue 2: GSOFT r=32 at most 1.10x PEFT LoRA r=4 and 1.10x PEFT OFT r=32
 GOAL_ROW = f"GSOFT r={NBLOCKS} (auto)"
@@ -124,8 +127,9 @@ class RotatedMatmulPart(nn.Module):
         return gs_linear(x, self.left, self.right, self.weight)
 
 
-def flux_methods(linear: nn.Linear) -> dict[str, nn.Module]:
-    """The Flux-width comparison: the floor, PEFT LoRA r=16 and OFT r=32 (exact Cayley), GSOFT r=32 on each side."""
+def transformer_methods(linear: nn.Linear) -> dict[str, nn.Module]:
+    """The transformer-width comparison (SD3.5, FLUX.1): the floor, PEFT LoRA r=16, PEFT OFT with 32 blocks and with
+    16 (GSOFT r=32's parameter count; exact Cayley), GSOFT r=32 on each side, Double GSOFT r=32."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {
@@ -134,15 +138,19 @@ def flux_methods(linear: nn.Linear) -> dict[str, nn.Module]:
             f"PEFT OFT r={NBLOCKS}": peft_linear(
                 linear, OFTConfig(r=NBLOCKS, oft_block_size=0, target_modules=["0"], use_cayley_neumann=False)
             ),
+            f"PEFT OFT r={NBLOCKS // 2} (GSOFT r={NBLOCKS}'s parameters)": peft_linear(
+                linear, OFTConfig(r=NBLOCKS // 2, oft_block_size=0, target_modules=["0"], use_cayley_neumann=False)
+            ),
             f"GSOFT r={NBLOCKS} (auto)": adapted_linear(linear, nblocks=NBLOCKS),
             f"GSOFT r={NBLOCKS} activation-side": adapted_linear(linear, "activation", nblocks=NBLOCKS),
             f"GSOFT r={NBLOCKS} weight-side": adapted_linear(linear, "weight", nblocks=NBLOCKS),
+            f"Double GSOFT r={NBLOCKS} (auto)": adapted_linear(linear, method="double_gsoft", nblocks=NBLOCKS),
         }
 
 
 def methods_for(linear: nn.Linear, shapes: str = "sd") -> dict[str, nn.Module]:
-    if shapes == "flux":
-        return flux_methods(linear)
+    if shapes in ("flux", "sd3"):
+        return transformer_methods(linear)
     frozen = copy.deepcopy(linear).requires_grad_(False)
     activation = adapted_linear(linear, "activation", nblocks=NBLOCKS)
     with warnings.catch_warnings():
@@ -282,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         "--shapes",
         choices=sorted(SHAPE_SETS),
         default="sd",
-        help="sd: SD at 512 px (the first table of docs/benchmarks.md); sdxl: SDXL base at 1024 px; flux: one "
-        "FLUX.1-width projection (the last two: their own sections in docs/benchmarks.md)",
+        help="sd: SD at 512 px (the first table of docs/benchmarks.md); sdxl: SDXL base at 1024 px; sd3: SD3.5 "
+        "Medium's image- and text-side projections at 1024 px; flux: one FLUX.1-width projection (the last three: "
+        "their own sections in docs/benchmarks.md)",
     )
     parser.add_argument(
         "--threads",
@@ -335,9 +344,23 @@ def main(argv: list[str] | None = None) -> None:
             "tokens and 512 T5 tokens side by side, as a FLUX.1 single-stream block's to_q / to_k / to_v sees them "
             "(its 19 double-stream blocks run the same tokens through two Linears, to_* on the image and add_* on "
             "the text). The input requires grad (it comes from earlier adapted blocks). 'PEFT LoRA r=16' is "
-            "`LoraConfig(r=16, lora_alpha=16)`; 'PEFT OFT r=32' is 32 blocks of 96 (`OFTConfig(r=32, "
-            "oft_block_size=0)`, exact Cayley); GSOFT r=32 is 2 x 32 blocks of 96 with its scale vector, in the "
-            "trainer's default forward_mode 'auto' and forced to each side."
+            "`LoraConfig(r=16, lora_alpha=16)`; 'PEFT OFT r=32' is 32 blocks of 96 and 'PEFT OFT r=16' 16 blocks "
+            "of 192, GSOFT r=32's parameter count (`OFTConfig(r=..., oft_block_size=0)`, exact Cayley); GSOFT r=32 "
+            "is 2 x 32 blocks of 96 with its scale vector, in the trainer's default forward_mode 'auto' and forced "
+            "to each side; Double GSOFT r=32 adds the same on the output side."
+        )
+        goals = "Issue 2's bound, 1.10x (set there against LoRA r=4 and OFT r=32 on SD), against LoRA r=16 here"
+    elif args.shapes == "sd3":
+        title = (
+            f"### One projection{where} at SD3.5 Medium's width (1536, 1024 px): GSOFT vs PEFT LoRA r=16 / OFT "
+            f"({machine_line()})"
+        )
+        shapes = (
+            " One nn.Linear(1536, 1536) with bias, batch 1: 4096 tokens (a 1024 px latent's 64x64 image tokens, as "
+            "a joint block's to_q / to_k / to_v / to_out.0 see them) and 333 tokens (77 CLIP + 256 T5, as its "
+            "add_q_proj / add_k_proj / add_v_proj / to_add_out see them). The input requires grad. 'PEFT OFT r=32' "
+            "is 32 blocks of 48 and 'PEFT OFT r=16' 16 blocks of 96, GSOFT r=32's parameter count (`OFTConfig(r=..., "
+            "oft_block_size=0)`, exact Cayley); GSOFT r=32 is 2 x 32 blocks of 48 with its scale vector."
         )
         goals = "Issue 2's bound, 1.10x (set there against LoRA r=4 and OFT r=32 on SD), against LoRA r=16 here"
     else:
