@@ -1,11 +1,10 @@
-"""A few GSOFT training steps of tiny denoisers, sharded with the trainer's FSDP2 code (under ``torchrun``, gloo) or
-whole on one process (``--reference``), on one fixed global batch; writes each adapter to ``--out``.
+"""A few GSOFT training steps of tiny denoisers (SD's UNet, Flux's transformer) on one fixed global batch: sharded
+with the trainer's FSDP2 code when run under ``torchrun`` (gloo; each process takes its share of the batch), whole
+when :func:`train` is called with ``world=1``.
 
-Run by tests/test_fsdp.py: ``torchrun --nproc_per_node 2 tests/fsdp_worker.py --out two/`` against
-``python tests/fsdp_worker.py --reference --out one/`` (``<family>.safetensors`` and ``<family>.json``, what the
-process held, for each family). Each process of the sharded run takes its share of the global batch; the
-one-process run takes all of it; the adapters after the steps must agree to float tolerance.
-"""
+tests/test_fsdp.py runs ``torchrun --nproc_per_node 2 tests/fsdp_worker.py --out two/`` (``<family>.safetensors``,
+the adapter, and ``<family>.json``, what the process held) and compares with ``train(family, 0, 1)`` in its own
+process: the adapters after the steps must agree to float tolerance."""
 
 from __future__ import annotations
 
@@ -113,16 +112,13 @@ def train(family: str, rank: int, world: int) -> tuple[dict[str, torch.Tensor], 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True, help="folder for <family>.safetensors")
-    parser.add_argument("--reference", action="store_true", help="one process, the whole batch, nothing sharded")
+    parser.add_argument("--out", required=True, help="folder for <family>.safetensors and <family>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rank, world = 0, 1
-    if not args.reference:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     for family in TARGETS:
         adapter, held = train(family, rank, world)
         if rank == 0:
@@ -131,8 +127,7 @@ def main() -> None:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_file(adapter, Path(args.out) / f"{family}.safetensors")
             (Path(args.out) / f"{family}.json").write_text(json.dumps(held))
-    if not args.reference:
-        torch.distributed.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
