@@ -60,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     Method,
     apply_method,
     build_transformer,
+    fill_on,
     projection_linears,
     shared_copy,
     transformer_config,
@@ -137,20 +138,11 @@ class Block:
 
 
 def fill_random(meta: nn.Module, seed: int = 0) -> nn.Module:
-    """A CPU copy of the meta-device module ``meta`` with build_unet's fill (uniform +-1/sqrt(fan_in), norms 1,
-    biases 0), frozen. (benchmarks/common.py's build_unet does this for a whole UNet only.)"""
+    """A CPU copy of the meta-device module ``meta`` with build_unet's fill (:func:`benchmarks.common.fill_on`),
+    frozen."""
     if any(True for _ in meta.buffers()):
         raise ValueError(f"{type(meta).__name__} has buffers, which to_empty would leave uninitialised")
-    module = copy.deepcopy(meta).to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim == 1:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                bound = param[0].numel() ** -0.5  # fan_in = every dim but the first
-                param.uniform_(-bound, bound, generator=generator)
-    return module.requires_grad_(False)
+    return fill_on(copy.deepcopy(meta), "cpu", seed).requires_grad_(False)
 
 
 def scaled(tokens: int, scale: int) -> int:

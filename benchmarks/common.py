@@ -80,10 +80,17 @@ def build_unet(size: str = "sd2", device: str = "cpu", seed: int = 0, fill: str 
     unet.requires_grad_(False)
     if device == "meta":
         return unet
-    unet.to_empty(device=device)
+    return fill_on(unet, device, seed, fill)
+
+
+def fill_on(meta_model: nn.Module, device: str = "cpu", seed: int = 0, fill: str = "uniform") -> nn.Module:
+    """Materialise a meta-device model on ``device`` in place, filled as :func:`build_unet` describes (uniform
+    +-1/sqrt(fan_in) or the constant, norms 1, biases 0). Buffers come out uninitialised: models with buffers that
+    matter need them set again."""
+    meta_model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, param in unet.named_parameters():
+        for name, param in meta_model.named_parameters():
             if param.ndim == 1:
                 param.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
@@ -92,7 +99,7 @@ def build_unet(size: str = "sd2", device: str = "cpu", seed: int = 0, fill: str 
                     param.fill_(bound / 2)
                 else:
                     param.uniform_(-bound, bound, generator=generator)
-    return unet
+    return meta_model
 
 
 def transformer_config(name: str) -> tuple[str, dict[str, Any]]:
