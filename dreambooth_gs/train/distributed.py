@@ -108,10 +108,10 @@ def shard_denoiser(
     device: torch.device,
     num_processes: int,
     request: ShardingRequest,
-) -> set[nn.Parameter]:
+) -> None:
     """Shard ``denoiser``'s frozen weights over the ``num_processes`` processes of the default process group, unit
     by unit (``units``, its family's, then the root), moving each unit's shard to ``device``; the trainable
-    parameters stay whole (moved to ``device``). Returns the replicated parameters."""
+    parameters stay whole (moved to ``device``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -122,7 +122,6 @@ def shard_denoiser(
     fully_shard(denoiser, mesh=mesh, ignored_params=trainable)  # the root: embeddings, norms, mid block, heads
     for param in trainable:  # fully_shard moves what it manages; the replicated adapter goes over here
         param.data = param.data.to(device)
-    return trainable
 
 
 def autocast_forward(model: nn.Module, accelerator) -> None:
