@@ -35,6 +35,10 @@ writing (a smoke run). Writes into docs/benchmarks.md between the ``block_step_<
 
     python benchmarks/bench_block_step.py --block sdxl|sd3|flux|all [--rounds 5] [--threads 1] [--compile] [--no-write]
     python benchmarks/bench_block_step.py --block all --quick
+    python benchmarks/bench_block_step.py --device cuda --bf16 --block all   # on a GPU: its own sections
+
+``--device cuda`` puts the block and its inputs on the GPU and waits for the device after each timed call;
+``--bf16`` runs the forward under bf16 autocast (trainable parameters stay fp32), print-only on the CPU.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from benchmarks.common import (  # noqa: E402
     transformer_config,
     unet_config,
 )
-from benchmarks.measure import THREADS_HELP, Samples, interleaved, per_round_ratio  # noqa: E402
+from benchmarks.measure import THREADS_HELP, Samples, interleaved, per_round_ratio, synchronize  # noqa: E402
 from benchmarks.report import DOCS, load_line, machine_line, markdown_table, replace_section  # noqa: E402
 from dreambooth_gs import families  # noqa: E402
 from dreambooth_gs.methods.injection import adapter_layers  # noqa: E402
@@ -242,14 +246,24 @@ BUILDERS: dict[str, Callable[[int, int, torch.Generator], Block]] = {
 }
 
 
-def build_block(name: str, scale: int = 1, batch: int = 1, seed: int = 0) -> Block:
-    """The block ``name`` with its inputs and a fixed dense random gradient for each output."""
+def build_block(name: str, scale: int = 1, batch: int = 1, seed: int = 0, device: str = "cpu") -> Block:
+    """The block ``name`` with its inputs and a fixed dense random gradient for each output, on ``device``."""
     generator = torch.Generator().manual_seed(seed)
     block = BUILDERS[name](scale, batch, generator)
     with torch.no_grad():
         shapes = [out.shape for out in block.outputs(block.meta, block.meta_inputs())]  # shapes only
-    block.grads = [torch.randn(shape, generator=generator) for shape in shapes]
+    block.grads = [torch.randn(shape, generator=generator).to(device) for shape in shapes]
+    if device != "cpu":
+        block.module.to(device)
+        block.inputs = {key: _to(value, device) for key, value in block.inputs.items()}
     return block
+
+
+def _to(value: Any, device: str) -> Any:
+    """``value`` (a tensor, a tuple of them, or anything else) on ``device``; a leaf stays a leaf."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device).requires_grad_(value.requires_grad)
+    return tuple(_to(v, device) for v in value) if isinstance(value, tuple) else value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,20 +272,24 @@ def build_block(name: str, scale: int = 1, batch: int = 1, seed: int = 0) -> Blo
 
 
 class BlockStep:
-    """forward, backward with the block's fixed output gradients, AdamW over ``params`` (none: the floor),
-    zero_grad."""
+    """forward (under bf16 autocast with ``bf16``), backward with the block's fixed output gradients, AdamW over
+    ``params`` (none: the floor), zero_grad; on CUDA it returns once the device has finished (a timed call must)."""
 
-    def __init__(self, block: Block, module: nn.Module, params: list[nn.Parameter]) -> None:
-        self.block, self.module, self.params = block, module, params
+    def __init__(self, block: Block, module: nn.Module, params: list[nn.Parameter], bf16: bool = False) -> None:
+        self.block, self.module, self.params, self.bf16 = block, module, params, bf16
         self.optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+        self.device = block.grads[0].device
 
     def __call__(self) -> None:
         for leaf in self.block.leaves:
             leaf.grad = None
-        torch.autograd.backward(self.block.outputs(self.module), self.block.grads)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = self.block.outputs(self.module)
+        torch.autograd.backward(outputs, [g.to(o.dtype) for o, g in zip(outputs, self.block.grads)])
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)
 
 
 @dataclass
@@ -312,7 +330,9 @@ def floor_flops(block: Block) -> tuple[float, float]:
     return total / 1e9, adapted / total
 
 
-def runners_for(block: Block, compile_rows: bool) -> tuple[dict[str, BlockStep], dict[str, int], list[str]]:
+def runners_for(
+    block: Block, compile_rows: bool, bf16: bool = False
+) -> tuple[dict[str, BlockStep], dict[str, int], list[str]]:
     runners, params, adapted = {}, {}, []
     rows = [(m, False) for m in METHODS] + ([(m, True) for m in COMPILED] if compile_rows else [])
     for method, compiled in rows:
@@ -323,16 +343,16 @@ def runners_for(block: Block, compile_rows: bool) -> tuple[dict[str, BlockStep],
         label = compiled_label(method) if compiled else method.label
         if compiled:
             model = torch.compile(model, backend="inductor")
-        runners[label] = BlockStep(block, model, trainable)
+        runners[label] = BlockStep(block, model, trainable, bf16)
         params[label] = sum(p.numel() for p in trainable)
     return runners, params, adapted
 
 
 def measure_block(name: str, args: argparse.Namespace) -> Measured:
     print(f"building the {name} block (tokens / {args.tokens_scale}) ...", flush=True)
-    block = build_block(name, args.tokens_scale, args.batch)
+    block = build_block(name, args.tokens_scale, args.batch, device=args.device)
     gflop, share = floor_flops(block)
-    runners, params, adapted = runners_for(block, args.compile)
+    runners, params, adapted = runners_for(block, args.compile, args.bf16)
     expected = sorted(n for n, _ in projection_linears(block.module, block.targets))
     if adapted != expected:
         raise AssertionError(f"GSOFT adapted {adapted}, the targets match {expected}")
@@ -410,16 +430,20 @@ def section_body(measured: Measured, args: argparse.Namespace) -> str:
     block = measured.block
     flags = f" --block {block.name} --rounds {args.rounds}" + (" --compile" if args.compile else "")
     flags += f" --tokens-scale {args.tokens_scale}" if args.tokens_scale != 1 else ""
+    flags += f" --device {args.device}" if args.device != "cpu" else ""
+    flags += " --bf16" if args.bf16 else ""
+    precision = "bf16 autocast (fp32 parameters)" if args.bf16 else "fp32"
+    where = f" on CUDA ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
     gsoft_tight = GSOFT_FACTOR_TEXT.format(share=measured.share, limit=limit_overhead(GSOFT) * measured.share)
     lines = [
-        f"### One training step of one {block.title}: GSOFT vs PEFT LoRA / OFT ({machine_line()})",
+        f"### One training step of one {block.title}{where}: GSOFT vs PEFT LoRA / OFT ({machine_line()})",
         "",
-        f"Written by `benchmarks/bench_block_step.py{flags}`: batch {args.batch}, {block.tokens}, fp32; forward, "
-        f"backward with fixed dense random output gradients, AdamW over the trainable parameters, zero_grad; the "
-        f"medians of {args.rounds} interleaved rounds (order rotating; one untimed warm-up call each), ratios the "
-        f"medians of per-round ratios. Adapted: {', '.join(measured.adapted)}. The floor trains nothing but "
-        f"computes the input gradients ({measured.floor_gflop:.0f} GFLOP forward + backward). PEFT LoRA r=16 is "
-        f"`LoraConfig(r=16, lora_alpha=16)`; PEFT OFT `OFTConfig(r=blocks, oft_block_size=0, "
+        f"Written by `benchmarks/bench_block_step.py{flags}`: batch {args.batch}, {block.tokens}, {precision}; "
+        f"forward, backward with fixed dense random output gradients, AdamW over the trainable parameters, "
+        f"zero_grad; the medians of {args.rounds} interleaved rounds (order rotating; one untimed warm-up call "
+        f"each), ratios the medians of per-round ratios. Adapted: {', '.join(measured.adapted)}. The floor trains "
+        f"nothing but computes the input gradients ({measured.floor_gflop:.0f} GFLOP forward + backward). PEFT "
+        f"LoRA r=16 is `LoraConfig(r=16, lora_alpha=16)`; PEFT OFT `OFTConfig(r=blocks, oft_block_size=0, "
         f"use_cayley_neumann=False)` (exact Cayley); GSOFT / Double GSOFT the trainer's injection, forward_mode "
         f"'auto'. Arithmetic limit: floor x (1 + factors / r), factors 3 (GSOFT), 6 (Double GSOFT), 1.5 (OFT at "
         f"its block count) (issue 34); 'no (N x)': the time above the floor is N times the "
@@ -456,8 +480,11 @@ GSOFT_FACTOR_TEXT = (
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def section_name(block: str) -> str:
-    return f"block_step_{block}"
+def section_name(block: str, device: str = "cpu", bf16: bool = False) -> str:
+    """The markers a run writes between: the CPU's fp32 per block, CUDA's with a suffix per precision."""
+    if device == "cpu":
+        return f"block_step_{block}"
+    return f"block_step_{block}_cuda{'_bf16' if bf16 else ''}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -472,6 +499,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add torch.compile'd (inductor) rows of the floor, GSOFT r=32 and PEFT LoRA r=16; their first call "
         "compiles and is reported apart",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the block and its inputs live; cuda writes its own sections of docs/benchmarks.md",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast around the forward (fp32 parameters); print-only on the CPU"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument(
         "--quick",
@@ -485,10 +521,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.no_write = 1, True
     if args.tokens_scale != 1 and not args.no_write:
         parser.error("--tokens-scale times other shapes than the section's: add --no-write")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if args.bf16 and args.device == "cpu" and not args.no_write:
+        parser.error("--bf16 on the CPU is print-only (the CPU sections are fp32): add --no-write")
     args.blocks = BLOCK_NAMES if args.block == "all" else (args.block,)
     if not args.no_write:  # before the timing, not after it
         text = DOCS.read_text()
-        missing = [section_name(b) for b in args.blocks if f"<!-- {section_name(b)}:begin -->" not in text]
+        names = [section_name(b, args.device, args.bf16) for b in args.blocks]
+        missing = [name for name in names if f"<!-- {name}:begin -->" not in text]
         if missing:
             markers = ", ".join(f"<!-- {name}:begin --> / <!-- {name}:end -->" for name in missing)
             parser.error(f"docs/benchmarks.md lacks the markers {markers}: add them where the tables go, or --no-write")
@@ -504,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, Measured]:
         body = section_body(measured, args)
         print(body, flush=True)
         if not args.no_write:
-            replace_section(DOCS, section_name(name), body)
+            replace_section(DOCS, section_name(name, args.device, args.bf16), body)
         results[name] = measured
     return results
 

@@ -12,7 +12,9 @@
 # 5. benchmarks/bench_layer_speed.py --device cuda, fp32 and --bf16 (the layer_speed_cuda[_bf16] sections);
 # 6. the same at the transformer widths of issue 34, bf16: --shapes sdxl, sd3 and flux (the
 #    layer_speed_{sdxl,sd3,flux}_cuda_bf16 sections);
-# 7. the existing tests that run on the GPU there (the tiny trainer picks CUDA when it sees one), with what is left.
+# 7. benchmarks/bench_block_step.py --device cuda --bf16: one SDXL, SD3.5 and FLUX.1 block per training step (the
+#    block_step_{sdxl,sd3,flux}_cuda_bf16 sections);
+# 8. the existing tests that run on the GPU there (the tiny trainer picks CUDA when it sees one), with what is left.
 # Each step runs under `timeout`, capped by what is left of GPU_CHECK_BUDGET (default 450 s); a failed step is
 # logged and the next one runs; the exit status says whether any failed. Docs sections are edited in place.
 #
@@ -50,6 +52,7 @@ if [[ ${GPU_CHECK_CPU_DRY_RUN:-0} == 1 ]]; then
     LAYER=(benchmarks/bench_layer_speed.py --rounds 1 --repeats 1 --threads 1 --no-write)
     LAYER_BF16=()  # bf16 matmuls on a CPU take minutes at these shapes
     WIDE_SHAPES=()  # SDXL / SD3.5 / FLUX.1 widths: minutes per call set on a CPU
+    BLOCKS=(benchmarks/bench_block_step.py --block sdxl --quick)
     EXISTING_TESTS=()
 else
     DEVICE=cuda
@@ -58,6 +61,7 @@ else
     LAYER=(benchmarks/bench_layer_speed.py --device cuda --rounds 15 --repeats 20)
     LAYER_BF16=("${LAYER[@]}" --bf16)
     WIDE_SHAPES=(sdxl sd3 flux)
+    BLOCKS=(benchmarks/bench_block_step.py --device cuda --bf16 --block all --rounds 5)
     EXISTING_TESTS=(tests/test_layers.py tests/test_training.py tests/test_training_flags.py)
 fi
 
@@ -139,6 +143,7 @@ EOF
     for shapes in ${WIDE_SHAPES[@]+"${WIDE_SHAPES[@]}"}; do
         step "layer-speed-$shapes" 40 "$PYTHON" "${LAYER_BF16[@]}" --shapes "$shapes"
     done
+    step block-step 60 "$PYTHON" "${BLOCKS[@]}"
     if ((${#EXISTING_TESTS[@]})); then
         step existing-tests 300 env OMP_NUM_THREADS=2 "${pytest[@]}" ${xdist[@]+"${xdist[@]}"} "${EXISTING_TESTS[@]}"
     fi
