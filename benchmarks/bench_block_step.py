@@ -70,7 +70,15 @@ from benchmarks.common import (  # noqa: E402
     transformer_config,
     unet_config,
 )
-from benchmarks.measure import THREADS_HELP, Samples, interleaved, per_round_ratio, synchronize  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    THREADS_HELP,
+    Samples,
+    add_device_arguments,
+    check_device_arguments,
+    interleaved,
+    per_round_ratio,
+    synchronize,
+)
 from benchmarks.report import DOCS, load_line, machine_line, markdown_table, replace_section  # noqa: E402
 from dreambooth_gs import families  # noqa: E402
 from dreambooth_gs.methods.injection import adapter_layers  # noqa: E402
@@ -499,15 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add torch.compile'd (inductor) rows of the floor, GSOFT r=32 and PEFT LoRA r=16; their first call "
         "compiles and is reported apart",
     )
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="where the block and its inputs live; cuda writes its own sections of docs/benchmarks.md",
-    )
-    parser.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast around the forward (fp32 parameters); print-only on the CPU"
-    )
+    add_device_arguments(parser)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument(
         "--quick",
@@ -521,10 +521,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.no_write = 1, True
     if args.tokens_scale != 1 and not args.no_write:
         parser.error("--tokens-scale times other shapes than the section's: add --no-write")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
-    if args.bf16 and args.device == "cpu" and not args.no_write:
-        parser.error("--bf16 on the CPU is print-only (the CPU sections are fp32): add --no-write")
+    check_device_arguments(parser, args)
     args.blocks = BLOCK_NAMES if args.block == "all" else (args.block,)
     if not args.no_write:  # before the timing, not after it
         text = DOCS.read_text()

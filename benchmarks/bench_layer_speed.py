@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import adapted_linear, peft_linear  # noqa: E402
-from benchmarks.measure import THREADS_HELP, layer_medians  # noqa: E402
+from benchmarks.measure import THREADS_HELP, add_device_arguments, check_device_arguments, layer_medians  # noqa: E402
 from benchmarks.report import DOCS, load_line, machine_line, markdown_table, replace_section  # noqa: E402
 from dreambooth_gs.gs.functional import gs_linear  # noqa: E402
 
@@ -300,23 +300,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"{THREADS_HELP}; with --shapes sd the default is torch's own, as that table was measured",
     )
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="where modules and tensors live; cuda writes its own section of docs/benchmarks.md",
-    )
-    parser.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast around the forward (fp32 parameters); print-only on the CPU"
-    )
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
+    check_device_arguments(parser, args)
     section = section_name(args.shapes, args.device, args.bf16)
     paths = [DOCS]
     if not args.no_write:
-        if args.bf16 and args.device == "cpu":
-            parser.error("--bf16 on the CPU is print-only (the CPU sections are fp32): add --no-write")
         missing = [str(path.relative_to(ROOT)) for path in paths if f"<!-- {section}:begin -->" not in path.read_text()]
         if missing:  # before the timing, not after it
             parser.error(f"{', '.join(missing)} has no {section} markers: add them, or pass --no-write")

@@ -8,6 +8,7 @@ memory (RSS) is :mod:`benchmarks.memory`'s, Markdown and the setting lines :mod:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
@@ -93,6 +94,28 @@ def per_round_ratio(samples: dict[str, Samples], label: str, reference: str, sta
 # ---------------------------------------------------------------------------------------------------------------
 # One layer's forward + backward
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda`` and ``--bf16``, as the benchmarks that time on a GPU take them (checked by
+    :func:`check_device_arguments` once parsed)."""
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where modules and tensors live; cuda writes its own sections of docs/benchmarks.md",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast around the forward (fp32 parameters); print-only on the CPU"
+    )
+
+
+def check_device_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--device cuda`` without a GPU, and ``--bf16`` writing on the CPU (its sections are fp32)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if args.bf16 and args.device == "cpu" and not args.no_write:
+        parser.error("--bf16 on the CPU is print-only (the CPU sections are fp32): add --no-write")
 
 
 def synchronize(device: torch.device) -> None:
