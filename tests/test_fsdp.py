@@ -230,6 +230,9 @@ def test_the_planner_plans_one_process_of_a_sharded_run(capsys):
     full, share = whole.components[0].weight_bytes, sharded.components[0].weight_bytes
     assert share > full / 2  # half, plus the root unit and two blocks gathered during the step
     assert whole.adapter_bytes == sharded.adapter_bytes  # the adapter is replicated, not sharded
+    checkpointed = print_memory_plan(options, environ={**environ, "FSDP_ACTIVATION_CHECKPOINTING": "true"})
+    assert "gradient checkpointing" in checkpointed.settings and "gradient checkpointing" not in sharded.settings
+    capsys.readouterr()
     print_memory_plan(options, environ={**environ, "RANK": "1"})
     assert capsys.readouterr().out == ""  # one plan per launch, from the first process
     with pytest.raises(ValueError, match="FSDP cannot shard a quantized base"):

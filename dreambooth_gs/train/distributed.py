@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -73,6 +73,14 @@ def requested_sharding(environ: Mapping[str, str]) -> ShardingRequest | None:
         reshard_after_forward=reshard in ("true", "1"),
         activation_checkpointing=_flag(environ, "FSDP_ACTIVATION_CHECKPOINTING", False),
     )
+
+
+def with_sharding_options(options, request: ShardingRequest | None):
+    """``options`` (a TrainingOptions) as a run with ``request`` trains: accelerate's fsdp_activation_checkpointing is
+    ``--gradient_checkpointing`` (the trainer and the planner both read it from there)."""
+    if request is None or not request.activation_checkpointing or options.gradient_checkpointing:
+        return options
+    return replace(options, gradient_checkpointing=True)
 
 
 @contextlib.contextmanager

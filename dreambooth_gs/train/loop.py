@@ -45,6 +45,7 @@ from .distributed import (
     check_shardable,
     requested_sharding,
     shard_denoiser,
+    with_sharding_options,
     without_accelerate_fsdp,
 )
 from .objectives import LossSettings, training_loss
@@ -189,6 +190,7 @@ def train(options: TrainingOptions) -> Path:
     """Run DreamBooth fine-tuning as ``options`` says; returns the folder with the final adapter."""
     output_dir = Path(options.output_dir)
     accelerator, sharding = _make_accelerator(options, output_dir)
+    options = with_sharding_options(options, sharding)
     check_hardware(options, accelerator)
     if accelerator.is_main_process:  # an overwrite killed before it saved: its set-aside run goes back first
         for line in restore_set_aside(output_dir, options.logging_dir):
@@ -253,7 +255,7 @@ def train(options: TrainingOptions) -> Path:
             _shard(denoiser, parts, accelerator, sharding)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     text_params = [p for encoder in text_encoders.values() for p in encoder.parameters() if p.requires_grad]
-    if options.gradient_checkpointing or (sharding is not None and sharding.activation_checkpointing):
+    if options.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for encoder in text_encoders.values():
             encoder.gradient_checkpointing_enable()

@@ -523,11 +523,12 @@ def print_memory_plan(options: TrainingOptions, environ: Mapping[str, str] | Non
     """``--estimate_memory``: print the plan of ``options``' run; nothing is loaded or written. Launched with
     accelerate's FSDP settings over several processes, the plan is per process with the denoiser sharded (the first
     process prints it)."""
-    from .distributed import requested_sharding
+    from .distributed import requested_sharding, with_sharding_options
 
     environ = os.environ if environ is None else environ
-    processes = int(environ.get("WORLD_SIZE", "1")) if requested_sharding(environ) else 1
-    plan = plan_memory(options, fsdp_processes=processes)
+    sharding = requested_sharding(environ)
+    processes = int(environ.get("WORLD_SIZE", "1")) if sharding else 1
+    plan = plan_memory(with_sharding_options(options, sharding), fsdp_processes=processes)
     if environ.get("RANK", "0") == "0":
         print(format_plan(plan))
     return plan
