@@ -347,17 +347,23 @@ def test_gs_apply_under_autocast_runs_in_the_autocast_dtype():
     assert (y.float() - reference).norm() <= 0.02 * reference.norm()  # bf16 rounding, not a different product
 
 
+# 2 x 3 tokens into 7 outputs: the forward rotates the tokens; 4 x 5: at least twice 7, it rotates the weight
+GS_LINEAR_LEADS = pytest.mark.parametrize("lead", [(2, 3), (4, 5)], ids=["rotate-tokens", "rotate-weight"])
+
+
 @pytest.mark.parametrize(("r", "b"), GS_CASES)
 @pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
-def test_gs_linear_matches_dense(ref, r, b, weight_grad, affine):
+@GS_LINEAR_LEADS
+def test_gs_linear_matches_dense(ref, r, b, weight_grad, affine, lead):
     # gs_linear is s * F.linear(Q x, W) + bias in one node with its own backward: values and the gradients of x,
     # both block tensors, (when asked) W, and the scale and bias must be the dense product's (float64, tight).
+    assert gsf.rotates_weight_forward(lead[0] * lead[1], 7) == (lead == (4, 5))
     left, right = (random_blocks(r, b, b, seed=s).double().requires_grad_() for s in (30, 31))
     weight = random_blocks(7, r * b, seed=32).double().requires_grad_(weight_grad)
     scale, bias = (random_blocks(7, seed=s).double().requires_grad_() if affine else None for s in (40, 41))
-    x = torch.randn(2, 3, r * b, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(2, 3, 7, dtype=torch.float64)
+    x = torch.randn(*lead, r * b, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*lead, 7, dtype=torch.float64)
     inputs = [x, left, right] + [t for t in (weight, scale, bias) if t is not None and t.requires_grad]
     y = gsf.gs_linear(x, left, right, weight, scale, bias)
     dense_y = torch.nn.functional.linear(row_apply(ref.gsoft_matrix(left, right), x), weight)
@@ -371,16 +377,58 @@ def test_gs_linear_matches_dense(ref, r, b, weight_grad, affine):
 
 
 @pytest.mark.parametrize(("use_scale", "use_bias"), [(True, False), (False, True), (True, True)])
-def test_gs_linear_gradcheck_with_scale_and_bias(use_scale, use_bias):
+@pytest.mark.parametrize("tokens", [4, 10], ids=["rotate-tokens", "rotate-weight"])
+def test_gs_linear_gradcheck_with_scale_and_bias(use_scale, use_bias, tokens):
     left, right = (random_blocks(3, 4, 4, seed=s).double().requires_grad_() for s in (42, 43))
     weight = random_blocks(5, 12, seed=44).double()
     scale, bias = (random_blocks(5, seed=s).double().requires_grad_() for s in (45, 46))
-    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(tokens, 12, dtype=torch.float64, requires_grad=True)
 
     def fn(x, left, right, scale, bias):
         return gsf.gs_linear(x, left, right, weight, scale if use_scale else None, bias if use_bias else None)
 
     assert torch.autograd.gradcheck(fn, (x, left, right, scale, bias))
+
+
+@pytest.mark.parametrize(("r", "b"), GS_CASES)
+@pytest.mark.parametrize("use_scale", [False, True])
+def test_gs_rotate_weight_matches_dense(ref, r, b, use_scale):
+    # diag(s) W Q (the weight a forward multiplies when it rotates the weight) and Q W (Double GSOFT's output side)
+    left, right = (random_blocks(r, b, b, seed=s).double() for s in (50, 51))
+    q = ref.gsoft_matrix(left, right)
+    weight = random_blocks(6, r * b, seed=52).double()
+    scale = random_blocks(6, seed=53).double() if use_scale else None
+    expected = weight @ q if scale is None else scale[:, None] * (weight @ q)
+    torch.testing.assert_close(gsf.gs_rotate_weight(weight, left, right, scale), expected, rtol=1e-12, atol=1e-12)
+    tall = random_blocks(r * b, 5, seed=54).double()  # (out, d) with Q on out = r * b
+    torch.testing.assert_close(gsf.gs_rotate_weight_columns(tall, left, right), q @ tall, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("tokens", "rotated"), [(13, False), (14, True)])
+def test_gs_linear_rotates_the_weight_from_twice_its_rows_of_tokens(monkeypatch, tokens, rotated):
+    calls = []
+    real = gsf.gs_rotate_weight
+    monkeypatch.setattr(gsf, "gs_rotate_weight", lambda *args: calls.append(1) or real(*args))
+    left, right = (random_blocks(2, 4, 4, seed=s).requires_grad_() for s in (55, 56))
+    weight, scale = random_blocks(7, 8, seed=57), random_blocks(7, seed=58).requires_grad_()
+    x = torch.randn(tokens, 8, requires_grad=True)
+    gsf.gs_linear(x, left, right, weight, scale).sum().backward()
+    assert len(calls) == int(rotated)
+
+
+def test_gs_linear_with_a_zero_scale_entry_keeps_its_input_and_rotates_the_tokens(monkeypatch, ref):
+    # y = (y0 - b) / s cannot be undone where s is 0: the node keeps y0, which only the token-side forward has
+    monkeypatch.setattr(gsf, "gs_rotate_weight", lambda *args: pytest.fail("rotated the weight"))
+    left, right = (random_blocks(2, 4, 4, seed=s).double().requires_grad_() for s in (59, 60))
+    weight, bias = random_blocks(3, 8, seed=61).double(), random_blocks(3, seed=62).double()
+    scale = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(20, 3, dtype=torch.float64)
+    y = gsf.gs_linear(x, left, right, weight, scale, bias)
+    dense = torch.nn.functional.linear(row_apply(ref.gsoft_matrix(left, right), x), weight) * scale + bias
+    for got, want in zip(torch.autograd.grad(y, (x, left, right, scale), upstream),
+                         torch.autograd.grad(dense, (x, left, right, scale), upstream)):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_gs_linear_gradcheck():

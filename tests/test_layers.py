@@ -45,8 +45,13 @@ def make_layer(kwargs, d_in, d_out, bias=True, dtype=torch.float32, seed=0):
     return GSOFTLinear(base, GSOFTConfig(**kwargs), name="block.proj")
 
 
-def inputs(d_in, dtype, seed=1):
-    return torch.randn(2, 5, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def inputs(d_in, dtype, seed=1, tokens=5):
+    return torch.randn(2, tokens, d_in, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# 2 x 5 tokens: fewer than twice any case's out_features, so an activation-side forward rotates the tokens; 2 x 64:
+# more than twice all of them, so it rotates the weight (gsf.rotates_weight_forward); backward is the same either way
+token_counts = pytest.mark.parametrize("tokens", [5, 64], ids=["rotate-tokens", "rotate-weight"])
 
 
 def reference_weight(ref, layer, weight):
@@ -96,12 +101,14 @@ def test_identity_at_init(assert_close, kwargs, d_in, d_out, bias, dtype):
 @cases
 @biases
 @dtypes
+@token_counts
 def test_forward_paths_agree_with_merge_and_dense_reference(ref, assert_close, randomize_adapter, kwargs, d_in, d_out,
-                                                             bias, dtype):  # fmt: skip
+                                                             bias, dtype, tokens):  # fmt: skip
     layer = make_layer(kwargs, d_in, d_out, bias, dtype)
     randomize_adapter(layer, seed=2)
     original = layer.base_layer.weight.detach().clone()
-    x = inputs(d_in, dtype)
+    x = inputs(d_in, dtype, tokens=tokens)
+    assert gsf.rotates_weight_forward(2 * tokens, d_out) == (tokens == 64)
     # Reference: F.linear with the dense diag(s) Q_out W Q_in, in float64.
     bias_ref = layer.base_layer.bias.double() if bias else None
     expected = F.linear(x.double(), reference_weight(ref, layer, original), bias_ref)
@@ -286,14 +293,15 @@ def dense_reference_output(ref, layer, x):
 @cases
 @pytest.mark.parametrize("mode", ["activation", "weight"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@token_counts
 def test_gradients_with_recomputation_match_the_dense_formulas(
-    ref, randomize_adapter, kwargs, d_in, d_out, mode, autocast
+    ref, randomize_adapter, kwargs, d_in, d_out, mode, autocast, tokens
 ):
     layer = make_layer(kwargs, d_in, d_out)
     randomize_adapter(layer, seed=6)
     layer.forward_mode = mode
-    x = inputs(d_in, torch.float32).requires_grad_()
-    upstream = torch.randn(2, 5, d_out, generator=torch.Generator().manual_seed(7))
+    x = inputs(d_in, torch.float32, tokens=tokens).requires_grad_()
+    upstream = torch.randn(2, tokens, d_out, generator=torch.Generator().manual_seed(7))
     params = [x, *layer.adapter_parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = layer(x)

@@ -221,15 +221,42 @@ def _rotation_forward(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
     """``(R x^T, (Q x)^T)`` for ``x`` ``(N, d)``: the saved intermediate ``(r, b, N)`` and the result ``(d, N)``.
 
     On ``x^T`` (``(d, N)``) every block of a factor is a ``(b, N)`` slab: the bmm's read ``x`` through its
-    transposed strides and ``R x^T`` through a strided view (:func:`_strided_groups`), so the only copy is the
-    final ``P^T`` (whole length-``N`` rows). The token-major layout instead needs element-wise transposes for each
-    shuffle, which cost more than the matmuls on a CPU."""
+    transposed strides and ``R x^T`` through a strided view (:func:`_strided_groups`), and the second bmm writes its
+    groups straight into their rows of the result (``P^T`` as the output's strides): no copy. The token-major
+    layout instead needs element-wise transposes for each shuffle, which cost more than the matmuls on a CPU."""
     n_tokens, d = x.shape
     r, b, _ = right.shape
     x_t = x.mT.view(r, b, n_tokens)  # (r, b, N): block q of x^T, a strided view (BLAS reads it as is)
     z_t = torch.bmm(right, x_t)  # (r, b, N) = (d, N) rows of R x^T in natural order
-    w_t = torch.bmm(left, _strided_groups(z_t, r, b))  # (r, b, N): w_t[j, m] = (L P R x^T)[j*b + m]
-    return z_t, w_t.transpose(0, 1).reshape(d, n_tokens)  # P^T: (b, r, N) rows m*r + j -> (d, N)
+    u_t = x.new_empty(d, n_tokens)
+    _bmm_into(left, _strided_groups(z_t, r, b), _strided_groups(u_t, r, b))  # rows m*r + j of P^T L P R x^T
+    return z_t, u_t
+
+
+def gs_rotate_weight(
+    weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``diag(s) W Q`` for ``W`` ``(out, d)`` and GSOFT's ``Q = P^T L P R`` (``s``: ``(out,)`` or None), without
+    autograd: the weight a forward multiplies when it rotates the weight instead of the tokens (row by row,
+    ``w Q = (Q^T w)^T``: :func:`_transposed_rotation_forward`; a transpose of the whole weight, the feature-major
+    route, crosses a page per element at width 3072 and cost 5-10x more on the CPU)."""
+    rotated = _transposed_rotation_forward(weight, left, right)[2]
+    return rotated if scale is None else rotated.mul_(scale[:, None])
+
+
+def gs_rotate_weight_columns(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``Q W`` for ``W`` ``(out, d)`` and ``Q = P^T L P R`` on the output dimension, without autograd: the columns
+    of ``W`` are the feature-major vectors :func:`_rotation_forward` rotates in place of ``x^T`` (no copy)."""
+    return _rotation_forward(weight.contiguous().mT, left, right)[1]
+
+
+def rotates_weight_forward(n_tokens: int, out_features: int) -> bool:
+    """Whether a forward whose gradients come from the activations applies the rotation to the weight instead:
+    ``x (W Q)^T`` (about five passes over the ``out`` weight rows: two regroupings, two batched matmuls, the scale)
+    against ``(Q x) W^T`` (three over the ``N`` token rows: two batched matmuls, the scale), the same product up to
+    rounding. Both are memory-bound; measured on the CPU (docs/benchmarks.md) the weight wins at ``out / N`` = 0.16
+    and 0.375 and loses at 0.67 and 1.25, so the weight side is taken up to ``out = N / 2``."""
+    return 2 * out_features <= n_tokens
 
 
 def _rotation_backward(
@@ -245,11 +272,14 @@ def _rotation_backward(
     n_tokens, d = x.shape
     r, b, _ = right.shape
     grad_left = torch.bmm(grad_w_t, _strided_groups(z_t, r, b).mT) if needs_input_grad[1] else None
-    grad_z_t = torch.bmm(left.mT, grad_w_t).transpose(0, 1).reshape(r, b, n_tokens)  # P^T on the rows
+    grad_z = x.new_empty(d, n_tokens)
+    _bmm_into(left.mT, grad_w_t, _strided_groups(grad_z, r, b))  # P^T on the rows: written in place
+    grad_z_t = grad_z.view(r, b, n_tokens)
     grad_right = torch.bmm(grad_z_t, x.mT.view(r, b, n_tokens).mT) if needs_input_grad[2] else None
     grad_x = None
-    if needs_input_grad[0]:  # token-major like x: R_q^T per block in row form, then whole b-wide runs moved
-        grad_x = torch.bmm(grad_z_t.mT, right).transpose(0, 1).reshape(n_tokens, d)  # (r, N, b) -> (N, d)
+    if needs_input_grad[0]:  # token-major like x: R_q^T per block in row form, written into its b-wide columns
+        grad_x = x.new_empty(n_tokens, d)
+        _bmm_into(grad_z_t.mT, right, _row_blocks(grad_x, r, b))  # (r, N, b) views of (N, d)
     return grad_x, grad_left, grad_right
 
 
@@ -271,40 +301,58 @@ class _GSRotation(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, z_t, left, right = ctx.saved_tensors
         r, b, _ = right.shape
-        grad_w_t = grad_y.mT.reshape(b, r, x.shape[0]).transpose(0, 1).contiguous()  # (r, b, N)
+        grad_w_t = _strided_groups(grad_y.mT.contiguous(), r, b)  # (r, b, N): one 2-D transpose, P as a view
         return _rotation_backward(grad_w_t, x, z_t, left, right, ctx.needs_input_grad)
 
 
+def _transposed_rotation_forward(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Q^T x = R^T P^T L^T P x`` for ``x`` ``(N, d)`` token-major (``W Q`` for a weight ``W``: its rows rotated
+    by ``Q^T``): ``(P x`` grouped ``(N, r, b)``, ``L`` applied and shuffled back ``(N, d)``, the result ``(N, d))``.
+
+    The shuffles are transposes within each row (``(b, r)`` to ``(r, b)`` and back: each row stays in cache; a
+    gather across rows instead crosses a cache line per element), the factors bmm's in row form that read and
+    write through leading dimensions."""
+    n_rows, d = x.shape
+    r, b, _ = right.shape
+    groups = x.reshape(n_rows, b, r).transpose(1, 2).contiguous()  # (N, r, b): [n, j, m] = x[n, m*r + j]
+    rotated_groups = torch.empty_like(groups)
+    _bmm_into(groups.transpose(0, 1), left, rotated_groups.transpose(0, 1))  # row form of L_j^T on group j
+    shuffled_back = rotated_groups.transpose(1, 2).reshape(n_rows, d)  # P^T: [n, m*r + j] = [n, j, m]
+    rotated = torch.empty_like(shuffled_back)
+    _bmm_into(_row_blocks(shuffled_back, r, b), right, _row_blocks(rotated, r, b))  # row form of R_q^T on block q
+    return groups, shuffled_back, rotated
+
+
 class _GSRotationTransposed(torch.autograd.Function):
-    """``Q^T x = R^T P^T L^T P x`` for ``x`` ``(N, d)`` (``W Q`` for a weight ``W``: its rows are rotated by ``Q^T``),
-    token-major: ``L^T`` on the strided groups ``x[:, j::r]``, then ``R^T`` on contiguous ``b``-wide runs, each as
-    one bmm in row form. Three copies (the grouping of ``x``, the shuffle between the factors, the result back in
-    token order) and no per-block Python loop; every bmm operand is a view BLAS reads in place."""
+    """``Q^T x`` for ``x`` ``(N, d)``, token-major (:func:`_transposed_rotation_forward`); keeps the grouped input and
+    the shuffled intermediate for backward, which runs the same steps in reverse."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        n_rows, d = x.shape
-        r, b, _ = right.shape
-        x_groups = x.unflatten(-1, (b, r)).permute(2, 0, 1).contiguous()  # (r, N, b): [j, n, m] = x[n, m*r + j]
-        w = torch.bmm(x_groups, left)  # (r, N, b): row form of L_j^T on group j
-        t = w.permute(1, 2, 0).reshape(n_rows, d)  # P^T: t[n, m*r + j] = w[j, n, m]
-        z = torch.bmm(_row_blocks(t, r, b), right)  # (r, N, b): row form of R_q^T on block q
-        ctx.save_for_backward(x_groups, t, left, right)
-        return z.transpose(0, 1).reshape(n_rows, d)
+        groups, shuffled_back, rotated = _transposed_rotation_forward(x, left, right)
+        ctx.save_for_backward(groups, shuffled_back, left, right)
+        return rotated
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_groups, t, left, right = ctx.saved_tensors
-        n_rows, d = t.shape
+        groups, shuffled_back, left, right = ctx.saved_tensors
+        n_rows, d = shuffled_back.shape
         r, b, _ = right.shape
-        grad_z = _row_blocks(grad_y, r, b)  # (r, N, b)
-        grad_right = torch.bmm(_row_blocks(t, r, b).mT, grad_z) if ctx.needs_input_grad[2] else None
-        grad_t = torch.bmm(grad_z, right.mT).transpose(0, 1).reshape(n_rows, d)  # (r, N, b) -> token order
-        grad_w = grad_t.unflatten(-1, (b, r)).permute(2, 0, 1).contiguous()  # (r, N, b), as x_groups
-        grad_left = torch.bmm(x_groups.mT, grad_w) if ctx.needs_input_grad[1] else None
+        grad_blocks = _row_blocks(grad_y, r, b)  # (r, N, b)
+        grad_right = torch.bmm(_row_blocks(shuffled_back, r, b).mT, grad_blocks) if ctx.needs_input_grad[2] else None
+        grad_shuffled = grad_y.new_empty(n_rows, d)
+        _bmm_into(grad_blocks, right.mT, _row_blocks(grad_shuffled, r, b))
+        grad_groups = grad_shuffled.view(n_rows, b, r).transpose(1, 2).contiguous()  # (N, r, b), as groups
+        grad_left = (
+            torch.bmm(groups.transpose(0, 1).mT, grad_groups.transpose(0, 1)) if ctx.needs_input_grad[1] else None
+        )
         grad_x = None
         if ctx.needs_input_grad[0]:  # L_j on group j, then back to token order
-            grad_x = torch.bmm(grad_w, left.mT).permute(1, 2, 0).reshape(n_rows, d)
+            grad_x_groups = torch.empty_like(grad_groups)
+            _bmm_into(grad_groups.transpose(0, 1), left.mT, grad_x_groups.transpose(0, 1))
+            grad_x = grad_x_groups.transpose(1, 2).reshape(n_rows, d)
         return grad_x, grad_left, grad_right
 
 
@@ -313,23 +361,32 @@ class _GSRotatedLinear(torch.autograd.Function):
 
     The rotation, the matmul and the output scale in one node that keeps for backward only what it cannot cheaply
     recompute: ``x`` (which the frozen layer's own backward needs too) and, for the scale's gradient, the output
-    ``y`` (when the following op saves ``y`` anyway, as attention does with q / k / v, it costs nothing). ``R x`` is
-    recomputed in backward (one batched matmul of ``b x b`` blocks) and ``W Q x`` is recovered from the output as
-    ``(y - bias) / s`` (or saved itself where ``s`` has a zero entry). The backward's matmul writes the gradient of
-    ``(Q x)^T`` feature-major (``W^T grad_y^T``, the same GEMM as ``grad_y W`` with its operands swapped) so the
-    rotation's backward reads it in place (no token-major to feature-major copy)."""
+    ``y`` (when the following op saves ``y`` anyway, as attention does with q / k / v, it costs nothing).
+
+    Forward applies ``Q`` where it is cheaper (:func:`rotates_weight_forward`): with more tokens than output
+    features, to the weight (``y = x (diag(s) W Q)^T + bias``, one ``addmm`` on the activations, the scale and the
+    bias folded in), otherwise to the tokens (``(Q x) W^T``, then the scale). Backward always works on the
+    activations, which the blocks' gradients need: ``R x`` is recomputed (one batched matmul of ``b x b``
+    blocks), ``W Q x`` is recovered from the output as ``(y - bias) / s`` (or saved itself where ``s`` has a zero
+    entry), the scale rides on the weight (``(diag(s) W)^T grad_y``: a weight-sized product, not an
+    activation-sized one), and that matmul writes the gradient of ``(Q x)^T`` feature-major so the rotation's
+    backward reads it in place (no token-major to feature-major copy)."""
 
     @staticmethod
     def forward(ctx, x, left, right, weight, scale, bias):
-        _, u_t = _rotation_forward(x, left, right)
-        y0 = torch.mm(u_t.mT, weight.mT)  # (N, out): W Q x
-        if scale is None:
-            y = y0 if bias is None else y0 + bias
+        keep = _ScaleInput.kind_for(scale, scale is not None and ctx.needs_input_grad[4])
+        if keep != "input" and rotates_weight_forward(x.shape[0], weight.shape[0]):
+            rotated = gs_rotate_weight(weight, left, right, scale).mT  # (d, out): (diag(s) W Q)^T
+            y0, y = None, torch.mm(x, rotated) if bias is None else torch.addmm(bias, x, rotated)
         else:
-            y = y0 * scale if bias is None else torch.addcmul(bias, y0, scale)
-        keep = _ScaleInput.choose(scale, scale is not None and ctx.needs_input_grad[4], y0, y)
-        ctx.save_for_backward(x, left, right, weight, scale, bias, *keep.tensors)
-        ctx.keep = keep.kind
+            _, u_t = _rotation_forward(x, left, right)
+            y0 = torch.mm(u_t.mT, weight.mT)  # (N, out): W Q x
+            if scale is None:
+                y = y0 if bias is None else y0 + bias
+            else:
+                y = y0 * scale if bias is None else torch.addcmul(bias, y0, scale)
+        ctx.save_for_backward(x, left, right, weight, scale, bias, *_ScaleInput.tensors(keep, y0, y))
+        ctx.keep = keep
         return y
 
     @staticmethod
@@ -337,52 +394,58 @@ class _GSRotatedLinear(torch.autograd.Function):
         x, left, right, weight, scale, bias, *kept = ctx.saved_tensors
         needs = ctx.needs_input_grad
         r, b, _ = right.shape
-        grad_bias = grad_y.sum(0) if needs[5] else None
-        grad_scale = None
-        if scale is not None:  # grad_s = sum_n grad_y * y0, then grad_y0 = grad_y * s, in one buffer
-            buffer = torch.mul(grad_y, kept[0]) if needs[4] else None
-            if needs[4]:
-                grad_scale = _ScaleInput.scale_gradient(ctx.keep, buffer.sum(0), grad_y, scale, bias)
-            grad_y = torch.mul(grad_y, scale, out=buffer) if buffer is not None else grad_y * scale
+        grad_scale, grad_bias = _ScaleInput.gradients(
+            ctx.keep, grad_y, kept, scale, bias, scale is not None and needs[4], needs[5]
+        )
         grad_weight = None
         if needs[3]:  # the frozen base weight normally needs none; recompute Q x for it
-            grad_weight = torch.mm(grad_y.mT, _rotation_forward(x, left, right)[1].mT)
+            scaled_grad = grad_y if scale is None else grad_y * scale
+            grad_weight = torch.mm(scaled_grad.mT, _rotation_forward(x, left, right)[1].mT)
         if not any(needs[:3]):
             return None, None, None, grad_weight, grad_scale, grad_bias
+        scaled_weight = weight if scale is None else weight * scale[:, None]  # diag(s) W
         z_t = torch.bmm(right, x.mT.view(r, b, x.shape[0]))  # (r, b, N): R x^T, recomputed
-        grad_u_t = torch.mm(weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
+        grad_u_t = torch.mm(scaled_weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
         grad_w_t = _strided_groups(grad_u_t, r, b)  # P on the rows, a view
         return (*_rotation_backward(grad_w_t, x, z_t, left, right, needs), grad_weight, grad_scale, grad_bias)
 
 
-@dataclass(frozen=True)
 class _ScaleInput:
-    """What a rotated linear keeps so that backward has ``y0``, the input of the output scale ``y = s * y0 + b``:
-    nothing (no scale gradient), the output ``y`` (then ``y0 = (y - b) / s``), or ``y0`` itself when ``s`` has a
-    zero entry (division impossible)."""
-
-    kind: str  # "none", "output" or "input"
-    tensors: tuple[torch.Tensor, ...]
+    """What a rotated linear keeps so that backward has ``y0``, the input of the output scale ``y = s * y0 + b``,
+    by kind: ``"none"`` (no scale gradient), ``"output"`` (the output ``y``; then ``y0 = (y - b) / s``) or
+    ``"input"`` (``y0`` itself, when ``s`` has a zero entry: division impossible)."""
 
     @staticmethod
-    def choose(scale, needed: bool, y0: torch.Tensor, y: torch.Tensor) -> _ScaleInput:
+    def kind_for(scale, needed: bool) -> str:
         """Eager: the output unless ``s`` has a zero entry. Compiled: always ``y0``, decided when tracing, not on
         the scale's values (the zero check is a ``Tensor.item()``, a graph break)."""
         if not needed:
-            return _ScaleInput("none", ())
+            return "none"
         if torch.compiler.is_compiling() or (scale is not None and bool((scale == 0).any())):
-            return _ScaleInput("input", (y0,))
-        return _ScaleInput("output", (y,))
+            return "input"
+        return "output"
 
     @staticmethod
-    def scale_gradient(kind: str, products: torch.Tensor, grad_y: torch.Tensor, scale, bias) -> torch.Tensor:
-        """``sum_n grad_y * y0`` from ``products = sum_n grad_y * kept``: with the output kept,
-        ``y0 = (y - b) / s`` gives ``(products - b * sum_n grad_y) / s`` (no activation-sized pass beyond one)."""
-        if kind == "input":
-            return products
-        if bias is not None:
-            products = products - bias * grad_y.sum(0)
-        return products / scale
+    def tensors(kind: str, y0: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What to keep for ``kind``: nothing, ``(y,)`` or ``(y0,)``."""
+        return {"none": (), "output": (y,), "input": (y0,)}[kind]
+
+    @staticmethod
+    def gradients(kind: str, grad_y: torch.Tensor, kept, scale, bias, scale_needed: bool, bias_needed: bool):
+        """``(grad of s, grad of b)`` (None where not needed): ``sum_n grad_y * y0`` and ``sum_n grad_y``. With the
+        output kept, ``y0 = (y - b) / s`` gives ``(sum_n grad_y * y - b * sum_n grad_y) / s``; the column sums
+        are taken once for both."""
+        column_sums = None
+        if bias_needed or (scale_needed and kind == "output" and bias is not None):
+            column_sums = grad_y.sum(0)
+        grad_scale = None
+        if scale_needed:
+            grad_scale = (grad_y * kept[0]).sum(0)
+            if kind == "output":
+                if bias is not None:
+                    grad_scale = grad_scale - bias * column_sums
+                grad_scale = grad_scale / scale
+        return grad_scale, column_sums if bias_needed else None
 
     @staticmethod
     def recover(kind: str, kept: list[torch.Tensor], scale, bias) -> torch.Tensor:
@@ -400,7 +463,9 @@ class RotationPlan:
     ``backward_out(grad, y, *out_blocks, needs) -> (grad of y, *grads of the blocks)``; ``n_in`` of the blocks
     belong to ``Q_in``. ``backward_in(grad, x, *in_blocks, needs) -> (grad of x, *grads of the blocks)``, when
     given, is ``Q_in``'s backward (then backward calls no ``torch.autograd.grad``, which ``torch.compile`` cannot
-    trace); without it ``Q_in``'s gradients come from autograd through ``rotate_in``."""
+    trace); without it ``Q_in``'s gradients come from autograd through ``rotate_in``. ``fold_weight(weight,
+    *blocks)``, when given, is ``Q_out W Q_in`` ``(out, d)``: forward then rotates the weight instead of the tokens
+    where that is cheaper (:func:`rotates_weight_forward`)."""
 
     rotate_in: Callable[..., torch.Tensor]
     n_in: int
@@ -408,6 +473,7 @@ class RotationPlan:
     unrotate_out: Callable[..., torch.Tensor] | None = None
     backward_out: Callable[..., tuple] | None = None
     backward_in: Callable[..., tuple] | None = None
+    fold_weight: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.rotate_out is not None and (self.unrotate_out is None or self.backward_out is None):
@@ -423,16 +489,22 @@ class _RecomputedRotatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias, plan: RotationPlan, *blocks):
         in_blocks, out_blocks = blocks[: plan.n_in], blocks[plan.n_in :]
-        y1 = torch.mm(plan.rotate_in(x, *in_blocks), weight.mT)  # (N, out): W Q_in x
-        y2 = y1 if plan.rotate_out is None else plan.rotate_out(y1, *out_blocks).contiguous()
-        if scale is None:
-            y = y2 if bias is None else y2 + bias
-        else:
-            y = y2 * scale if bias is None else torch.addcmul(bias, y2, scale)
         needs_y2 = plan.rotate_out is not None and any(ctx.needs_input_grad[5 + plan.n_in :])
-        keep = _ScaleInput.choose(scale, (scale is not None and ctx.needs_input_grad[2]) or needs_y2, y2, y)
-        ctx.save_for_backward(x, weight, scale, bias, *keep.tensors, *blocks)
-        ctx.keep, ctx.plan, ctx.n_kept = keep.kind, plan, len(keep.tensors)
+        keep = _ScaleInput.kind_for(scale, (scale is not None and ctx.needs_input_grad[2]) or needs_y2)
+        if plan.fold_weight is not None and keep != "input" and rotates_weight_forward(x.shape[0], weight.shape[0]):
+            folded = plan.fold_weight(weight, *blocks)  # (out, d): Q_out W Q_in, weight-sized work
+            folded = folded if scale is None else folded * scale[:, None]
+            y2, y = None, torch.mm(x, folded.mT) if bias is None else torch.addmm(bias, x, folded.mT)
+        else:
+            y1 = torch.mm(plan.rotate_in(x, *in_blocks), weight.mT)  # (N, out): W Q_in x
+            y2 = y1 if plan.rotate_out is None else plan.rotate_out(y1, *out_blocks).contiguous()
+            if scale is None:
+                y = y2 if bias is None else y2 + bias
+            else:
+                y = y2 * scale if bias is None else torch.addcmul(bias, y2, scale)
+        kept = _ScaleInput.tensors(keep, y2, y)
+        ctx.save_for_backward(x, weight, scale, bias, *kept, *blocks)
+        ctx.keep, ctx.plan, ctx.n_kept = keep, plan, len(kept)
         return y
 
     @staticmethod
@@ -441,10 +513,9 @@ class _RecomputedRotatedLinear(torch.autograd.Function):
         kept, blocks = rest[: ctx.n_kept], rest[ctx.n_kept :]
         plan, needs = ctx.plan, ctx.needs_input_grad
         in_blocks, out_blocks = blocks[: plan.n_in], blocks[plan.n_in :]
-        grad_bias = grad_y.sum(0) if needs[3] else None
-        grad_scale = None
-        if scale is not None and needs[2]:
-            grad_scale = _ScaleInput.scale_gradient(ctx.keep, (grad_y * kept[0]).sum(0), grad_y, scale, bias)
+        grad_scale, grad_bias = _ScaleInput.gradients(
+            ctx.keep, grad_y, kept, scale, bias, scale is not None and needs[2], needs[3]
+        )
         grad_y2 = grad_y if scale is None else grad_y * scale
         grad_out_blocks: tuple = (None,) * len(out_blocks)
         grad_y1 = grad_y2
@@ -511,7 +582,7 @@ def gs_rotation_backward(
     n_tokens = x.shape[0]
     x = x.contiguous()
     z_t = torch.bmm(right, x.mT.view(r, b, n_tokens))  # (r, b, N)
-    grad_w_t = grad_y.mT.reshape(b, r, n_tokens).transpose(0, 1).contiguous()  # (r, b, N)
+    grad_w_t = _strided_groups(grad_y.mT.contiguous(), r, b)  # (r, b, N): one 2-D transpose, P as a view
     return _rotation_backward(grad_w_t, x, z_t, left, right, needs)
 
 
@@ -573,6 +644,16 @@ def _strided_groups(rows: torch.Tensor, r: int, b: int) -> torch.Tensor:
     in place, so the shuffle between the two factors costs no copy."""
     n_tokens = rows.shape[-1]
     return rows.view(b, r, n_tokens).transpose(0, 1)  # (r, b, N)
+
+
+def _bmm_into(batch1: torch.Tensor, batch2: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = batch1 @ batch2`` for a strided view ``out`` (a shuffle or transpose as the output's strides): BLAS
+    writes each matrix through its leading dimension, no copy. Compiled, a copy instead (``torch.compile`` refuses a
+    non-contiguous ``out=``; inductor fuses the copy into what follows)."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.bmm(batch1, batch2))
+    else:
+        torch.bmm(batch1, batch2, out=out)
 
 
 def _no_autocast(like: torch.Tensor):

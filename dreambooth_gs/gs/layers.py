@@ -114,6 +114,12 @@ def transform_weight(
     return w
 
 
+def _fold_double_gsoft(weight, in_left, in_right, out_left, out_right) -> torch.Tensor:
+    """Double GSOFT's ``Q_out W Q_in`` from its four block tensors: the rows of ``W`` by ``Q_in^T``, then its
+    columns by ``Q_out``."""
+    return gsf.gs_rotate_weight_columns(gsf.gs_rotate_weight(weight, in_left, in_right), out_left, out_right)
+
+
 class GSOFTLinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` with a GS orthogonal adapter; identity at initialisation."""
 
@@ -245,7 +251,11 @@ class GSOFTLinear(nn.Module):
             return gsf.gs_linear(x, *self._gs_blocks(factors, "in", x.dtype), weight, scale, bias)
         if self.method == "boft":
             gathers = self._boft_gathers()
-            plan = gsf.RotationPlan(lambda v, blocks: gsf.boft_apply(v, blocks, gathers), n_in=1)
+            plan = gsf.RotationPlan(
+                lambda v, blocks: gsf.boft_apply(v, blocks, gathers),
+                n_in=1,
+                fold_weight=lambda w, blocks: gsf.boft_apply_transposed(w, blocks, gathers),  # W Q: rows by Q^T
+            )
             blocks = [factors["gsoft_butterfly"].to(x.dtype)]
         else:  # Double GSOFT: Q_out W Q_in
             plan = gsf.RotationPlan(
@@ -255,6 +265,7 @@ class GSOFTLinear(nn.Module):
                 lambda v, left, right: gsf.gs_apply(v, left, right, transpose=True),
                 gsf.gs_rotation_backward,
                 backward_in=gsf.gs_rotation_backward,
+                fold_weight=_fold_double_gsoft,
             )
             blocks = [*self._gs_blocks(factors, "in", x.dtype), *self._gs_blocks(factors, "out", x.dtype)]
         return gsf.rotated_linear(x, weight, plan, blocks, scale, bias)
