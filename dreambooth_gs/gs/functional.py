@@ -449,10 +449,13 @@ class _ScaleInput:
 
     @staticmethod
     def recover(kind: str, kept: list[torch.Tensor], scale, bias) -> torch.Tensor:
+        """``y0`` from what was kept: itself, or ``(y - b) / s`` as one pass (``y * (1 / s) - b / s``)."""
         if kind == "input":
             return kept[0]
-        y = kept[0] if bias is None else kept[0] - bias
-        return y if scale is None else y / scale
+        if scale is None:
+            return kept[0] if bias is None else kept[0] - bias
+        inverse = 1 / scale
+        return kept[0] * inverse if bias is None else torch.addcmul(-bias * inverse, kept[0], inverse)
 
 
 @dataclass(frozen=True)
