@@ -444,3 +444,43 @@ def test_cayley_neumann_adapter_saves_and_loads(tmp_path, make_mlp, randomize_ad
     assert fresh.fc1.parametrization == "cayley_neumann"
     with torch.no_grad():
         assert torch.equal(fresh(x), expected)
+
+
+@pytest.mark.parametrize("mode", ["activation", "weight"])
+@pytest.mark.parametrize(
+    ("kwargs", "d_in", "d_out"),
+    [c[1:] for c in LAYER_CASES if c[0] in ("gsoft-r4", "double-r4", "boft-r4m2")],
+    ids=["gsoft", "double", "boft"],
+)
+def test_reused_blocks_are_computed_once_per_optimizer_step_with_the_same_gradients(
+    monkeypatch, randomize_adapter, kwargs, d_in, d_out, mode
+):
+    """Gradient accumulation with set_block_reuse: one Cayley solve for 3 micro-steps (counted), and after the
+    flush the parameters hold the gradients that 3 micro-steps computing their own blocks accumulate."""
+    from dreambooth_gs.gs.layers import flush_reused_blocks, set_block_reuse
+
+    calls = []
+    real = gsf.orthogonal_blocks_at_strength
+    monkeypatch.setattr(gsf, "orthogonal_blocks_at_strength", lambda *a: calls.append(1) or real(*a))
+    micro_batches = [inputs(d_in, torch.float32, seed=s, tokens=t) for s, t in ((10, 5), (11, 64), (12, 5))]
+    grads = {}
+    for reuse in (False, True):
+        layer = make_layer(kwargs, d_in, d_out)
+        randomize_adapter(layer, seed=9)
+        layer.forward_mode = mode
+        set_block_reuse([layer], reuse)
+        solves = len({p.shape[-1] for n, p in layer.named_parameters(recurse=False) if n != "gsoft_s"})  # per size
+        calls.clear()
+        for x in micro_batches:
+            (layer(x) ** 2).sum().backward()
+        assert len(calls) == (1 if reuse else 3) * solves
+        if reuse:
+            assert all(p.grad is None for n, p in layer.named_parameters() if n != "gsoft_s")  # not yet pushed
+        flush_reused_blocks([layer])
+        grads[reuse] = {n: p.grad.clone() for n, p in layer.named_parameters() if n.startswith("gsoft_")}
+        layer(micro_batches[0]).sum().backward()  # after the flush the next step computes its blocks afresh
+        assert len(calls) == (2 if reuse else 4) * solves
+    for name, grad in grads[False].items():
+        assert grad.abs().max() > 0, name
+        # float32 sums in another order (the blocks' gradients are added before the Cayley map, not after)
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())

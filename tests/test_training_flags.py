@@ -96,6 +96,25 @@ def test_scale_lr_multiplies_by_the_samples_per_step(tmp_path):
     assert info["learning_rate"] == pytest.approx(1e-2 * 2 * 2)  # batch 2 x accumulation 2 x 1 process
 
 
+def test_gradient_accumulation_computes_the_blocks_once_per_optimizer_step(tmp_path, monkeypatch):
+    # counted: the orthogonal blocks' solves under autograd (training forwards), with the blocks reused across the
+    # micro-steps of each optimizer step and, for comparison, computed in every micro-step as before
+    from dreambooth_gs.gs import functional as gsf
+
+    solves = []
+    real = gsf.orthogonal_blocks_at_strength
+    monkeypatch.setattr(
+        gsf, "orthogonal_blocks_at_strength", lambda *a: solves.append(torch.is_grad_enabled()) or real(*a)
+    )
+    reused = adapter(run(tmp_path / "reused", "--gradient_accumulation_steps", "2"))
+    reused_solves = sum(solves)
+    solves.clear()
+    monkeypatch.setattr(training, "reuses_blocks_per_step", lambda options, accelerator: False)
+    fresh = adapter(run(tmp_path / "fresh", "--gradient_accumulation_steps", "2"))
+    assert reused_solves > 0 and sum(solves) == 2 * reused_solves
+    assert max_diff(reused, fresh) < 1e-5  # the same gradients, summed in another order
+
+
 @pytest.mark.parametrize("flag", ["--rank", "--lora_rank"])
 def test_rank_sets_the_lora_rank(tmp_path, flag):
     tensors = adapter(run(tmp_path / "out", "--adapter", "lora", flag, "3"))

@@ -12,6 +12,8 @@ through :mod:`dreambooth_gs.gs.functional`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,6 +138,10 @@ class GSOFTLinear(nn.Module):
         self.forward_mode = "weight" if weight_side else config.forward_mode
         self.merged = False
         self.adapter_enabled = True
+        # Gradient accumulation (see reuse_blocks_per_step): this optimizer step's blocks with their graph to the
+        # parameters, and the detached copies every micro-step uses (their gradients accumulate there)
+        self.reuse_blocks = False
+        self._step_blocks: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
         d_in, d_out = base_layer.in_features, base_layer.out_features
         device = base_layer.weight.device
 
@@ -169,7 +175,34 @@ class GSOFTLinear(nn.Module):
 
     def orthogonal_factors(self, strength: float = 1.0) -> dict[str, torch.Tensor]:
         """The orthogonal blocks of every factor (float32), in as few batched solves as the shapes allow; at
-        ``strength`` ``s`` each block is ``Cayley(s K)`` of its generator (``gsf.orthogonal_blocks_at_strength``)."""
+        ``strength`` ``s`` each block is ``Cayley(s K)`` of its generator (``gsf.orthogonal_blocks_at_strength``).
+
+        With :attr:`reuse_blocks` on (the trainer's gradient accumulation), a forward with gradients returns the
+        same blocks until :meth:`flush_reused_blocks`: computed once, as detached copies that collect every
+        micro-step's gradient, pushed through the Cayley map into the parameters once per optimizer step."""
+        if self.reuse_blocks and strength == 1 and torch.is_grad_enabled():
+            if self._step_blocks is None:
+                computed = self._compute_orthogonal_factors(1.0)
+                copies = {
+                    name: blocks.detach().requires_grad_(blocks.requires_grad) for name, blocks in computed.items()
+                }
+                self._step_blocks = (computed, copies)
+            return self._step_blocks[1]
+        return self._compute_orthogonal_factors(strength)
+
+    def flush_reused_blocks(self) -> None:
+        """Backpropagate the block gradients the micro-steps accumulated (see :meth:`orthogonal_factors`) through
+        the Cayley map into the parameters, once; the next forward computes the blocks afresh. A no-op when
+        nothing was reused."""
+        if self._step_blocks is None:
+            return
+        computed, copies = self._step_blocks
+        self._step_blocks = None
+        pairs = [(computed[name], copy.grad) for name, copy in copies.items() if copy.grad is not None]
+        if pairs:
+            torch.autograd.backward([blocks for blocks, _ in pairs], [grad for _, grad in pairs])
+
+    def _compute_orthogonal_factors(self, strength: float) -> dict[str, torch.Tensor]:
         names = [n for n, _ in self.named_parameters(recurse=False) if n != "gsoft_s"]
         params = [getattr(self, n) for n in names]
         flat = [p.reshape(-1, *p.shape[-2:]) for p in params]  # (blocks, b, b) each
@@ -306,3 +339,23 @@ class GSOFTLinear(nn.Module):
             parts.append(f"n_butterfly_factor={self.gsoft_butterfly.shape[0]}")
         parts.append(f"scale={self.gsoft_s is not None}, merged={self.merged}")
         return ", ".join(parts)
+
+
+def set_block_reuse(models: Iterable[nn.Module], enabled: bool) -> None:
+    """Turn :attr:`GSOFTLinear.reuse_blocks` on or off in every GS layer of ``models``: on, each optimizer step
+    computes the orthogonal blocks once for all its micro-steps, and :func:`flush_reused_blocks` must run before
+    each optimizer step."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, GSOFTLinear):
+                module.reuse_blocks = enabled
+                module._step_blocks = None
+
+
+def flush_reused_blocks(models: Iterable[nn.Module]) -> None:
+    """:meth:`GSOFTLinear.flush_reused_blocks` on every GS layer of ``models``: the parameters get this optimizer
+    step's gradients."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, GSOFTLinear):
+                module.flush_reused_blocks()

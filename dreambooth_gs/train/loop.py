@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..adapters.serialization import WEIGHTS_NAME
+from ..gs.layers import flush_reused_blocks, set_block_reuse
 from ..methods.injection import disable_adapters
 from . import models
 from .checkpoints import (
@@ -139,6 +140,18 @@ def _prepare_output_dir(accelerator: Accelerator, output_dir: Path, earlier: lis
             shutil.rmtree(leftover)
     accelerator.wait_for_everyone()
     return moved
+
+
+def reuses_blocks_per_step(options: TrainingOptions, accelerator: Accelerator) -> bool:
+    """Whether GS layers compute their orthogonal blocks once per optimizer step (``gs.layers.set_block_reuse``):
+    with gradient accumulation, in one process, not compiled. Under DDP the reducer expects each parameter's
+    gradient during the synchronising backward (the flush comes after it), and a compiled denoiser would trace the
+    reuse's Python-side state; there the blocks are computed every micro-step as before."""
+    return (
+        options.gradient_accumulation_steps > 1
+        and accelerator.num_processes == 1
+        and accelerator.state.dynamo_plugin.backend == DynamoBackend.NO
+    )
 
 
 def requested_max_steps(options: TrainingOptions) -> int:
@@ -306,6 +319,8 @@ def train(options: TrainingOptions) -> Path:
     register_adapter_hooks(
         accelerator, parts.model_id, text_encoders, unprepared_denoiser=denoiser if sharding is not None else None
     )
+    adapted = [denoiser, *text_encoders.values()]
+    set_block_reuse(adapted, reuses_blocks_per_step(options, accelerator))
 
     steps_per_epoch = math.ceil(len(dataloader) / options.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -352,6 +367,7 @@ def train(options: TrainingOptions) -> Path:
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        flush_reused_blocks(adapted)  # the blocks' gradients of every micro-step, into the parameters
                         average_gradients(unsynced_params, accelerator.num_processes)
                         accelerator.clip_grad_norm_(params + text_params, options.max_grad_norm)
                     optimizer.step()
