@@ -431,6 +431,19 @@ def test_gs_linear_with_a_zero_scale_entry_keeps_its_input_and_rotates_the_token
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(("r", "b"), GS_CASES)
+def test_gs_rotation_backward_from_output_matches_autograd(ref, r, b):
+    # Double GSOFT's output side: the gradients of y = Q x from y itself (x never formed) equal autograd's
+    left, right = (gsf.cayley(random_blocks(r, b, b, seed=s).double() * 0.3).requires_grad_() for s in (63, 64))
+    x = torch.randn(9, r * b, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(9, r * b, dtype=torch.float64)
+    y = row_apply(ref.gsoft_matrix(left, right), x)
+    want = torch.autograd.grad(y, (x, left, right), upstream)
+    got = gsf.gs_rotation_backward_from_output(upstream, y.detach(), left.detach(), right.detach(), (True,) * 3)
+    for fast, dense in zip(got, want):
+        torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-10)
+
+
 def test_gs_linear_gradcheck():
     left, right = (random_blocks(3, 4, 4, seed=s).double().requires_grad_() for s in (33, 34))
     weight = random_blocks(5, 12, seed=35).double().requires_grad_()

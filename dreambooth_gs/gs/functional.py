@@ -462,32 +462,33 @@ class _ScaleInput:
 class RotationPlan:
     """The rotations of a rotated linear ``y = s * Q_out W Q_in x + b``, as functions of block tensors:
     ``rotate_in(x, *in_blocks)`` (``Q_in x``, recomputed under autograd in backward), and, for two-sided adapters,
-    ``rotate_out(y, *out_blocks)``, its inverse ``unrotate_out`` (``Q_out^T y``) and its backward
-    ``backward_out(grad, y, *out_blocks, needs) -> (grad of y, *grads of the blocks)``; ``n_in`` of the blocks
-    belong to ``Q_in``. ``backward_in(grad, x, *in_blocks, needs) -> (grad of x, *grads of the blocks)``, when
-    given, is ``Q_in``'s backward (then backward calls no ``torch.autograd.grad``, which ``torch.compile`` cannot
-    trace); without it ``Q_in``'s gradients come from autograd through ``rotate_in``. ``fold_weight(weight,
-    *blocks)``, when given, is ``Q_out W Q_in`` ``(out, d)``: forward then rotates the weight instead of the tokens
-    where that is cheaper (:func:`rotates_weight_forward`)."""
+    ``rotate_out(y, *out_blocks)`` with its backward from its own output,
+    ``backward_out(grad, Q_out y, *out_blocks, needs) -> (grad of y, *grads of the blocks)`` (the node keeps
+    ``Q_out y`` through its output, never ``y``); ``n_in`` of the blocks belong to ``Q_in``.
+    ``backward_in(grad, x, *in_blocks, needs) -> (grad of x, *grads of the blocks)``, when given, is ``Q_in``'s
+    backward (then backward calls no ``torch.autograd.grad``, which ``torch.compile`` cannot trace); without it
+    ``Q_in``'s gradients come from autograd through ``rotate_in``. ``fold_weight(weight, *blocks)``, when given,
+    is ``Q_out W Q_in`` ``(out, d)``: forward then rotates the weight instead of the tokens where that is cheaper
+    (:func:`rotates_weight_forward`)."""
 
     rotate_in: Callable[..., torch.Tensor]
     n_in: int
     rotate_out: Callable[..., torch.Tensor] | None = None
-    unrotate_out: Callable[..., torch.Tensor] | None = None
     backward_out: Callable[..., tuple] | None = None
     backward_in: Callable[..., tuple] | None = None
     fold_weight: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.rotate_out is not None and (self.unrotate_out is None or self.backward_out is None):
-            raise ValueError("a RotationPlan with rotate_out needs unrotate_out and backward_out too")
+        if self.rotate_out is not None and self.backward_out is None:
+            raise ValueError("a RotationPlan with rotate_out needs backward_out too")
 
 
 class _RecomputedRotatedLinear(torch.autograd.Function):
     """``s * Q_out(W Q_in x) + b`` for ``x`` ``(N, d)`` with any rotations (Double GSOFT, BOFT), keeping only
-    ``x`` and the output ``y`` for backward: ``Q_out W Q_in x`` is recovered from ``y`` through the scale and the
-    inverse rotation ``Q_out^T`` (orthogonal), and each rotation's intermediates are recomputed in backward (batched
-    matmuls of small blocks, cheap next to the layer's matmul)."""
+    ``x`` and the output ``y`` for backward: ``Q_out W Q_in x`` is recovered from ``y`` through the scale,
+    ``Q_out``'s backward works from that (its intermediates from its output through the orthogonal factors'
+    transposes), and ``Q_in``'s intermediates are recomputed (batched matmuls of small blocks, cheap next to the
+    layer's matmul)."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias, plan: RotationPlan, *blocks):
@@ -523,14 +524,16 @@ class _RecomputedRotatedLinear(torch.autograd.Function):
         grad_out_blocks: tuple = (None,) * len(out_blocks)
         grad_y1 = grad_y2
         if plan.rotate_out is not None:
-            y1 = plan.unrotate_out(_ScaleInput.recover(ctx.keep, kept, scale, bias), *out_blocks)  # W Q_in x
-            grad_y1, *grad_out_blocks = plan.backward_out(grad_y2, y1, *out_blocks, (True, *needs[5 + plan.n_in :]))
+            y2 = _ScaleInput.recover(ctx.keep, kept, scale, bias)  # Q_out W Q_in x
+            grad_y1, *grad_out_blocks = plan.backward_out(grad_y2, y2, *out_blocks, (True, *needs[5 + plan.n_in :]))
         grad_in_blocks: tuple = (None,) * len(in_blocks)
         grad_x = grad_weight = None
         needs_in = (needs[0], *needs[5 : 5 + plan.n_in])
         if plan.backward_in is not None and any(needs_in):
+            # (N, d) as the transposed view of W^T grad_y1^T (d, N): feature-major, as a GS backward reads it
+            grad_u = torch.mm(weight.mT, grad_y1.mT).mT
             with _no_autocast(x):
-                grad_x, *grad_in_blocks = plan.backward_in(torch.mm(grad_y1, weight), x, *in_blocks, needs_in)
+                grad_x, *grad_in_blocks = plan.backward_in(grad_u, x, *in_blocks, needs_in)
             if needs[1]:
                 grad_weight = torch.mm(grad_y1.mT, plan.rotate_in(x, *in_blocks))
         elif any(needs_in) or needs[1]:
@@ -587,6 +590,28 @@ def gs_rotation_backward(
     z_t = torch.bmm(right, x.mT.view(r, b, n_tokens))  # (r, b, N)
     grad_w_t = _strided_groups(grad_y.mT.contiguous(), r, b)  # (r, b, N): one 2-D transpose, P as a view
     return _rotation_backward(grad_w_t, x, z_t, left, right, needs)
+
+
+def gs_rotation_backward_from_output(
+    grad_y: torch.Tensor, y: torch.Tensor, left: torch.Tensor, right: torch.Tensor, needs: Sequence[bool]
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(x, left, right)`` of ``y = Q x`` (:func:`gs_apply`, ``(N, d)``) from ``grad_y`` and the output
+    ``y``, never forming ``x``: ``R x`` is ``P^T L^T P y`` (one batched matmul), ``R``'s gradient
+    ``grad_(R x)_q (R x)_q^T R_q`` (as ``x_q = R_q^T (R x)_q``: a ``b x b`` product instead of recovering ``x``).
+    Exact for orthogonal blocks (Cayley, exp; the Cayley-Neumann series is orthogonal to ``2|K|^4``). The
+    gradient of ``x`` is returned as the ``(N, d)`` transposed view of a feature-major ``(d, N)`` tensor."""
+    n_tokens, d = y.shape
+    r, b, _ = right.shape
+    grad_groups = _strided_groups(grad_y.mT.contiguous(), r, b)  # (r, b, N): P grad_y, feature-major
+    rotated = y.new_empty(d, n_tokens)  # R x^T, rows in natural order
+    _bmm_into(left.mT, _strided_groups(y.mT.contiguous(), r, b), _strided_groups(rotated, r, b))  # P^T L^T P y
+    grad_left = torch.bmm(grad_groups, _strided_groups(rotated, r, b).mT) if needs[1] else None
+    grad_rotated = y.new_empty(d, n_tokens)
+    _bmm_into(left.mT, grad_groups, _strided_groups(grad_rotated, r, b))  # P^T L^T P grad_y
+    grad_blocks = grad_rotated.view(r, b, n_tokens)
+    grad_right = torch.bmm(torch.bmm(grad_blocks, rotated.view(r, b, n_tokens).mT), right) if needs[2] else None
+    grad_x = torch.bmm(right.mT, grad_blocks).view(d, n_tokens).mT if needs[0] else None
+    return grad_x, grad_left, grad_right
 
 
 def recomputed_weight_linear(

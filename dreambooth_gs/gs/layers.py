@@ -294,9 +294,8 @@ class GSOFTLinear(nn.Module):
             plan = gsf.RotationPlan(
                 gsf.gs_apply,
                 2,
-                gsf.gs_apply,
-                lambda v, left, right: gsf.gs_apply(v, left, right, transpose=True),
-                gsf.gs_rotation_backward,
+                rotate_out=gsf.gs_apply,
+                backward_out=gsf.gs_rotation_backward_from_output,
                 backward_in=gsf.gs_rotation_backward,
                 fold_weight=_fold_double_gsoft,
             )
