@@ -368,8 +368,8 @@ class _GSRotatedLinear(torch.autograd.Function):
     bias folded in), otherwise to the tokens (``(Q x) W^T``, then the scale). Backward always works on the
     activations, which the blocks' gradients need: ``R x`` is recomputed (one batched matmul of ``b x b``
     blocks), ``W Q x`` is recovered from the output as ``(y - bias) / s`` (or saved itself where ``s`` has a zero
-    entry), the scale rides on the weight (``(diag(s) W)^T grad_y``: a weight-sized product, not an
-    activation-sized one), and that matmul writes the gradient of ``(Q x)^T`` feature-major so the rotation's
+    entry), the scale rides on the weight (``(diag(s) W)^T grad_y``) or on the gradient, whichever has fewer
+    rows, and that matmul writes the gradient of ``(Q x)^T`` feature-major so the rotation's
     backward reads it in place (no token-major to feature-major copy)."""
 
     @staticmethod
@@ -403,9 +403,13 @@ class _GSRotatedLinear(torch.autograd.Function):
             grad_weight = torch.mm(scaled_grad.mT, _rotation_forward(x, left, right)[1].mT)
         if not any(needs[:3]):
             return None, None, None, grad_weight, grad_scale, grad_bias
-        scaled_weight = weight if scale is None else weight * scale[:, None]  # diag(s) W
+        if scale is not None:  # W^T (s * grad_y^T): the scale on the weight or on the gradient, whichever is smaller
+            if weight.shape[1] <= x.shape[0]:
+                weight = weight * scale[:, None]  # diag(s) W
+            else:
+                grad_y = grad_y * scale
         z_t = torch.bmm(right, x.mT.view(r, b, x.shape[0]))  # (r, b, N): R x^T, recomputed
-        grad_u_t = torch.mm(scaled_weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
+        grad_u_t = torch.mm(weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
         grad_w_t = _strided_groups(grad_u_t, r, b)  # P on the rows, a view
         return (*_rotation_backward(grad_w_t, x, z_t, left, right, needs), grad_weight, grad_scale, grad_bias)
 
