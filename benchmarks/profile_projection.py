@@ -114,16 +114,21 @@ def main() -> None:
             markdown_table(header, table),
             "GSOFT r=32's operators per step (torch profiler, self time):",
             "\n".join(profiles),
-            "Reading: GSOFT does the same arithmetic as OFT with 16 blocks but runs seven token-sized batched "
-            "matmuls a step (two forward; five backward, one of them recomputing `R x` to save memory) on "
-            "`b x b` blocks, which the CPU's BLAS runs at a fraction of the frozen matmul's speed at b = 20 "
-            "(width 640) and about half at b = 96 (width 3072); the rest is the copies between token-major and "
-            "feature-major layouts and the scale vector's three passes (`addcmul` forward, `mul` / `sum` "
-            "backward). Tried and not kept (2026-12-06): folding the scale and the last shuffle into `W` (a "
-            "regrouped, scaled copy of `W` per call and `addmm` with the bias, instead of the `P^T` copy and the "
-            "scale's passes) measured slower, +110% / +71% above the floor at 4096 x 640 / 1024 x 1280 against "
-            "+91% / +56%. Not tried: keeping `R x` instead of recomputing it (one batched matmul less, one "
-            "activation more).",
+            "Reading: GSOFT does the same arithmetic as OFT with 16 blocks. With at least twice as many tokens "
+            "as output rows (4096 x 640 here) its forward rotates the weight (`x (diag(s) W Q)^T + b` in one "
+            "`addmm`), so the step's token-sized batched matmuls are the backward's five (one of them recomputing "
+            "`R x` to save memory); otherwise (1024 x 1280, 1024 x 3072) two more run forward. The shuffles are "
+            "the strides those batched matmuls write through, not copies. On `b x b` blocks the CPU's BLAS runs "
+            "them memory-bound, at a fraction of the frozen matmul's speed (each reads and writes a whole "
+            "activation for 1/r of its arithmetic), and that is what stands between GSOFT and its arithmetic "
+            "limit here: at 4096 x 640 the batched matmuls take 28.5 ms of the step where the whole limit is "
+            "+4.0 ms. Only a kernel fusing the rotation into the frozen matmul's operand loads removes those "
+            "passes (not expressible in torch ops; on a GPU a Triton kernel would be the route, untried: no GPU "
+            "lent). Tried and not kept (2026-12-06): folding only the scale and the last shuffle into `W` "
+            "(+110% / +71% above the floor at 4096 x 640 / 1024 x 1280 against +91% / +56% then); rotating the "
+            "weight through a transpose of the whole weight (5-10x slower than the row-local regrouping at width "
+            "3072). Not tried: keeping `R x` instead of recomputing it (one batched matmul less, one activation "
+            "more).",
         ]
     )
     print(body)
