@@ -363,8 +363,8 @@ class _GSRotatedLinear(torch.autograd.Function):
     recompute: ``x`` (which the frozen layer's own backward needs too) and, for the scale's gradient, the output
     ``y`` (when the following op saves ``y`` anyway, as attention does with q / k / v, it costs nothing).
 
-    Forward applies ``Q`` where it is cheaper (:func:`rotates_weight_forward`): with more tokens than output
-    features, to the weight (``y = x (diag(s) W Q)^T + bias``, one ``addmm`` on the activations, the scale and the
+    Forward applies ``Q`` where it is cheaper (:func:`rotates_weight_forward`): with at least twice as many tokens
+    as output features, to the weight (``y = x (diag(s) W Q)^T + bias``, one ``addmm`` on the activations, the scale and the
     bias folded in), otherwise to the tokens (``(Q x) W^T``, then the scale). Backward always works on the
     activations, which the blocks' gradients need: ``R x`` is recomputed (one batched matmul of ``b x b``
     blocks), ``W Q x`` is recovered from the output as ``(y - bias) / s`` (or saved itself where ``s`` has a zero
