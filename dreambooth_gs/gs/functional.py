@@ -364,9 +364,9 @@ class _GSRotatedLinear(torch.autograd.Function):
     ``y`` (when the following op saves ``y`` anyway, as attention does with q / k / v, it costs nothing).
 
     Forward applies ``Q`` where it is cheaper (:func:`rotates_weight_forward`): with at least twice as many tokens
-    as output features, to the weight (``y = x (diag(s) W Q)^T + bias``, one ``addmm`` on the activations, the scale and the
-    bias folded in), otherwise to the tokens (``(Q x) W^T``, then the scale). Backward always works on the
-    activations, which the blocks' gradients need: ``R x`` is recomputed (one batched matmul of ``b x b``
+    as output features, to the weight (``y = x (diag(s) W Q)^T + bias``, one ``addmm`` on the activations, the
+    scale and the bias folded in), otherwise to the tokens (``(Q x) W^T``, then the scale). Backward always works
+    on the activations, which the blocks' gradients need: ``R x`` is recomputed (one batched matmul of ``b x b``
     blocks), ``W Q x`` is recovered from the output as ``(y - bias) / s`` (or saved itself where ``s`` has a zero
     entry), the scale rides on the weight (``(diag(s) W)^T grad_y``) or on the gradient, whichever has fewer
     rows, and that matmul writes the gradient of ``(Q x)^T`` feature-major so the rotation's
