@@ -138,7 +138,7 @@ class GSOFTLinear(nn.Module):
         self.forward_mode = "weight" if weight_side else config.forward_mode
         self.merged = False
         self.adapter_enabled = True
-        # Gradient accumulation (see reuse_blocks_per_step): this optimizer step's blocks with their graph to the
+        # Gradient accumulation (see set_block_reuse): this optimizer step's blocks with their graph to the
         # parameters, and the detached copies every micro-step uses (their gradients accumulate there)
         self.reuse_blocks = False
         self._step_blocks: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
