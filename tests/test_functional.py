@@ -444,6 +444,91 @@ def test_gs_rotation_backward_from_output_matches_autograd(ref, r, b):
         torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-10)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Token chunks: on the CPU the token-sized batched matmuls run chunk by chunk, the blocks' gradients summed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of the 16-row minimum (37 tokens run as 13 + 13 + 11); yields the chunk count of every loop run."""
+    monkeypatch.setattr(gsf, "CPU_CHUNK_BYTES", 1)
+    monkeypatch.setattr(gsf, "CPU_REDUCTION_CHUNK_BYTES", 1)
+    counts, real = [], gsf._token_chunks
+    monkeypatch.setattr(gsf, "_token_chunks", lambda *args: counts.append(len(chunks := real(*args))) or chunks)
+    return counts
+
+
+def test_token_chunks_cover_the_tokens_in_equal_cache_sized_pieces():
+    chunks = gsf._token_chunks(torch.empty(4096, 640))  # 2 MiB: 819 rows of 640 floats, so 6 chunks of 683
+    assert [stop - start for start, stop in chunks] == [683] * 5 + [681]
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])) and chunks[0][0] == 0 and chunks[-1][1] == 4096
+    assert len(gsf._token_chunks(torch.empty(4096, 640, dtype=torch.bfloat16))) == 3  # half the bytes per row
+    assert gsf._token_chunks(torch.empty(4096, 640, device="meta")) == [(0, 4096)]  # off the CPU: one range
+    assert gsf._token_chunks(torch.empty(0, 640)) == [(0, 0)]
+
+
+@pytest.mark.parametrize("out", [7, 40], ids=["rotate-weight", "rotate-tokens"])
+def test_gs_linear_in_token_chunks_matches_dense(ref, small_chunks, out):
+    left, right = (random_blocks(4, 10, 10, seed=s).double().requires_grad_() for s in (70, 71))
+    weight = random_blocks(out, 40, seed=72).double().requires_grad_()
+    scale, bias = (random_blocks(out, seed=s).double().requires_grad_() for s in (73, 74))
+    x = torch.randn(37, 40, dtype=torch.float64, requires_grad=True)
+    assert gsf._token_chunks(x) == [(0, 13), (13, 26), (26, 37)] and gsf.rotates_weight_forward(37, out) == (out == 7)
+    small_chunks.clear()
+    upstream = torch.randn(37, out, dtype=torch.float64)
+    inputs = (x, left, right, weight, scale, bias)
+    y = gsf.gs_linear(x, left, right, weight, scale, bias)
+    dense_y = torch.nn.functional.linear(row_apply(ref.gsoft_matrix(left, right), x), weight) * scale + bias
+    torch.testing.assert_close(y, dense_y, rtol=1e-10, atol=1e-10)
+    for got, want in zip(torch.autograd.grad(y, inputs, upstream), torch.autograd.grad(dense_y, inputs, upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # forward on the tokens, the scale's reductions, the weight's recomputed Q x and the rotation's backward
+    assert small_chunks == [3] * (3 if out == 7 else 4)
+
+
+def test_gs_linear_in_token_chunks_under_autocast_stays_close_to_float32(small_chunks):
+    # bf16 chunks (their partial sums of the block, scale and bias gradients added in float32): the values and the
+    # gradients are bf16 rounding away from float32's, and the gradients come back in the parameters' float32
+    left, right = (random_blocks(4, 10, 10, seed=s).requires_grad_() for s in (78, 79))
+    weight = random_blocks(40, 40, seed=80)
+    scale, bias = (random_blocks(40, seed=s).requires_grad_() for s in (81, 82))
+    x = random_blocks(37, 40, seed=83).requires_grad_()
+    upstream = random_blocks(37, 40, seed=84)
+    inputs = (x, left, right, scale, bias)
+    want = torch.autograd.grad(gsf.gs_linear(x, left, right, weight, scale, bias), inputs, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gsf.gs_linear(x, left, right, weight, scale, bias)
+    assert y.dtype == torch.bfloat16 and small_chunks[0] == 3
+    assert (y.float() - gsf.gs_linear(x, left, right, weight, scale, bias)).norm() <= 0.02 * y.float().norm()
+    for got, reference in zip(torch.autograd.grad(y, inputs, upstream.bfloat16()), want):
+        assert got.dtype == torch.float32
+        assert (got - reference).norm() <= 0.02 * reference.norm()
+
+
+def test_gs_rotations_in_token_chunks_match_dense(ref, small_chunks):
+    # Q x with its kept intermediate, Q's backward recomputing it, Double GSOFT's backward from the output, and
+    # Q W on a weight's 37 columns: every chunked path against the dense product
+    left, right = (gsf.cayley(random_blocks(4, 10, 10, seed=s).double() * 0.3).requires_grad_() for s in (75, 76))
+    q = ref.gsoft_matrix(left, right)
+    x = torch.randn(37, 40, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(37, 40, dtype=torch.float64)
+    y, dense_y = gsf.gs_apply(x, left, right), row_apply(q, x)
+    torch.testing.assert_close(y, dense_y, rtol=1e-10, atol=1e-10)
+    want = torch.autograd.grad(dense_y, (x, left, right), upstream)
+    blocks = (left.detach(), right.detach())
+    for got in (
+        torch.autograd.grad(y, (x, left, right), upstream),
+        gsf.gs_rotation_backward(upstream, x.detach(), *blocks, (True,) * 3),
+        gsf.gs_rotation_backward_from_output(upstream, dense_y.detach(), *blocks, (True,) * 3),
+    ):
+        for fast, dense in zip(got, want):
+            torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-10)
+    tall = random_blocks(40, 37, seed=77).double()
+    torch.testing.assert_close(gsf.gs_rotate_weight_columns(tall, *blocks), q @ tall, rtol=1e-12, atol=1e-12)
+    assert small_chunks == [3] * 5
+
+
 def test_gs_linear_gradcheck():
     left, right = (random_blocks(3, 4, 4, seed=s).double().requires_grad_() for s in (33, 34))
     weight = random_blocks(5, 12, seed=35).double().requires_grad_()

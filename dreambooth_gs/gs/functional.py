@@ -217,19 +217,29 @@ def block_diag_apply(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return yb.transpose(0, 1).reshape(*lead, k * b_out)
 
 
-def _rotation_forward(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(R x^T, (Q x)^T)`` for ``x`` ``(N, d)``: the saved intermediate ``(r, b, N)`` and the result ``(d, N)``.
+def _rotation_forward(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, keep_intermediate: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(R x^T, (Q x)^T)`` for ``x`` ``(N, d)``: the intermediate ``(r, b, N)`` (None unless ``keep_intermediate``)
+    and the result ``(d, N)``.
 
     On ``x^T`` (``(d, N)``) every block of a factor is a ``(b, N)`` slab: the bmm's read ``x`` through its
     transposed strides and ``R x^T`` through a strided view (:func:`_strided_groups`), and the second bmm writes its
     groups straight into their rows of the result (``P^T`` as the output's strides): no copy. The token-major
-    layout instead needs element-wise transposes for each shuffle, which cost more than the matmuls on a CPU."""
+    layout instead needs element-wise transposes for each shuffle, which cost more than the matmuls on a CPU. Runs
+    token chunk by token chunk (:func:`_token_chunks`): ``R x`` of a chunk is read back while still in cache."""
     n_tokens, d = x.shape
     r, b, _ = right.shape
-    x_t = x.mT.view(r, b, n_tokens)  # (r, b, N): block q of x^T, a strided view (BLAS reads it as is)
-    z_t = torch.bmm(right, x_t)  # (r, b, N) = (d, N) rows of R x^T in natural order
+    z_t = x.new_empty(r, b, n_tokens) if keep_intermediate else None  # rows of R x^T in natural order
     u_t = x.new_empty(d, n_tokens)
-    _bmm_into(left, _strided_groups(z_t, r, b), _strided_groups(u_t, r, b))  # rows m*r + j of P^T L P R x^T
+    for start, stop in _token_chunks(x):
+        x_chunk = x[start:stop].mT.view(r, b, stop - start)  # (r, b, n): block q of the chunk's x^T, strided
+        if z_t is None:
+            z_chunk = torch.bmm(right, x_chunk)
+        else:
+            z_chunk = z_t[..., start:stop]
+            _bmm_into(right, x_chunk, z_chunk)
+        _bmm_into(left, _strided_groups(z_chunk, r, b), _strided_groups(u_t[:, start:stop], r, b))  # P^T L P R x^T
     return z_t, u_t
 
 
@@ -247,7 +257,7 @@ def gs_rotate_weight(
 def gs_rotate_weight_columns(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``Q W`` for ``W`` ``(out, d)`` and ``Q = P^T L P R`` on the output dimension, without autograd: the columns
     of ``W`` are the feature-major vectors :func:`_rotation_forward` rotates in place of ``x^T`` (no copy)."""
-    return _rotation_forward(weight.contiguous().mT, left, right)[1]
+    return _rotation_forward(weight.contiguous().mT, left, right, keep_intermediate=False)[1]
 
 
 def rotates_weight_forward(n_tokens: int, out_features: int) -> bool:
@@ -262,25 +272,37 @@ def rotates_weight_forward(n_tokens: int, out_features: int) -> bool:
 def _rotation_backward(
     grad_w_t: torch.Tensor,
     x: torch.Tensor,
-    z_t: torch.Tensor,
+    z_t: torch.Tensor | None,
     left: torch.Tensor,
     right: torch.Tensor,
     needs_input_grad: Sequence[bool],
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(x, left, right)`` of :func:`_rotation_forward` from ``grad_w_t`` ``(r, b, N)``, the gradient
-    of ``L P R x^T`` group by group (``P`` already applied to the gradient of ``(Q x)^T``; any strides)."""
+    of ``L P R x^T`` group by group (``P`` already applied to the gradient of ``(Q x)^T``; any strides). ``z_t``
+    is the forward's ``R x^T`` ``(r, b, N)``, or None to recompute it (one batched matmul of ``b x b`` blocks).
+
+    Token chunk by token chunk (:func:`_token_chunks`): a chunk's ``R x``, its gradient and the gradient of
+    ``R x`` stay in cache between the four batched matmuls that use them, and the blocks' gradients add up over
+    the chunks."""
     n_tokens, d = x.shape
     r, b, _ = right.shape
-    grad_left = torch.bmm(grad_w_t, _strided_groups(z_t, r, b).mT) if needs_input_grad[1] else None
-    grad_z = x.new_empty(d, n_tokens)
-    _bmm_into(left.mT, grad_w_t, _strided_groups(grad_z, r, b))  # P^T on the rows: written in place
-    grad_z_t = grad_z.view(r, b, n_tokens)
-    grad_right = torch.bmm(grad_z_t, x.mT.view(r, b, n_tokens).mT) if needs_input_grad[2] else None
-    grad_x = None
-    if needs_input_grad[0]:  # token-major like x: R_q^T per block in row form, written into its b-wide columns
-        grad_x = x.new_empty(n_tokens, d)
-        _bmm_into(grad_z_t.mT, right, _row_blocks(grad_x, r, b))  # (r, N, b) views of (N, d)
-    return grad_x, grad_left, grad_right
+    grad_x = x.new_empty(n_tokens, d) if needs_input_grad[0] else None  # token-major like x
+    grad_left = grad_right = None
+    for start, stop in _token_chunks(x):
+        n = stop - start
+        x_chunk = x[start:stop].mT.view(r, b, n)  # (r, b, n): block q of the chunk's x^T, strided
+        z_chunk = torch.bmm(right, x_chunk) if z_t is None else z_t[..., start:stop]  # R x^T
+        grad_w_chunk = grad_w_t[..., start:stop]
+        if needs_input_grad[1]:
+            grad_left = _add_bmm(grad_left, grad_w_chunk, _strided_groups(z_chunk, r, b).mT)
+        grad_z = x.new_empty(d, n)
+        _bmm_into(left.mT, grad_w_chunk, _strided_groups(grad_z, r, b))  # P^T on the rows: written in place
+        grad_z_t = grad_z.view(r, b, n)
+        if needs_input_grad[2]:
+            grad_right = _add_bmm(grad_right, grad_z_t, x_chunk.mT)
+        if grad_x is not None:  # R_q^T per block in row form, written into its b-wide columns
+            _bmm_into(grad_z_t.mT, right, _row_blocks(grad_x[start:stop], r, b))  # (r, n, b) views of (n, d)
+    return grad_x, _in_dtype(grad_left, x), _in_dtype(grad_right, x)
 
 
 class _GSRotation(torch.autograd.Function):
@@ -379,7 +401,7 @@ class _GSRotatedLinear(torch.autograd.Function):
             rotated = gs_rotate_weight(weight, left, right, scale).mT  # (d, out): (diag(s) W Q)^T
             y0, y = None, torch.mm(x, rotated) if bias is None else torch.addmm(bias, x, rotated)
         else:
-            _, u_t = _rotation_forward(x, left, right)
+            _, u_t = _rotation_forward(x, left, right, keep_intermediate=False)
             y0 = torch.mm(u_t.mT, weight.mT)  # (N, out): W Q x
             if scale is None:
                 y = y0 if bias is None else y0 + bias
@@ -400,7 +422,7 @@ class _GSRotatedLinear(torch.autograd.Function):
         grad_weight = None
         if needs[3]:  # the frozen base weight normally needs none; recompute Q x for it
             scaled_grad = grad_y if scale is None else grad_y * scale
-            grad_weight = torch.mm(scaled_grad.mT, _rotation_forward(x, left, right)[1].mT)
+            grad_weight = torch.mm(scaled_grad.mT, _rotation_forward(x, left, right, keep_intermediate=False)[1].mT)
         if not any(needs[:3]):
             return None, None, None, grad_weight, grad_scale, grad_bias
         if scale is not None:  # W^T (s * grad_y^T): the scale on the weight or on the gradient, whichever is smaller
@@ -408,10 +430,9 @@ class _GSRotatedLinear(torch.autograd.Function):
                 weight = weight * scale[:, None]  # diag(s) W
             else:
                 grad_y = grad_y * scale
-        z_t = torch.bmm(right, x.mT.view(r, b, x.shape[0]))  # (r, b, N): R x^T, recomputed
         grad_u_t = torch.mm(weight.mT, grad_y.mT)  # (d, N): the gradient of (Q x)^T, feature-major
         grad_w_t = _strided_groups(grad_u_t, r, b)  # P on the rows, a view
-        return (*_rotation_backward(grad_w_t, x, z_t, left, right, needs), grad_weight, grad_scale, grad_bias)
+        return (*_rotation_backward(grad_w_t, x, None, left, right, needs), grad_weight, grad_scale, grad_bias)
 
 
 class _ScaleInput:
@@ -438,18 +459,22 @@ class _ScaleInput:
     def gradients(kind: str, grad_y: torch.Tensor, kept, scale, bias, scale_needed: bool, bias_needed: bool):
         """``(grad of s, grad of b)`` (None where not needed): ``sum_n grad_y * y0`` and ``sum_n grad_y``. With the
         output kept, ``y0 = (y - b) / s`` gives ``(sum_n grad_y * y - b * sum_n grad_y) / s``; the column sums
-        are taken once for both."""
-        column_sums = None
-        if bias_needed or (scale_needed and kind == "output" and bias is not None):
-            column_sums = grad_y.sum(0)
-        grad_scale = None
-        if scale_needed:
-            grad_scale = (grad_y * kept[0]).sum(0)
-            if kind == "output":
-                if bias is not None:
-                    grad_scale = grad_scale - bias * column_sums
-                grad_scale = grad_scale / scale
-        return grad_scale, column_sums if bias_needed else None
+        are taken once for both, token chunk by token chunk (:func:`_token_chunks`; the product's temporary stays
+        in cache)."""
+        sums_needed = bias_needed or (scale_needed and kind == "output" and bias is not None)
+        column_sums = products = None
+        for start, stop in _token_chunks(grad_y, CPU_REDUCTION_CHUNK_BYTES):
+            grad_chunk = grad_y[start:stop]
+            if sums_needed:
+                column_sums = _add(column_sums, grad_chunk.sum(0))
+            if scale_needed:
+                products = _add(products, (grad_chunk * kept[0][start:stop]).sum(0))
+        grad_scale = products  # float32 at least until the end: y * grad_y and b * grad_y may nearly cancel
+        if scale_needed and kind == "output":
+            if bias is not None:
+                grad_scale = grad_scale - bias * column_sums
+            grad_scale = grad_scale / scale
+        return _in_dtype(grad_scale, grad_y), _in_dtype(column_sums, grad_y) if bias_needed else None
 
     @staticmethod
     def recover(kind: str, kept: list[torch.Tensor], scale, bias) -> torch.Tensor:
@@ -589,11 +614,8 @@ def gs_rotation_backward(
     """Gradients ``(x, left, right)`` of ``Q x`` (:func:`gs_apply`, ``x`` ``(N, d)``) from ``grad_y`` ``(N, d)``,
     recomputing the one intermediate ``R x^T`` (a batched matmul) instead of keeping it."""
     r, b, _ = right.shape
-    n_tokens = x.shape[0]
-    x = x.contiguous()
-    z_t = torch.bmm(right, x.mT.view(r, b, n_tokens))  # (r, b, N)
     grad_w_t = _strided_groups(grad_y.mT.contiguous(), r, b)  # (r, b, N): one 2-D transpose, P as a view
-    return _rotation_backward(grad_w_t, x, z_t, left, right, needs)
+    return _rotation_backward(grad_w_t, x.contiguous(), None, left, right, needs)
 
 
 def gs_rotation_backward_from_output(
@@ -603,19 +625,28 @@ def gs_rotation_backward_from_output(
     ``y``, never forming ``x``: ``R x`` is ``P^T L^T P y`` (one batched matmul), ``R``'s gradient
     ``grad_(R x)_q (R x)_q^T R_q`` (as ``x_q = R_q^T (R x)_q``: a ``b x b`` product instead of recovering ``x``).
     Exact for orthogonal blocks (Cayley, exp; the Cayley-Neumann series is orthogonal to ``2|K|^4``). The
-    gradient of ``x`` is returned as the ``(N, d)`` transposed view of a feature-major ``(d, N)`` tensor."""
+    gradient of ``x`` is returned as the ``(N, d)`` transposed view of a feature-major ``(d, N)`` tensor. Token
+    chunk by token chunk (:func:`_token_chunks`): each chunk's transposes and intermediates stay in cache."""
     n_tokens, d = y.shape
     r, b, _ = right.shape
-    grad_groups = _strided_groups(grad_y.mT.contiguous(), r, b)  # (r, b, N): P grad_y, feature-major
-    rotated = y.new_empty(d, n_tokens)  # R x^T, rows in natural order
-    _bmm_into(left.mT, _strided_groups(y.mT.contiguous(), r, b), _strided_groups(rotated, r, b))  # P^T L^T P y
-    grad_left = torch.bmm(grad_groups, _strided_groups(rotated, r, b).mT) if needs[1] else None
-    grad_rotated = y.new_empty(d, n_tokens)
-    _bmm_into(left.mT, grad_groups, _strided_groups(grad_rotated, r, b))  # P^T L^T P grad_y
-    grad_blocks = grad_rotated.view(r, b, n_tokens)
-    grad_right = torch.bmm(torch.bmm(grad_blocks, rotated.view(r, b, n_tokens).mT), right) if needs[2] else None
-    grad_x = torch.bmm(right.mT, grad_blocks).view(d, n_tokens).mT if needs[0] else None
-    return grad_x, grad_left, grad_right
+    grad_x_t = y.new_empty(d, n_tokens) if needs[0] else None  # feature-major
+    grad_left = right_products = None
+    for start, stop in _token_chunks(y):
+        n = stop - start
+        grad_groups = _strided_groups(grad_y[start:stop].mT.contiguous(), r, b)  # (r, b, n): P grad_y, feature-major
+        rotated = y.new_empty(d, n)  # R x^T, rows in natural order
+        _bmm_into(left.mT, _strided_groups(y[start:stop].mT.contiguous(), r, b), _strided_groups(rotated, r, b))
+        if needs[1]:
+            grad_left = _add_bmm(grad_left, grad_groups, _strided_groups(rotated, r, b).mT)
+        grad_rotated = y.new_empty(d, n)
+        _bmm_into(left.mT, grad_groups, _strided_groups(grad_rotated, r, b))  # P^T L^T P grad_y
+        grad_blocks = grad_rotated.view(r, b, n)
+        if needs[2]:
+            right_products = _add_bmm(right_products, grad_blocks, rotated.view(r, b, n).mT)
+        if grad_x_t is not None:
+            _bmm_into(right.mT, grad_blocks, grad_x_t[:, start:stop].view(r, b, n))
+    grad_right = torch.bmm(_in_dtype(right_products, y), right) if needs[2] else None
+    return None if grad_x_t is None else grad_x_t.mT, _in_dtype(grad_left, y), grad_right
 
 
 def recomputed_weight_linear(
@@ -686,6 +717,44 @@ def _bmm_into(batch1: torch.Tensor, batch2: torch.Tensor, out: torch.Tensor) -> 
         out.copy_(torch.bmm(batch1, batch2))
     else:
         torch.bmm(batch1, batch2, out=out)
+
+
+# Bytes of one token chunk of an activation on the CPU. The batched matmuls of b x b blocks run at a fraction of the
+# frozen matmul's speed when their operands come from main memory; chunk by chunk, what one writes the next reads
+# from cache (docs/benchmarks.md, "Token chunks": measured, not derived; the scale's reductions prefer smaller).
+CPU_CHUNK_BYTES = 2 * 2**20
+CPU_REDUCTION_CHUNK_BYTES = 2**18
+
+
+def _token_chunks(x: torch.Tensor, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """``(start, stop)`` token ranges covering ``x`` ``(N, d)`` in equal chunks of at most ``chunk_bytes``
+    (default :data:`CPU_CHUNK_BYTES`; at least 16 rows) on the CPU; one range on other devices (each chunk would
+    cost kernel launches there; not measured) and under ``torch.compile`` (inductor schedules its own loops)."""
+    n_tokens, d = x.shape
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or n_tokens == 0:
+        return [(0, n_tokens)]
+    rows = max(16, (chunk_bytes or CPU_CHUNK_BYTES) // (d * x.element_size()))
+    count = -(-n_tokens // rows)  # ceil
+    size = -(-n_tokens // count)
+    return [(start, min(start + size, n_tokens)) for start in range(0, n_tokens, size)]
+
+
+def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """``total + term`` in place, summed in float32 at least (``total`` None: ``term`` itself): chunks' partial
+    sums in half precision would each be rounded."""
+    if total is None:
+        return term if term.dtype in (torch.float32, torch.float64) else term.float()
+    return total.add_(term)
+
+
+def _add_bmm(total: torch.Tensor | None, batch1: torch.Tensor, batch2: torch.Tensor) -> torch.Tensor:
+    """``total + batch1 @ batch2`` (:func:`_add`)."""
+    return _add(total, torch.bmm(batch1, batch2))
+
+
+def _in_dtype(total: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """A sum from :func:`_add` back in ``like``'s dtype (None stays None)."""
+    return None if total is None else total.to(like.dtype)
 
 
 def _no_autocast(like: torch.Tensor):
