@@ -483,8 +483,9 @@ def test_gs_linear_in_token_chunks_matches_dense(ref, small_chunks, out):
     torch.testing.assert_close(y, dense_y, rtol=1e-10, atol=1e-10)
     for got, want in zip(torch.autograd.grad(y, inputs, upstream), torch.autograd.grad(dense_y, inputs, upstream)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    # forward on the tokens, the scale's reductions, the weight's recomputed Q x and the rotation's backward
-    assert small_chunks == [3] * (3 if out == 7 else 4)
+    # forward on the weight's 7 rows (one chunk) or on the tokens, then the scale's reductions, Q x recomputed for
+    # the weight's gradient and the rotation's backward
+    assert small_chunks == ([1] if out == 7 else [3]) + [3] * 3
 
 
 def test_gs_linear_in_token_chunks_under_autocast_stays_close_to_float32(small_chunks):

@@ -338,12 +338,15 @@ def _transposed_rotation_forward(
     write through leading dimensions."""
     n_rows, d = x.shape
     r, b, _ = right.shape
-    groups = x.reshape(n_rows, b, r).transpose(1, 2).contiguous()  # (N, r, b): [n, j, m] = x[n, m*r + j]
-    rotated_groups = torch.empty_like(groups)
-    _bmm_into(groups.transpose(0, 1), left, rotated_groups.transpose(0, 1))  # row form of L_j^T on group j
-    shuffled_back = rotated_groups.transpose(1, 2).reshape(n_rows, d)  # P^T: [n, m*r + j] = [n, j, m]
-    rotated = torch.empty_like(shuffled_back)
-    _bmm_into(_row_blocks(shuffled_back, r, b), right, _row_blocks(rotated, r, b))  # row form of R_q^T on block q
+    groups = x.new_empty(n_rows, r, b)  # [n, j, m] = x[n, m*r + j]
+    shuffled_back = x.new_empty(n_rows, d)
+    rotated = x.new_empty(n_rows, d)
+    for start, stop in _token_chunks(x):  # chunk by chunk, each step reads the last one's output from cache
+        groups[start:stop] = x[start:stop].reshape(-1, b, r).transpose(1, 2)  # P, as a transpose in each row
+        rotated_groups = torch.empty_like(groups[start:stop])
+        _bmm_into(groups[start:stop].transpose(0, 1), left, rotated_groups.transpose(0, 1))  # L_j^T on group j
+        shuffled_back[start:stop].view(-1, b, r).copy_(rotated_groups.transpose(1, 2))  # P^T: [n, m*r+j] = [n, j, m]
+        _bmm_into(_row_blocks(shuffled_back[start:stop], r, b), right, _row_blocks(rotated[start:stop], r, b))
     return groups, shuffled_back, rotated
 
 
