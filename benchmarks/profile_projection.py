@@ -3,7 +3,7 @@ floor, PEFT's LoRA r=16 and PEFT's OFT with 16 blocks (GSOFT r=32's parameter co
 profiler on GSOFT r=32 (per-operator time of one step) and on both orthogonal methods' batched matmuls (their
 FLOPs counted by the profiler: the rate each runs at beside the frozen matmul's).
 
-    python benchmarks/profile_projection.py            # ~3 min, 1 thread; writes docs/benchmarks.md's section
+    python benchmarks/profile_projection.py            # ~2 min, 1 thread; writes docs/benchmarks.md's section
     python benchmarks/profile_projection.py --no-write
 
 Each method wraps a copy of the same frozen ``nn.Linear(d, d)``; the input requires grad and the output gets a fixed
@@ -84,8 +84,8 @@ def profile(step, steps: int = 3) -> Profile:
     return Profile(operators, *total(("aten::bmm", "aten::baddbmm")), *total(("aten::mm", "aten::addmm")))
 
 
-def measure(tokens: int, width: int, rounds: int) -> tuple[dict[str, float], dict[str, Profile]]:
-    """Median seconds of one step per method, and the profiles of GSOFT r=32 and PEFT's OFT with 16 blocks."""
+def measure(tokens: int, width: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, Profile]]:
+    """Seconds of one step per method and round, and the profiles of GSOFT r=32 and PEFT's OFT with 16 blocks."""
     torch.manual_seed(0)
     base = nn.Linear(width, width)
     models = {method: wrapped(base, method) for method in METHODS}
@@ -106,23 +106,33 @@ def measure(tokens: int, width: int, rounds: int) -> tuple[dict[str, float], dic
             step(models[method])
             times[method].append(time.perf_counter() - start)
     profiles = {method: profile(lambda model=models[method]: step(model)) for method in PROFILED}
-    return {method: statistics.median(values) for method, values in times.items()}, profiles
+    return times, profiles
+
+
+def ratio_quartiles(times: dict[str, list[float]], method: str, reference: str) -> tuple[float, float, float]:
+    """Quartiles (first, median, third) over rounds of ``method``'s step time / ``reference``'s in the same round."""
+    ratios = [a / b for a, b in zip(times[method], times[reference])]
+    first, median, third = statistics.quantiles(ratios, n=4)
+    return first, median, third
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median over rounds)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median over rounds)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     table, rates, operators = [], [], []
     for tokens, width, label in SHAPES:
-        medians, profiles = measure(tokens, width, args.rounds)
+        times, profiles = measure(tokens, width, args.rounds)
+        medians = {method: statistics.median(values) for method, values in times.items()}
         floor = medians["floor"]
         row = [f"{tokens} x {width} ({label})", f"{floor * 1000:.1f}"]
         row += [f"{(medians[m] / floor - 1) * 100:+.0f}%" for m in METHODS[1:]]
         row.append(f"{3 / NBLOCKS * 100:+.1f}%")
+        first, median, third = ratio_quartiles(times, "GSOFT r=32", "PEFT OFT 16 blocks")
+        row.append(f"{median:.2f} ({first:.2f}-{third:.2f})")
         table.append(row)
         gsoft, oft = profiles["GSOFT r=32"], profiles["PEFT OFT 16 blocks"]
         rate = [f"{tokens} x {width}", f"{gsoft.mm_gflop / gsoft.mm_ms * 1000:.0f}"]
@@ -139,6 +149,7 @@ def main() -> None:
         operators.append(f"- {tokens} x {width}: GSOFT r=32 step {step_ms:.1f} ms; " + ", ".join(top))
         print(table[-1], rates[-1], operators[-1], flush=True)
     header = ["tokens x width", "floor ms", *[f"{m} above the floor" for m in METHODS[1:]], "GSOFT arithmetic limit"]
+    header.append("GSOFT r=32 / OFT 16 blocks, per round (quartiles)")
     rate_header = ["tokens x width", "frozen matmuls GFLOP/s"]
     for method in ("GSOFT r=32", "OFT 16 blocks"):
         rate_header += [f"{method}: block b", "batched matmuls ms", "GFLOP", "GFLOP/s"]
@@ -146,8 +157,9 @@ def main() -> None:
         [
             "### Where GSOFT's time goes at transformer widths (`benchmarks/profile_projection.py`, issue 34)",
             f"One projection `nn.Linear(d, d)`, forward + backward, input requiring grad; {machine_line()}; "
-            f"medians of {args.rounds} interleaved rounds; {load_line()}. The last column is what GSOFT's "
-            "arithmetic alone would add (3 / r of the floor).",
+            f"medians of {args.rounds} interleaved rounds; {load_line()}. The arithmetic limit is what GSOFT's "
+            "arithmetic alone would add (3 / r of the floor); the last column is the median and quartiles over "
+            "rounds of GSOFT's step time over OFT's in the same round (the spread is this machine's noise).",
             markdown_table(header, table),
             "The batched matmuls of each orthogonal method per step, under torch's profiler (self time; FLOPs "
             "counted by the profiler), beside the rate of the step's frozen matmuls (`mm` / `addmm`, GSOFT's "
