@@ -291,9 +291,9 @@ def _rotation_backward(
     for start, stop in _token_chunks(x):
         n = stop - start
         x_chunk = x[start:stop].mT.view(r, b, n)  # (r, b, n): block q of the chunk's x^T, strided
-        z_chunk = torch.bmm(right, x_chunk) if z_t is None else z_t[..., start:stop]  # R x^T
         grad_w_chunk = grad_w_t[..., start:stop]
-        if needs_input_grad[1]:
+        if needs_input_grad[1]:  # R x^T is needed for L's gradient alone
+            z_chunk = torch.bmm(right, x_chunk) if z_t is None else z_t[..., start:stop]
             grad_left = _add_bmm(grad_left, grad_w_chunk, _strided_groups(z_chunk, r, b).mT)
         grad_z = x.new_empty(d, n)
         _bmm_into(left.mT, grad_w_chunk, _strided_groups(grad_z, r, b))  # P^T on the rows: written in place
@@ -637,8 +637,9 @@ def gs_rotation_backward_from_output(
     for start, stop in _token_chunks(y):
         n = stop - start
         grad_groups = _strided_groups(grad_y[start:stop].mT.contiguous(), r, b)  # (r, b, n): P grad_y, feature-major
-        rotated = y.new_empty(d, n)  # R x^T, rows in natural order
-        _bmm_into(left.mT, _strided_groups(y[start:stop].mT.contiguous(), r, b), _strided_groups(rotated, r, b))
+        if needs[1] or needs[2]:  # R x^T is needed for the blocks' gradients alone
+            rotated = y.new_empty(d, n)  # rows in natural order
+            _bmm_into(left.mT, _strided_groups(y[start:stop].mT.contiguous(), r, b), _strided_groups(rotated, r, b))
         if needs[1]:
             grad_left = _add_bmm(grad_left, grad_groups, _strided_groups(rotated, r, b).mT)
         grad_rotated = y.new_empty(d, n)
